@@ -1,0 +1,141 @@
+"""The option sections shared by the training commands.
+
+Each field's help text is its flag's `--help`. Defaults follow DeepSpeed-Chat (see
+shared/reference) unless a comment gives the reason for a change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dschat_cli.config.schema import ConfigError, opt
+
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+              "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
+              "warmup_stable_decay")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+DEPLOYMENTS = ("single_gpu", "single_node", "multi_node")
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    model: str | None = opt(None, "Hugging Face causal LM id, local folder, or architecture preset "
+                            "(opt-125m ... opt-66b, llama-2-7b, llama-2-13b; a preset alone means its "
+                            "hub weights, with --random-init a random model of that architecture).")
+    tokenizer: str | None = opt(None, "Tokenizer id or folder, if not the model's own.")
+    random_init: bool = opt(False, "Build the model from its config with random weights (benchmarks, "
+                            "smoke runs); the result is untrained.")
+    dropout: float | None = opt(None, "Set every dropout probability of the model config to this "
+                                "value (0.0 disables dropout); unset keeps the model's own.",
+                                min=0.0, max=1.0)
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: less "
+                                       "memory, about 30% more compute.")
+    trust_remote_code: bool = opt(False, "Allow model code from the hub (transformers' "
+                                  "trust_remote_code).")
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    lora_dim: int = opt(0, "LoRA rank; 0 trains all weights, > 0 adds LoRA adapters (peft).", min=0)
+    lora_alpha: float | None = opt(None, "LoRA alpha; unset uses the rank, i.e. scaling 1 as "
+                                   "DeepSpeed-Chat.", min=0.0)
+    lora_module_name: str = opt("", "Add LoRA to the Linear layers whose qualified name contains "
+                                "this text (e.g. 'decoder.layers.' or 'self_attn'); empty: every "
+                                "Linear layer except the output head.")
+    only_optimize_lora: bool = opt(False, "Freeze all weights but the LoRA adapters.")
+    lora_learning_rate: float = opt(5e-4, "Learning rate of the LoRA adapter weights.", min=0.0)
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    data_path: tuple[str, ...] = opt(("Dahoas/rm-static",), "Data source, repeatable: a hub dataset "
+                                     "name (Dahoas/rm-static, Dahoas/full-hh-rlhf, ...), local/jsonfile "
+                                     "(with --data-dir), a folder saved with save_to_disk, or a "
+                                     ".json/.jsonl/.parquet file.")
+    data_dir: str | None = opt(None, "Folder with train.json and eval.json for --data-path "
+                               "local/jsonfile.")
+    data_split: str = opt("2,4,4", "Relative sizes of the three disjoint parts of every source, for "
+                          "step 1, 2 and 3 (e.g. 2,4,4 or 10,0,0).")
+    sft_only_data_path: tuple[str, ...] = opt((), "Extra source used only by step 1, whole (no split), "
+                                              "repeatable.")
+    data_cache_dir: str = opt("~/.cache/dschat/data", "Where tokenised data is cached (keyed by "
+                              "everything that changes it). Put it on node-local or shared storage; "
+                              "each node builds what it lacks.")
+    max_seq_len: int = opt(512, "Maximum tokens of prompt + answer; longer samples are truncated.",
+                           min=8)
+    max_train_samples: int = opt(0, "Use at most this many training samples (0: all); for smoke "
+                                 "runs.", min=0)
+    max_eval_samples: int = opt(0, "Use at most this many eval samples (0: all).", min=0)
+
+    def __post_init__(self) -> None:
+        parse_split(self.data_split)
+
+
+def parse_split(text: str) -> tuple[int, int, int]:
+    """'2,4,4' -> (2, 4, 4); exactly three non-negative integers with a positive sum."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        nums = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ConfigError("data.data_split", f"'{text}' must be three integers like 2,4,4") from None
+    if len(nums) != 3:
+        raise ConfigError("data.data_split", f"'{text}' has {len(nums)} parts; give three (one per "
+                          "step), like 2,4,4")
+    if any(n < 0 for n in nums) or sum(nums) == 0:
+        raise ConfigError("data.data_split", f"'{text}': parts must be >= 0 with a positive sum")
+    return nums  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class OptimOptions:
+    learning_rate: float = opt(9.65e-6, "Peak learning rate (DeepSpeed-Chat's OPT-1.3B step-1 "
+                               "script).", min=0.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay (not applied to biases and norm weights).",
+                              min=0.0)
+    adam_beta1: float = opt(0.9, "AdamW beta1.", min=0.0, max=1.0)
+    adam_beta2: float = opt(0.95, "AdamW beta2 (DeepSpeed-Chat uses 0.95).", min=0.0, max=1.0)
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.", min=0.0)
+    lr_scheduler_type: str = opt("cosine", "Learning-rate schedule (transformers' get_scheduler).",
+                                 choices=SCHEDULERS)
+    num_warmup_steps: int = opt(0, "Linear warm-up optimizer steps.", min=0)
+    num_train_epochs: int = opt(16, "Passes over the training data (16 in the reference's "
+                                "OPT-1.3B script).", min=1)
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0: run all epochs).", min=0)
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.", min=1)
+    per_device_train_batch_size: int = opt(16, "Training micro-batch per GPU (global batch = this x "
+                                           "GPUs x gradient accumulation).", min=1)
+    per_device_eval_batch_size: int = opt(16, "Eval batch per GPU.", min=1)
+    gradient_clipping: float = opt(1.0, "Clip the global gradient norm to this (0 disables).",
+                                   min=0.0)
+    torch_adam: bool = opt(False, "Use torch's AdamW instead of DeepSpeed's fused (GPU) or CPU "
+                           "(offload) Adam, which compile at first use (~1 min). Always on without "
+                           "a GPU.")
+
+
+@dataclass(frozen=True)
+class DeepSpeedOptions:
+    zero_stage: int = opt(0, "ZeRO stage: 0 none, 1 optimizer states, 2 + gradients, 3 + "
+                          "parameters partitioned over GPUs.", choices=(0, 1, 2, 3))
+    offload: bool = opt(False, "Offload optimizer states (ZeRO >= 1) and, with ZeRO-3, parameters "
+                        "to CPU memory.")
+    dtype: str = opt("auto", "Training precision; auto is bf16 on GPUs that support it, else fp16 "
+                     "on GPU, fp32 on CPU.", choices=DTYPES)
+    enable_tensorboard: bool = opt(False, "Also write TensorBoard event files (to "
+                                   "OUTPUT_DIR/tensorboard).")
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    deployment_type: str = opt("single_gpu", "single_gpu: one GPU; single_node: all (or --num-gpus) "
+                               "GPUs of this machine; multi_node: the hosts of --hostfile.",
+                               choices=DEPLOYMENTS)
+    num_gpus: int | None = opt(None, "GPUs per node (default: 1 for single_gpu, all for the others). "
+                               "Without a GPU: worker processes on CPU.", min=1)
+    include: str | None = opt(None, "DeepSpeed --include, e.g. 'localhost:0,2' or "
+                              "'worker-0@worker-1:0,2'.")
+    hostfile: str | None = opt(None, "DeepSpeed hostfile for multi_node ('host slots=N' per line).")
+    master_addr: str | None = opt(None, "Address of the first node (multi_node).")
+    master_port: int | None = opt(None, "Rendezvous port (default: a free one).", min=1, max=65535)
+    launcher: str = opt("deepspeed", "deepspeed: launch workers with deepspeed.launcher; none: run "
+                        "one worker in this process (world size 1, for debugging).",
+                        choices=("deepspeed", "none"))
