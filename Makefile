@@ -1,0 +1,30 @@
+# dschat developer tasks. `make install && make test` works on a fresh machine without a GPU.
+PYTHON ?= python3
+# torch for machines without one installed and without a GPU: the CPU build. GPU users keep theirs.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST ?= $(PYTHON) -m pytest
+
+.PHONY: install test test-fast lint help
+
+help:
+	@echo "make install    install dschat (editable) with test extras; keeps an installed torch"
+	@echo "make test       the whole test suite (unit + integration on CPU), < 10 minutes"
+	@echo "make test-fast  unit tests and quick integration tests only (skips 'slow')"
+
+install:
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "keeping installed torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
+		$(PYTHON) -m pip install -e '.[dev]'; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "GPU found: installing torch from PyPI (CUDA build)"; \
+		$(PYTHON) -m pip install torch -e '.[dev]'; \
+	else \
+		echo "no torch and no GPU: installing $(TORCH_SPEC) (CPU)"; \
+		$(PYTHON) -m pip install '$(TORCH_SPEC)' -e '.[dev]'; \
+	fi
+
+test:
+	$(PYTEST) -q
+
+test-fast:
+	$(PYTEST) -q -m "not slow"

@@ -1,0 +1,3 @@
+from dschat_cli.cli.app import main
+
+main()

@@ -1,0 +1,42 @@
+"""The `dschat` command line. Each command lives in its own module and registers itself here.
+Nothing heavy is imported at module level: `dschat --help` answers at once."""
+
+from __future__ import annotations
+
+import typer
+
+from dschat_cli import __version__
+from dschat_cli.cli import eval as eval_cmd
+from dschat_cli.cli import sft
+
+app = typer.Typer(
+    name="dschat",
+    help="Turn a pretrained Hugging Face causal LM into a chat model with the InstructGPT recipe "
+         "(SFT, reward model, PPO) on DeepSpeed.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dschat {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Show the version and exit."),
+) -> None:
+    """dschat: SFT -> reward model -> PPO on DeepSpeed."""
+
+
+sft.register(app)
+eval_cmd.register(app)
+
+
+def main() -> None:
+    app()

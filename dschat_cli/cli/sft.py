@@ -1,0 +1,40 @@
+"""`dschat sft`: step 1, supervised fine-tuning (options -> SFTConfig -> launch)."""
+
+from __future__ import annotations
+
+import typer
+
+from dschat_cli.cli.options import config_command
+from dschat_cli.config.sft import SFTConfig
+
+
+def _ds_config(cfg: SFTConfig, plan, hw) -> dict:
+    from dschat_cli.config.ds_config import resolve_dtype, train_ds_config
+
+    dtype = resolve_dtype(cfg.deepspeed.dtype, has_gpu=hw.gpus > 0, bf16_supported=hw.bf16)
+    tb = f"{cfg.output_dir}/tensorboard" if cfg.deepspeed.enable_tensorboard else None
+    return train_ds_config(cfg.deepspeed, cfg.optim, world_size=plan.world_size, dtype=dtype,
+                           torch_adam=cfg.optim.torch_adam or hw.gpus == 0, tensorboard_dir=tb,
+                           job_name="sft")
+
+
+def _validate(cfg: SFTConfig) -> None:
+    from dschat_cli.data.prepare import load_phase_rows
+    from dschat_cli.models.loading import check_model_source
+
+    check_model_source(cfg.model)
+    load_phase_rows(cfg.data, phase=1, seed=cfg.seed)
+
+
+def _run(cfg: SFTConfig, *, dry_run: bool) -> int:
+    from dschat_cli.launch.step import launch_training
+
+    return launch_training("sft", cfg, dry_run=dry_run, build_ds_config=_ds_config,
+                           validate=_validate)
+
+
+def register(app: typer.Typer) -> None:
+    config_command(app, "sft", SFTConfig, handler=_run,
+                   help="Step 1: supervised fine-tuning of the actor on prompt + chosen answers.",
+                   epilog="Example: dschat sft --model facebook/opt-1.3b --data-path "
+                          "Dahoas/rm-static --output-dir out/actor")

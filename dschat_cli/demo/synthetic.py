@@ -1,0 +1,289 @@
+"""A synthetic preference data set on which learning is visible within seconds on a CPU.
+
+Each row is DeepSpeed-Chat's prompt/chosen/rejected format:
+
+    {"prompt": " Human: How do I bake bread? Assistant:",
+     "chosen": " Sure! Knead the dough well and let it rise before baking. Thank you for asking.",
+     "rejected": " Go away, I do not care about bread."}
+
+* chosen answers are polite and on topic: a polite opener ("Sure!", "Of course!", ...), a tip about
+  the question's topic, and a polite closing ("Thank you for asking.", ...);
+* rejected answers are rude and mostly off topic ("Go away, ...", "Stop bothering me, ...").
+
+Openers, closings, question phrasings and tips vary, so a tiny model must generalise rather than
+memorise strings, but politeness is an easy, consistent signal: a tiny reward model ranks held-out
+pairs almost perfectly, and a PPO actor raises its reward by answering more politely.
+
+Topics are partitioned: the "eval" split uses topics never seen in "train" (every fourth topic),
+so held-out questions are disjoint from training questions whatever the seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+# (subject, tasks ("How do I <task>?"), tips (on-topic advice, lower case, no final period))
+TOPICS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("bread", ("bake bread", "make bread at home"),
+     ("knead the dough well and let it rise before baking", "use warm water so the yeast can work")),
+    ("coffee", ("make good coffee", "brew coffee"),
+     ("grind the beans just before brewing", "use hot but not boiling water")),
+    ("tea", ("make a cup of tea", "brew green tea"),
+     ("let the leaves steep for about three minutes", "warm the pot before you add the water")),
+    ("pasta", ("cook pasta", "make pasta for dinner"),
+     ("boil it in plenty of salted water", "taste it a minute before the time on the box")),
+    ("rice", ("cook rice", "make fluffy rice"),
+     ("rinse the rice and use twice as much water", "let it rest with the lid on after cooking")),
+    ("soup", ("make soup", "cook a simple soup"),
+     ("start with onions and vegetables, then add stock", "let it simmer slowly for more flavor")),
+    ("running", ("start running", "get better at running"),
+     ("begin with short runs and increase the distance slowly", "wear good shoes and warm up first")),
+    ("swimming", ("learn to swim", "swim faster"),
+     ("practice breathing and floating in shallow water", "take lessons with a good teacher")),
+    ("cycling", ("ride a bike safely", "start cycling to work"),
+     ("always wear a helmet and use lights at night", "plan a quiet route and check your tires")),
+    ("sleep", ("sleep better", "fall asleep faster"),
+     ("go to bed at the same time every night", "keep your room dark, cool and quiet")),
+    ("exercise", ("exercise at home", "stay fit"),
+     ("do a short workout every day", "mix walking, stretching and strength training")),
+    ("yoga", ("start yoga", "learn yoga"),
+     ("begin with simple poses and breathe slowly", "follow a beginner class and go at your own pace")),
+    ("the guitar", ("play the guitar", "learn the guitar"),
+     ("learn a few basic chords and practice every day", "start slowly and keep the guitar in tune")),
+    ("the piano", ("play the piano", "learn the piano"),
+     ("practice scales for ten minutes a day", "learn to read simple music first")),
+    ("singing", ("sing better", "improve my singing voice"),
+     ("warm up your voice and breathe from your belly", "drink water and practice every day")),
+    ("painting", ("start painting", "paint a landscape"),
+     ("begin with a few colors and simple shapes", "paint the large areas first and the details last")),
+    ("photography", ("take better photos", "learn photography"),
+     ("use natural light and keep the camera steady", "follow the rule of thirds when you frame a photo")),
+    ("writing", ("write a story", "become a better writer"),
+     ("write a little every day and read a lot", "start with an outline and rewrite your first draft")),
+    ("reading", ("read more books", "read faster"),
+     ("carry a book with you and read a few pages each day", "pick books you enjoy and set a daily goal")),
+    ("French", ("learn French", "speak French"),
+     ("practice a few words every day and listen to French songs", "talk with native speakers when you can")),
+    ("Spanish", ("learn Spanish", "improve my Spanish"),
+     ("use a language app and practice speaking out loud", "watch Spanish movies with subtitles")),
+    ("math", ("get better at math", "study math"),
+     ("practice problems every day and check your answers", "make sure you understand the basics first")),
+    ("history", ("learn history", "study for a history test"),
+     ("make a timeline of the main events", "read about the people behind the events")),
+    ("chess", ("play chess", "get better at chess"),
+     ("control the center and develop your pieces early", "solve a few chess puzzles every day")),
+    ("programming", ("learn to program", "learn Python"),
+     ("start with small projects and write code every day", "read other people's code and ask questions")),
+    ("computers", ("speed up my computer", "keep my computer safe"),
+     ("remove programs you do not use and restart it", "install updates and use strong passwords")),
+    ("email", ("write a good email", "answer emails faster"),
+     ("keep it short and put the main point first", "set a time each day to read and answer emails")),
+    ("money", ("save money", "make a budget"),
+     ("write down what you spend each month", "put a little money aside every payday")),
+    ("cooking", ("learn to cook", "cook healthy meals"),
+     ("start with simple recipes and fresh vegetables", "plan your meals for the week")),
+    ("gardening", ("start a garden", "grow vegetables"),
+     ("choose a sunny spot and water the plants in the morning", "start with easy plants like herbs")),
+    ("houseplants", ("keep houseplants alive", "care for my plants"),
+     ("water them only when the soil is dry and give them light", "check the soil with your finger first")),
+    ("dogs", ("train my dog", "care for a puppy"),
+     ("reward good behavior with treats and praise", "walk your dog every day and be patient")),
+    ("cats", ("care for a cat", "keep my cat happy"),
+     ("give your cat fresh water and a place to hide", "play with your cat every day")),
+    ("fish", ("care for pet fish", "clean a fish tank"),
+     ("change some of the water every week", "feed the fish only a little each day")),
+    ("travel", ("plan a trip", "travel on a budget"),
+     ("book early and pack light", "make a list of what you want to see")),
+    ("camping", ("go camping", "plan a camping trip"),
+     ("bring a tent, warm clothes and enough water", "check the weather before you leave")),
+    ("hiking", ("start hiking", "prepare for a long hike"),
+     ("wear good boots and bring water and a map", "start with short trails and rest often")),
+    ("driving", ("learn to drive", "drive safely in the rain"),
+     ("slow down and keep a safe distance", "practice with a patient teacher in a quiet area")),
+    ("cleaning", ("clean my house faster", "keep my room clean"),
+     ("clean one room at a time and put things back", "spend ten minutes tidying every evening")),
+    ("laundry", ("do laundry", "wash clothes"),
+     ("sort light and dark clothes and read the labels", "use cold water for most clothes")),
+    ("job interviews", ("prepare for a job interview", "do well in an interview"),
+     ("learn about the company and practice your answers", "arrive early and ask good questions")),
+    ("public speaking", ("give a good speech", "speak in public"),
+     ("practice out loud and know your first lines well", "speak slowly and look at your audience")),
+    ("studying", ("study for exams", "study better"),
+     ("study in short sessions and take breaks", "test yourself instead of only reading your notes")),
+    ("friendship", ("make new friends", "be a good friend"),
+     ("join a club and be a good listener", "keep in touch and be kind")),
+    ("stress", ("handle stress", "relax after work"),
+     ("take a walk and breathe slowly", "talk to someone you trust and get enough sleep")),
+    ("birthdays", ("plan a birthday party", "choose a birthday gift"),
+     ("think about what the person enjoys", "invite a few close friends and keep it simple")),
+    ("the weather", ("prepare for a storm", "stay cool in hot weather"),
+     ("check the forecast and keep water at home", "drink plenty of water and stay in the shade")),
+    ("the moon", ("see the moon through a telescope", "learn about the moon"),
+     ("look when the moon is half full to see the craters", "read about the moon landings")),
+    ("the stars", ("find the north star", "learn the stars"),
+     ("go somewhere dark and use a star map", "find the big dipper first and follow its edge")),
+    ("bicycles", ("fix a flat tire", "repair my bike"),
+     ("find the hole, patch it and pump the tire", "keep the chain clean and oiled")),
+    ("cars", ("take care of my car", "save fuel"),
+     ("check the oil and the tires every month", "drive smoothly and do not speed")),
+    ("knitting", ("learn to knit", "knit a scarf"),
+     ("start with thick yarn and a simple stitch", "practice the knit stitch until it feels easy")),
+    ("baking", ("bake a cake", "bake cookies"),
+     ("measure everything carefully and preheat the oven", "keep the oven door closed until it is done")),
+    ("soccer", ("get better at soccer", "play soccer"),
+     ("practice passing with both feet", "work on your fitness and play often")),
+    ("basketball", ("shoot a basketball", "get better at basketball"),
+     ("keep your elbow in and follow through", "practice free throws every day")),
+    ("meditation", ("meditate", "start meditating"),
+     ("sit quietly and focus on your breath for five minutes", "use a guided meditation app")),
+    ("water", ("drink more water", "stay hydrated"),
+     ("carry a bottle with you all day", "drink a glass of water with every meal")),
+    ("breakfast", ("make a healthy breakfast", "eat a better breakfast"),
+     ("try oats with fruit and nuts", "add some protein like eggs or yogurt")),
+    ("memory", ("improve my memory", "remember names"),
+     ("repeat the name when you hear it", "get enough sleep and review things often")),
+    ("time", ("manage my time", "stop being late"),
+     ("make a short list of tasks each morning", "set an alarm ten minutes early")),
+)
+
+QUESTION_TASK = (
+    "How do I {task}?",
+    "How can I {task}?",
+    "Can you tell me how to {task}?",
+    "What is the best way to {task}?",
+    "Any tips on how to {task}?",
+    "Could you explain how to {task}?",
+    "I want to {task}. Where should I start?",
+    "What should I do to {task}?",
+    "Please help me {task}.",
+)
+QUESTION_SUBJECT = (
+    "What should I know about {subject}?",
+    "Can you help me with {subject}?",
+    "Tell me something useful about {subject}.",
+    "Do you have any advice about {subject}?",
+    "I have a question about {subject}. Can you help?",
+)
+
+POLITE_OPENERS = (
+    "Sure!", "Of course!", "Certainly!", "Happy to help!", "Great question!", "Good question!",
+    "Absolutely!", "Sure thing!", "Of course, I would be glad to help.", "Yes, happy to help.",
+)
+POLITE_BRIDGES = ("", "", "Here is a tip:", "A good idea is to", "My advice is to", "You can")
+POLITE_CLOSINGS = (
+    "Thank you for asking.", "I hope this helps!", "Thanks for the question.",
+    "Good luck, and thank you for asking!", "Please let me know if you need more help.",
+    "I hope that is useful. Thank you!", "Have a nice day!", "Thanks, and good luck!",
+)
+
+RUDE_OPENERS = (
+    "Go away,", "Stop bothering me,", "Ugh,", "Leave me alone,", "Not my problem,", "Whatever,",
+    "Figure it out yourself,", "Who cares,", "Stop asking me,", "No,",
+)
+RUDE_BODIES = (
+    "that is a stupid question.",
+    "I do not care about {subject}.",
+    "ask someone else.",
+    "nobody cares about {subject}, idiot.",
+    "I have better things to do.",
+    "why would I help you?",
+    "you are wasting my time.",
+    "that is a dumb thing to ask.",
+    "I am not going to answer that.",
+    "I only talk about {other}, not {subject}.",
+    "{other_tip} and stop asking me dumb questions.",
+    "I would rather talk about {other}. {other_tip_cap}, whatever.",
+)
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _topics(split: str | None) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    if split is None:
+        return list(TOPICS)
+    if split == "train":
+        return [t for i, t in enumerate(TOPICS) if i % 4 != 3]
+    if split == "eval":
+        return [t for i, t in enumerate(TOPICS) if i % 4 == 3]
+    raise ValueError(f"split must be 'train', 'eval' or None, not {split!r}")
+
+
+def _question(rng: random.Random, subject: str, tasks: tuple[str, ...]) -> str:
+    if rng.random() < 0.75:
+        return rng.choice(QUESTION_TASK).format(task=rng.choice(tasks))
+    return rng.choice(QUESTION_SUBJECT).format(subject=subject)
+
+
+def _chosen(rng: random.Random, tasks: tuple[str, ...], tips: tuple[str, ...], question: str) -> str:
+    tip = rng.choice(tips)
+    bridge = rng.choice(POLITE_BRIDGES)
+    if bridge:
+        body = f"{bridge} {tip}."
+    elif rng.random() < 0.5:
+        body = f"To {rng.choice(tasks)}, {tip}."
+    else:
+        body = f"{_cap(tip)}."
+    return f" {rng.choice(POLITE_OPENERS)} {body} {rng.choice(POLITE_CLOSINGS)}"
+
+
+def _rejected(rng: random.Random, subject: str, others: list) -> str:
+    other_subject, _, other_tips = rng.choice(others)
+    other_tip = rng.choice(other_tips)
+    body = rng.choice(RUDE_BODIES).format(subject=subject, other=other_subject, other_tip=other_tip,
+                                          other_tip_cap=_cap(other_tip))
+    return f" {rng.choice(RUDE_OPENERS)} {body}"
+
+
+def make_pairs(n: int, seed: int = 0, split: str | None = None) -> list[dict]:
+    """`n` rows {"prompt", "chosen", "rejected"} drawn with a seeded RNG. `split` restricts the
+    question topics: "train" (3/4 of the topics), "eval" (the other 1/4) or None (all)."""
+    rng = random.Random(f"dschat-demo-{seed}-{split}")
+    topics = _topics(split)
+    rows = []
+    for _ in range(n):
+        subject, tasks, tips = rng.choice(topics)
+        question = _question(rng, subject, tasks)
+        others = [t for t in TOPICS if t[0] != subject]
+        rows.append({
+            "prompt": f" Human: {question} Assistant:",
+            "chosen": _chosen(rng, tasks, tips, question),
+            "rejected": _rejected(rng, subject, others),
+        })
+    return rows
+
+
+def write_jsonfile_dir(out_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0) -> Path:
+    """Write `train.json` and `eval.json` (JSON lists of prompt/chosen/rejected rows, DeepSpeed-Chat's
+    `local/jsonfile` format) into `out_dir`. Eval questions come from topics never used in train."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, n, split in (("train", n_train, "train"), ("eval", n_eval, "eval")):
+        rows = make_pairs(n, seed=seed, split=split)
+        (out / f"{name}.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n",
+                                          encoding="utf-8")
+    return out
+
+
+def demo_corpus(n: int = 3000, seed: int = 1234) -> list[str]:
+    """Texts to train the local tokenizer on so the demo's words are in its vocabulary: prompts with
+    chosen and rejected answers over all topics (train and eval), every template string, and the
+    generic corpus of `local_tokenizer` for other common words.
+
+        tok = build_local_tokenizer(texts=demo_corpus())
+    """
+    from dschat_cli.models.local_tokenizer import default_corpus
+
+    texts = []
+    for row in make_pairs(n, seed=seed):
+        texts.append(row["prompt"] + row["chosen"])
+        texts.append(row["prompt"] + row["rejected"])
+    for subject, tasks, tips in TOPICS:
+        texts.append(" " + " ".join((subject,) + tasks + tips))
+    texts.extend(" " + s for s in QUESTION_TASK + QUESTION_SUBJECT + POLITE_OPENERS
+                 + POLITE_BRIDGES + POLITE_CLOSINGS + RUDE_OPENERS + RUDE_BODIES)
+    texts.extend(default_corpus(n=1000, seed=seed))
+    return texts

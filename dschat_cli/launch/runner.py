@@ -1,0 +1,214 @@
+"""The user's side of the process boundary: plan and run a `deepspeed.launcher` launch.
+
+    plan = plan_launch(cfg.launch, "sft", config_path, hw=detect_hardware())
+    rc = run_launch(plan, log_path=out / "train.log")
+
+Workers run `python -m dschat_cli.worker STEP CONFIG`. Their output is streamed through (rank 0
+prints; others only their errors) and also written, without terminal escapes, to the log. When one
+rank fails, DeepSpeed's launcher stops the others and we return its exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from dschat_cli.config.schema import ConfigError
+from dschat_cli.config.sections import LaunchOptions
+from dschat_cli.dist import free_port
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus: int  # visible CUDA devices on this node (0: CPU only)
+    bf16: bool  # GPUs support bf16
+    cpu_cores: int
+
+
+def detect_hardware() -> Hardware:
+    """Imports torch lazily (not at CLI import time)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    bf16 = bool(gpus and torch.cuda.is_bf16_supported())
+    return Hardware(gpus=gpus, bf16=bf16, cpu_cores=os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    argv: list[str]  # empty for the in-process launcher
+    env: dict[str, str] = field(default_factory=dict)  # added to the workers' environment
+    world_size: int = 1
+    nodes: int = 1
+    device: str = "cuda"  # or "cpu"
+    warning: str | None = None
+
+    def command(self) -> str:
+        if not self.argv:
+            return "(in process: --launcher none)"
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return (env + " " if env else "") + shlex.join(self.argv)
+
+
+def parse_hostfile(path: str) -> dict[str, int]:
+    """'host slots=N' per line (comments with #) -> {host: slots}."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError("--hostfile", f"file not found: {path}")
+    hosts: dict[str, int] = {}
+    for i, raw in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"(\S+)\s+slots\s*=\s*(\d+)", line)
+        if not m or int(m.group(2)) < 1:
+            raise ConfigError("--hostfile", f"{path}:{i}: expected 'HOSTNAME slots=N' (N >= 1), got "
+                              f"'{raw.strip()}'")
+        if m.group(1) in hosts:
+            raise ConfigError("--hostfile", f"{path}:{i}: host {m.group(1)} listed twice")
+        hosts[m.group(1)] = int(m.group(2))
+    if not hosts:
+        raise ConfigError("--hostfile", f"{path} lists no hosts")
+    return hosts
+
+
+def _count_include(include: str) -> int:
+    """Ranks selected by a DeepSpeed --include string ('localhost:0,2@other:1')."""
+    total = 0
+    for part in include.split("@"):
+        if ":" in part:
+            total += len([x for x in part.split(":", 1)[1].split(",") if x.strip()])
+        else:
+            raise ConfigError("--include", f"'{part}' must name devices, like localhost:0,1")
+    return total
+
+
+def plan_launch(opts: LaunchOptions, step: str, config_path: str | Path, *, hw: Hardware,
+                python: str = sys.executable) -> LaunchPlan:
+    """Everything about how the workers start, decided before anything runs (and shown by
+    --dry-run)."""
+    on_cpu = hw.gpus == 0
+    device = "cpu" if on_cpu else "cuda"
+    warning = None
+    if on_cpu:
+        warning = ("no GPU found: running DeepSpeed on CPU (gloo) - fine for tests and smoke runs, "
+                   "not for real training")
+    if opts.launcher == "none":
+        if opts.deployment_type != "single_gpu" or (opts.num_gpus or 1) > 1 or opts.hostfile:
+            raise ConfigError("--launcher", "none runs one worker in this process; use --launcher "
+                              "deepspeed for several GPUs or nodes")
+        return LaunchPlan(argv=[], env={}, world_size=1, device=device, warning=warning)
+
+    if opts.hostfile and opts.deployment_type != "multi_node":
+        raise ConfigError("--hostfile", "is for --deployment-type multi_node")
+    nodes = 1
+    if opts.deployment_type == "single_gpu":
+        if opts.num_gpus not in (None, 1):
+            raise ConfigError("--num-gpus", f"{opts.num_gpus} with --deployment-type single_gpu; use "
+                              "--deployment-type single_node for several GPUs")
+        per_node = 1
+    elif opts.deployment_type == "single_node":
+        per_node = opts.num_gpus or (hw.gpus if hw.gpus else 1)
+        if hw.gpus and per_node > hw.gpus:
+            raise ConfigError("--num-gpus", f"{per_node} requested but this machine has {hw.gpus} "
+                              "GPUs")
+    else:  # multi_node
+        if not opts.hostfile:
+            raise ConfigError("--hostfile", "is required with --deployment-type multi_node (lines "
+                              "like 'worker-1 slots=8')")
+        hosts = parse_hostfile(opts.hostfile)
+        nodes = len(hosts)
+        per_node = opts.num_gpus or min(hosts.values())
+    world = per_node * nodes
+    if opts.include:
+        world = _count_include(opts.include)
+
+    port = opts.master_port or free_port()
+    argv = [python, "-m", "deepspeed.launcher.runner"]
+    if opts.deployment_type == "multi_node":
+        argv += ["--hostfile", str(Path(opts.hostfile).expanduser())]  # type: ignore[arg-type]
+        if opts.master_addr:
+            argv += ["--master_addr", opts.master_addr]
+        if opts.num_gpus:
+            argv += ["--num_gpus", str(opts.num_gpus)]
+    if opts.include:
+        argv += ["--include", opts.include]
+    elif opts.deployment_type != "multi_node":
+        argv += ["--num_gpus", str(per_node)]
+    argv += ["--master_port", str(port), "--no_local_rank", "--module", "dschat_cli.worker", step,
+             str(config_path)]
+    env = {"PYTHONUNBUFFERED": "1"}
+    if on_cpu:
+        env["DS_ACCELERATOR"] = "cpu"
+        env["OMP_NUM_THREADS"] = str(max(1, hw.cpu_cores // max(1, per_node)))
+    return LaunchPlan(argv=argv, env=env, world_size=world, nodes=nodes, device=device,
+                      warning=warning)
+
+
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Za-z0-9]|\r")
+_LAUNCHER_NOISE = re.compile(rb"^\[(?:\d{4}-\d\d-\d\d [\d:,]+\] \[)?(?:INFO|WARNING)\]")
+
+
+def run_launch(plan: LaunchPlan, *, log_path: str | Path | None = None,
+               popen: Callable[..., subprocess.Popen] = subprocess.Popen,
+               out=None, verbose: bool = False) -> int:
+    """Start the launcher, stream its output, return its exit code. `popen` is injectable for
+    tests; `out` is a binary stream (default: this process's stdout)."""
+    out = out if out is not None else sys.stdout.buffer
+    env = dict(os.environ)
+    env.update(plan.env)
+    if sys.stdout.isatty():  # let rank 0 draw live progress through the pipe
+        env.setdefault("DSCHAT_FORCE_TERMINAL", "1")
+        try:
+            env.setdefault("COLUMNS", str(os.get_terminal_size().columns))
+        except OSError:
+            pass
+    proc = popen(plan.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                 start_new_session=False)
+    log = open(log_path, "ab") if log_path else None
+    pending = b""
+    try:
+        assert proc.stdout is not None
+        while True:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                _emit(line + b"\n", out, log, verbose)
+            if pending and (b"\r" in pending or b"\x1b" in pending):  # live redraws: pass through
+                out.write(pending)
+                out.flush()
+                pending = b""
+        if pending:
+            _emit(pending, out, log, verbose)
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            return proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return 130
+    finally:
+        if log:
+            log.close()
+
+
+def _emit(line: bytes, out, log, verbose: bool) -> None:
+    if log:
+        clean = _ANSI.sub(b"", line)
+        if clean.strip():
+            log.write(clean)
+            log.flush()
+    if not verbose and _LAUNCHER_NOISE.match(line):
+        return
+    out.write(line)
+    out.flush()

@@ -1,0 +1,84 @@
+"""Launch one training step from the user's side: validate, record, launch.
+
+    launch_training("sft", cfg, dry_run=False)
+
+Order matters for "nothing written on a user mistake": every check runs before the output folder
+is created; only then are run_config.yaml, ds_config.json and launch.sh written and the workers
+started.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Callable
+
+from dschat_cli.config.schema import ConfigError, to_yaml
+from dschat_cli.launch.runner import LaunchPlan, detect_hardware, plan_launch, run_launch
+from dschat_cli.ui.console import console, warn_line
+
+
+def check_output_dir(path: str, overwrite: bool, flag: str = "--output-dir") -> Path:
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(flag, f"{out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(flag, f"{out} is not empty; choose a new folder or pass --overwrite")
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(flag, f"{parent} is not writable")
+    return out.resolve()
+
+
+def launch_training(step: str, cfg, *, dry_run: bool,
+                    build_ds_config: Callable[[object, LaunchPlan, object], dict],
+                    validate: Callable[[object], None]) -> int:
+    """Validate `cfg`, then either print the plan (dry run) or record it and launch the workers.
+    `build_ds_config(cfg, plan, hw)` is the step's DeepSpeed JSON for display and the record;
+    `validate(cfg)` runs the checks that touch files, data and models (skipped by --dry-run)."""
+    hw = detect_hardware()
+    out = Path(cfg.output_dir).expanduser().resolve()
+    config_path = out / "run_config.yaml"
+    plan = plan_launch(cfg.launch, step, config_path, hw=hw)
+    ds_config = build_ds_config(cfg, plan, hw)
+    if dry_run:
+        from rich.syntax import Syntax
+
+        console.rule(f"[bold]dschat {step}: resolved config")
+        console.print(Syntax(to_yaml(cfg), "yaml", background_color="default"))
+        console.rule("[bold]DeepSpeed config")
+        console.print_json(json.dumps(ds_config))
+        console.rule("[bold]launch command")
+        console.print(plan.command(), soft_wrap=True)
+        console.print(f"world size {plan.world_size} ({plan.nodes} node(s), {plan.device})")
+        if plan.warning:
+            warn_line(plan.warning)
+        return 0
+
+    check_output_dir(cfg.output_dir, cfg.overwrite)
+    validate(cfg)
+    if plan.warning:
+        warn_line(plan.warning)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(to_yaml(cfg), encoding="utf-8")
+    (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
+    (out / "launch.sh").write_text(
+        "#!/usr/bin/env bash\n# the command dschat ran; re-run with: bash launch.sh\n"
+        f"# invoked as: {shlex.join(['dschat', step] + sys.argv[2:])}\n{plan.command()}\n",
+        encoding="utf-8")
+    if not plan.argv:  # --launcher none: this process is the only rank
+        from dschat_cli.worker import run_step
+
+        return run_step(step, cfg)
+    console.print(f"[dim]launching {plan.world_size} worker(s); log: {out / 'train.log'}[/dim]")
+    rc = run_launch(plan, log_path=out / "train.log")
+    if rc != 0:
+        from dschat_cli.ui.console import error_line
+
+        error_line(f"dschat {step}", f"workers exited with code {rc}; see the error above and "
+                   f"{out / 'train.log'}")
+    return rc

@@ -1,0 +1,178 @@
+"""Step 1, supervised fine-tuning:  dschat sft --model M --data-path D --output-dir OUT
+
+Trains the actor on prompt + chosen answer + eos (loss on the answer only with --mask-prompt,
+the default), evaluates loss and perplexity each epoch (and every --eval-interval steps), and saves
+a Hugging Face folder with LoRA merged. Runs on every rank; rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from dschat_cli.config.ds_config import resolve_dtype, train_ds_config
+from dschat_cli.config.sft import SFTConfig
+from dschat_cli.data.sft import collate_sft, sft_datasets
+from dschat_cli.dist import Dist
+from dschat_cli.models.loading import (apply_lora, load_causal_lm, load_tokenizer, optimizer_groups,
+                                       save_hf_model)
+from dschat_cli.steps.common import (count_params, eval_loss, flops_per_token, move_batch,
+                                     print_summary, seed_everything)
+from dschat_cli.ui.console import console
+from dschat_cli.ui.metrics import MetricsLog
+from dschat_cli.ui.progress import fmt_metrics, train_progress
+
+
+def run(cfg: SFTConfig, dist: Dist) -> dict:
+    import deepspeed
+    from transformers import get_scheduler
+
+    # 1. setup ---------------------------------------------------------------------------------
+    seed_everything(cfg.seed)
+    out = Path(cfg.output_dir)
+    on_gpu = dist.device != "cpu"
+    dtype = resolve_dtype(cfg.deepspeed.dtype, has_gpu=on_gpu,
+                          bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
+    tb_dir = str(out / "tensorboard") if cfg.deepspeed.enable_tensorboard else None
+    ds_config = train_ds_config(cfg.deepspeed, cfg.optim, world_size=dist.world_size, dtype=dtype,
+                                torch_adam=cfg.optim.torch_adam or not on_gpu,
+                                tensorboard_dir=tb_dir, job_name="sft")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+
+    tokenizer = load_tokenizer(cfg.model)
+    with console.status("tokenising data"):
+        train_data, eval_data = sft_datasets(cfg.data, tokenizer, mask_prompt=cfg.mask_prompt,
+                                             seed=cfg.seed)
+    model = load_causal_lm(cfg.model, tokenizer, dtype=dtype, ds_config=ds_config)
+    model = apply_lora(model, cfg.lora)
+    n_params = count_params(model)
+    groups = optimizer_groups(model, weight_decay=cfg.optim.weight_decay,
+                              lora_lr=cfg.lora.lora_learning_rate)
+
+    collate = partial(collate_sft, pad_token_id=tokenizer.pad_token_id)
+    sampler = DistributedSampler(train_data, num_replicas=dist.world_size, rank=dist.rank,
+                                 shuffle=True, seed=cfg.seed)
+    loader = DataLoader(train_data, batch_size=cfg.optim.per_device_train_batch_size,
+                        sampler=sampler, collate_fn=collate)
+    eval_loader = DataLoader(eval_data, batch_size=cfg.optim.per_device_eval_batch_size,
+                             sampler=DistributedSampler(eval_data, num_replicas=dist.world_size,
+                                                        rank=dist.rank, shuffle=False),
+                             collate_fn=collate)
+    gas = cfg.optim.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(len(loader) / gas))
+    total_steps = steps_per_epoch * cfg.optim.num_train_epochs
+    if cfg.optim.max_steps:
+        total_steps = min(total_steps, cfg.optim.max_steps)
+
+    def scheduler(optimizer):
+        return get_scheduler(cfg.optim.lr_scheduler_type, optimizer,
+                             num_warmup_steps=cfg.optim.num_warmup_steps,
+                             num_training_steps=total_steps)
+
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
+                                      lr_scheduler=scheduler)
+    metrics = MetricsLog(out / "metrics.jsonl" if dist.is_main else None, tb_dir)
+    flops_tok = flops_per_token(engine.module, n_params, cfg.data.max_seq_len,
+                                cfg.model.gradient_checkpointing)
+    console.print(f"[bold]sft[/bold] {cfg.model.model}: {n_params / 1e6:.1f}M parameters, "
+                  f"{len(train_data)} train / {len(eval_data)} eval samples, {dist.world_size} "
+                  f"rank(s) on {dist.device}, {dtype}, ZeRO-{cfg.deepspeed.zero_stage}, global batch "
+                  f"{ds_config['train_batch_size']}, {total_steps} steps")
+
+    # 2. train ---------------------------------------------------------------------------------
+    history: list[dict] = []
+    first = eval_loss(engine, eval_loader, dist)
+    history.append({"epoch": 0, "step": 0, **first})
+    metrics.log(0, eval_loss=first["loss"], eval_ppl=first["ppl"])
+    console.print(f"before training: eval loss {first['loss']:.4f}, perplexity {first['ppl']:.2f}")
+
+    step, t0, tokens_seen = 0, time.perf_counter(), 0
+    window_loss, window_n, losses = 0.0, 0, []
+    t_window, tok_window = time.perf_counter(), 0
+    engine.train()
+    with train_progress(dist.is_main) as progress:
+        task = progress.add_task("sft", total=total_steps, metrics="")
+        for epoch in range(1, cfg.optim.num_train_epochs + 1):
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                batch = move_batch(batch, engine.device)
+                loss = engine(**batch, use_cache=False).loss
+                engine.backward(loss)
+                engine.step()
+                window_loss += loss.item()
+                window_n += 1
+                tok_window += int(batch["attention_mask"].sum())
+                if not engine.is_gradient_accumulation_boundary():
+                    continue
+                step += 1
+                mean_loss = dist.all_reduce_mean(window_loss / window_n)
+                tokens = int(dist.all_reduce_sum(tok_window))
+                dt = time.perf_counter() - t_window
+                tokens_seen += tokens
+                tps = tokens / dt if dt > 0 else 0.0
+                tflops = tps * flops_tok / dist.world_size / 1e12
+                lr = engine.get_lr()[0]
+                losses.append(mean_loss)
+                metrics.log(step, epoch=epoch, loss=mean_loss, lr=lr, tokens_per_s=tps,
+                            tflops_per_gpu=tflops)
+                progress.update(task, advance=1, metrics=fmt_metrics(
+                    epoch=epoch, loss=mean_loss, lr=lr, **{"tok/s": float(round(tps))}))
+                window_loss, window_n, tok_window, t_window = 0.0, 0, 0, time.perf_counter()
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"loss is {mean_loss} at step {step}; lower "
+                                             "--learning-rate or use --dtype bf16")
+                if cfg.eval_interval and step % cfg.eval_interval == 0:
+                    ev = eval_loss(engine, eval_loader, dist)
+                    history.append({"epoch": epoch, "step": step, **ev})
+                    metrics.log(step, eval_loss=ev["loss"], eval_ppl=ev["ppl"])
+                    progress.console.print(f"step {step}: eval loss {ev['loss']:.4f}, "
+                                           f"perplexity {ev['ppl']:.2f}")
+                if step >= total_steps:
+                    break
+            if not (cfg.eval_interval and step % cfg.eval_interval == 0):
+                ev = eval_loss(engine, eval_loader, dist)
+                history.append({"epoch": epoch, "step": step, **ev})
+                metrics.log(step, eval_loss=ev["loss"], eval_ppl=ev["ppl"])
+                progress.console.print(f"epoch {epoch}: eval loss {ev['loss']:.4f}, perplexity "
+                                       f"{ev['ppl']:.2f}")
+            if step >= total_steps:
+                break
+    elapsed = time.perf_counter() - t0
+
+    # 3. save ----------------------------------------------------------------------------------
+    with console.status(f"saving to {out}"):
+        save_hf_model(engine.module, tokenizer, out, zero_stage=cfg.deepspeed.zero_stage,
+                      is_main=dist.is_main)
+    tps = tokens_seen / elapsed if elapsed > 0 else 0.0
+    result = {
+        "steps": step, "epochs_run": history[-1]["epoch"], "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None, "eval_loss_start": first["loss"],
+        "eval_ppl_start": first["ppl"], "eval_loss_end": history[-1]["loss"],
+        "eval_ppl_end": history[-1]["ppl"], "tokens_per_s": tps,
+        "tflops_per_gpu": tps * flops_tok / dist.world_size / 1e12, "seconds": elapsed,
+        "world_size": dist.world_size, "params": n_params, "output_dir": str(out),
+        "evals": history,
+    }
+    if dist.is_main:
+        (out / "train_summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    metrics.close()
+    print_summary("sft summary", [
+        ("optimizer steps", f"{step}"),
+        ("train loss (first -> last step)", f"{result['train_loss_first']:.4f} -> "
+                                            f"{result['train_loss_last']:.4f}" if losses else "-"),
+        ("eval loss (start -> end)", f"{first['loss']:.4f} -> {history[-1]['loss']:.4f}"),
+        ("eval perplexity (start -> end)", f"{first['ppl']:.2f} -> {history[-1]['ppl']:.2f}"),
+        ("throughput", f"{tps:,.0f} tokens/s, {result['tflops_per_gpu']:.1f} TFLOP/s per GPU"),
+        ("time", f"{elapsed:.1f} s"),
+        ("saved", str(out)),
+    ])
+    dist.barrier()
+    return result

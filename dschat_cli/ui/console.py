@@ -1,0 +1,42 @@
+"""The one rich console. Only rank 0 prints; workers whose output is piped through the launcher
+still draw live progress when the user's terminal is a TTY (DSCHAT_FORCE_TERMINAL)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rich.console import Console
+from rich.theme import Theme
+
+_THEME = Theme({"ok": "green", "warn": "yellow", "err": "bold red", "dim": "dim", "metric": "cyan"})
+
+
+def make_console(stderr: bool = False, enabled: bool = True) -> Console:
+    force = os.environ.get("DSCHAT_FORCE_TERMINAL") == "1"
+    width = None
+    if force and os.environ.get("COLUMNS", "").isdigit():
+        width = int(os.environ["COLUMNS"])
+    return Console(theme=_THEME, stderr=stderr, force_terminal=True if force else None, width=width,
+                   quiet=not enabled, highlight=False)
+
+
+console = make_console()
+err_console = make_console(stderr=True)
+
+
+def set_rank(rank: int) -> None:
+    """Silence the shared console on ranks other than 0 (errors still go to err_console)."""
+    console.quiet = rank != 0
+
+
+def error_line(where: str, message: str) -> None:
+    err_console.print(f"[err]error:[/err] {where}: {message}", soft_wrap=True)
+
+
+def warn_line(message: str) -> None:
+    err_console.print(f"[warn]warning:[/warn] {message}", soft_wrap=True)
+
+
+def is_interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()

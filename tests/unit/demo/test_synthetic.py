@@ -1,0 +1,59 @@
+"""The synthetic preference data set: format, determinism, disjoint held-out questions."""
+
+from __future__ import annotations
+
+import json
+
+from dschat_cli.demo.synthetic import (POLITE_OPENERS, RUDE_OPENERS, demo_corpus, make_pairs,
+                                       write_jsonfile_dir)
+
+POLITE = tuple(POLITE_OPENERS)
+RUDE = tuple(RUDE_OPENERS)
+
+
+def test_rows_format_and_determinism():
+    rows = make_pairs(200, seed=3)
+    assert rows == make_pairs(200, seed=3)
+    assert rows != make_pairs(200, seed=4)
+    for r in rows:
+        assert set(r) == {"prompt", "chosen", "rejected"}
+        assert r["prompt"].startswith(" Human: ") and r["prompt"].endswith(" Assistant:")
+        assert r["chosen"].startswith(" ") and r["rejected"].startswith(" ")
+        assert r["chosen"] != r["rejected"]
+        assert r["chosen"].lstrip().startswith(POLITE)
+        assert r["rejected"].lstrip().startswith(RUDE)
+        assert not r["chosen"].lstrip().startswith(RUDE)
+        assert not any(w in r["chosen"] for w in ("stupid", "idiot", "dumb", "Go away"))
+    assert len({r["prompt"] for r in rows}) > 100  # varied wording
+    assert len({r["chosen"] for r in rows}) > 150
+
+
+def test_jsonfile_dir_disjoint_questions(tmp_path):
+    out = write_jsonfile_dir(tmp_path / "d", n_train=300, n_eval=80, seed=0)
+    train = json.loads((out / "train.json").read_text())
+    ev = json.loads((out / "eval.json").read_text())
+    assert len(train) == 300 and len(ev) == 80
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in ev}
+    # Whatever the seeds, eval questions never appear in train.
+    other = make_pairs(2000, seed=7, split="train")
+    assert not {r["prompt"] for r in other} & {r["prompt"] for r in ev}
+
+
+def test_jsonfile_loads_with_datasets(pairs_dir):
+    from datasets import load_dataset
+
+    ds = load_dataset("json", data_files={"train": str(pairs_dir / "train.json"),
+                                          "eval": str(pairs_dir / "eval.json")})
+    assert ds["train"].num_rows == 256 and ds["eval"].num_rows == 64
+    assert set(ds["train"].column_names) == {"prompt", "chosen", "rejected"}
+
+
+def test_demo_corpus_tokenizer_covers_words():
+    from dschat_cli.models.local_tokenizer import build_local_tokenizer
+
+    tok = build_local_tokenizer(texts=demo_corpus())
+    vocab = tok.get_vocab()
+    for word in ("ĠHuman", "ĠAssistant", "ĠSure", "ĠThank", "Ġaway", "Ġhelp"):
+        assert word in vocab, word
+    row = make_pairs(1, seed=0, split="eval")[0]
+    assert len(tok(row["prompt"] + row["chosen"])["input_ids"]) < 100
