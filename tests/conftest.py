@@ -6,7 +6,8 @@ Environment (set at import, before any test module imports torch/deepspeed/trans
   TORCH_EXTENSIONS_DIR (~/.cache/dschat-test/torch_extensions, so DeepSpeed's JIT-built ops such as
   shm_comm are built once per machine) are defaults the caller may override. HF_HOME is always a
   fresh temp dir (removed at exit), so no test reads or writes the user's hub/datasets cache.
-  Subprocesses started by tests (torchrun, deepspeed) inherit all of this.
+  Subprocesses started by tests (torchrun, deepspeed) inherit all of this; the checkout is put on
+  sys.path and PYTHONPATH so plain `pytest` and child processes import it without pip install.
 
 Slow tests (`@pytest.mark.slow`) run by default; `make test-fast` passes `-m "not slow"`.
 
@@ -50,6 +51,15 @@ os.environ["HF_HOME"] = _HF_HOME
 for _k in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_DATASETS_CACHE"):
     os.environ.pop(_k, None)
 atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
+
+# Make the checkout importable under plain `pytest` too (when dschat is not pip-installed).
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+# ... and in subprocesses the tests start (torchrun, deepspeed launcher, `python -m dschat_cli...`).
+_pp = os.environ.get("PYTHONPATH", "")
+if _REPO_ROOT not in _pp.split(os.pathsep):
+    os.environ["PYTHONPATH"] = _REPO_ROOT + (os.pathsep + _pp if _pp else "")
 
 import pytest  # noqa: E402
 

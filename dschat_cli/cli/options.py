@@ -1,13 +1,12 @@
 """Turn a run-config class into a typer command: one flag per config field, its help text from the
 field's declaration, `--config FILE` and `--dry-run`. Flags given on the command line override the
-YAML, which overrides the defaults (click's parameter source tells which flags were given)."""
+YAML, which overrides the defaults (the parameter source tells which flags were given)."""
 
 from __future__ import annotations
 
 import inspect
 from typing import Any, Callable, List, Optional
 
-import click
 import typer
 
 from dschat_cli.config.schema import ConfigError, FlagSpec, flag_specs, resolve
@@ -35,7 +34,8 @@ def config_command(app: typer.Typer, name: str, cfg_cls: type, *, help: str,
     """Register `name` on `app`. `handler(cfg, dry_run=..., **extra_values)` runs the command and
     returns an exit code."""
     specs = flag_specs(cfg_cls)
-    params = []
+    params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                annotation=typer.Context)]
     for spec in specs:
         annotation, option = _option(spec)
         params.append(inspect.Parameter(spec.param, inspect.Parameter.KEYWORD_ONLY, default=option,
@@ -53,13 +53,11 @@ def config_command(app: typer.Typer, name: str, cfg_cls: type, *, help: str,
     params.extend(extra or [])
     extra_names = [p.name for p in extra or []]
 
-    def command(**kwargs):
-        ctx = click.get_current_context()
+    def command(ctx: typer.Context, **kwargs):
         given = {}
         for spec in specs:
             source = ctx.get_parameter_source(spec.param)
-            if source in (click.core.ParameterSource.COMMANDLINE,
-                          click.core.ParameterSource.ENVIRONMENT):
+            if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
                 given[spec.path] = kwargs[spec.param]
         try:
             cfg = resolve(cfg_cls, kwargs["config"], given)

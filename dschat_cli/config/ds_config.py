@@ -77,7 +77,9 @@ def train_ds_config(ds: DeepSpeedOptions, optim: OptimOptions, *, world_size: in
     """DeepSpeed config for a model that trains (SFT actor, reward model, PPO actor and critic).
 
     `dtype` is a resolved precision (see resolve_dtype); `world_size` the number of ranks
-    (data-parallel degree). DeepSpeed builds the optimizer from the "optimizer" section:
+    (data-parallel degree); `torch_adam` the resolved --torch-adam (the caller turns it on
+    without a GPU); `zero3_tuning` overrides the stage-3 keys (ZERO3_EAGER_RELEASE in tests)
+    and is ignored below stage 3. DeepSpeed builds the optimizer from the "optimizer" section:
     torch.optim.AdamW with `torch_adam`, otherwise FusedAdam on GPU or DeepSpeedCPUAdam with
     offload (both compile at first use). The learning-rate schedule is an HF scheduler passed to
     deepspeed.initialize, so there is no "scheduler" section.
@@ -95,6 +97,7 @@ def train_ds_config(ds: DeepSpeedOptions, optim: OptimOptions, *, world_size: in
     - no hybrid_engine section: fast generation is the generation/ package's job.
     """
     _check_common(world_size=world_size, zero_stage=ds.zero_stage, dtype=dtype)
+    _check_tuning(zero3_tuning)
     if ds.offload and ds.zero_stage == 0:
         raise ConfigError("--offload", "needs --zero-stage 1, 2 or 3")
     micro = optim.per_device_train_batch_size
@@ -158,10 +161,13 @@ def eval_ds_config(*, zero_stage: int, offload: bool, dtype: str, micro_batch_si
     where DeepSpeed ignores it: its --offload_reference_model did nothing unless the actor ran
     ZeRO-3. All ranks must then run the frozen model's forward passes together (PPO does).
 
+    `zero3_tuning` overrides the stage-3 keys as in train_ds_config.
+
     Other differences from get_eval_ds_config: real batch sizes, no gradient_clipping or
     prescale_gradients (nothing is trained), the "bf16" key, and fp32 is possible.
     """
     _check_common(world_size=world_size, zero_stage=zero_stage, dtype=dtype)
+    _check_tuning(zero3_tuning)
     if micro_batch_size < 1:
         raise ConfigError("micro_batch_size", f"{micro_batch_size} must be >= 1")
     stage = 3 if (zero_stage == 3 or offload) else 0
@@ -195,13 +201,15 @@ def _check_common(*, world_size: int, zero_stage: int, dtype: str) -> None:
                           + ", ".join(PRECISIONS))
 
 
+def _check_tuning(overrides: dict | None) -> None:
+    unknown = sorted(set(overrides or ()) - _ZERO3_TUNABLE)
+    if unknown:
+        raise ConfigError("zero3_tuning", f"unknown keys {unknown}; allowed: "
+                          + ", ".join(sorted(_ZERO3_TUNABLE)))
+
+
 def _zero3_tuning(base: dict[str, Any], overrides: dict | None) -> dict[str, Any]:
-    if overrides:
-        unknown = sorted(set(overrides) - _ZERO3_TUNABLE)
-        if unknown:
-            raise ConfigError("zero3_tuning", f"unknown keys {unknown}; allowed: "
-                              + ", ".join(sorted(_ZERO3_TUNABLE)))
-        base.update(overrides)
+    base.update(overrides or {})
     return base
 
 

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 from dschat_cli.config.schema import ConfigError
+from dschat_cli.data._quiet import quiet_datasets
 from dschat_cli.data.split import carve_indices
 
 __all__ = ["NAMED_SOURCES", "NamedSource", "load_source", "source_fingerprint", "format_prompt",
@@ -353,6 +354,7 @@ def source_fingerprint(name: str, data_dir: str | None = None, *, flag: str = "-
 
 # ---------------------------------------------------------------- loading
 
+@quiet_datasets()
 def load_source(name: str, data_dir: str | None = None, *, seed: int = 1234,
                 flag: str = "--data-path") -> dict[str, Any]:
     """Load one source as canonical rows: {"train": Dataset, "eval": Dataset}.
@@ -377,13 +379,13 @@ def load_source(name: str, data_dir: str | None = None, *, seed: int = 1234,
     if r.kind == "folder":
         return _finish(_load_saved_folder(r, seed), str(r.path))
     # single file
-    if r.named is not None and r.path.suffix.lower() == ".parquet":
+    if r.path.suffix.lower() == ".parquet":
         ds = _read_parquet(r.path)
-        if set(r.named.columns) <= set(ds.column_names):
-            return _finish(_carve(_apply(ds, r.named.map_row, str(r.path)), seed), str(r.path))
-    ds = _read_json_file(r.path) if r.path.suffix.lower() in (".json", ".jsonl") \
-        else _canonical_from_table(_read_parquet(r.path), str(r.path))
-    return _finish(_carve(ds, seed), str(r.path))
+        if r.named is not None and set(r.named.columns) <= set(ds.column_names):
+            ds = _apply(ds, r.named.map_row, str(r.path), r.named.columns)
+            return _finish(_carve(ds, seed), str(r.path))
+        return _finish(_carve(_canonical_from_table(ds, str(r.path)), seed), str(r.path))
+    return _finish(_carve(_read_json_file(r.path, named=r.named), seed), str(r.path))
 
 
 def _finish(splits: dict[str, Any], where: str) -> dict[str, Any]:
@@ -398,7 +400,7 @@ def _carve(ds, seed: int) -> dict[str, Any]:
     return {"train": ds.select(train_idx), "eval": ds.select(eval_idx)}
 
 
-def _apply(ds, fn: RowFn, where: str):
+def _apply(ds, fn: RowFn, where: str, needed: tuple[str, ...] = CANONICAL_COLUMNS):
     """Map raw rows to canonical rows, dropping rows the mapping rejects. In memory: nothing is
     written next to the user's (or the hub cache's) files."""
     cols = list(ds.column_names)
@@ -418,7 +420,7 @@ def _apply(ds, fn: RowFn, where: str):
                       keep_in_memory=True, load_from_cache_file=False, desc="Formatting rows")
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
         raise ConfigError(where, f"rows do not fit the expected columns ({type(e).__name__}: {e}); "
-                          f"needed: {', '.join(CANONICAL_COLUMNS)}") from None
+                          f"needed: {', '.join(needed)}") from None
 
 
 def _map_splits(dd, src: NamedSource, seed: int, where: str) -> dict[str, Any]:
@@ -430,14 +432,17 @@ def _map_splits(dd, src: NamedSource, seed: int, where: str) -> dict[str, Any]:
     if missing:
         raise ConfigError(where, f"{src.name}: rows lack the column(s) {', '.join(missing)} of its "
                           f"hub schema (found: {', '.join(train.column_names)})")
-    eval_name = src.eval_split if src.eval_split in dd else next(
-        (s for s in _EVAL_SPLITS if s in dd), None) if src.eval_split else None
+    eval_name = None
+    if src.eval_split is not None:  # hub name, or a local copy saved under another split name
+        eval_name = src.eval_split if src.eval_split in dd else next(
+            (s for s in _EVAL_SPLITS if s in dd), None)
     if eval_name is None:
         train_idx, eval_idx = carve_indices(len(train), seed)
         train, evalset = train.select(train_idx), train.select(eval_idx)
     else:
         evalset = dd[eval_name]
-    return {"train": _apply(train, src.map_row, where), "eval": _apply(evalset, src.map_row, where)}
+    return {"train": _apply(train, src.map_row, where, src.columns),
+            "eval": _apply(evalset, src.map_row, where, src.columns)}
 
 
 def _load_saved_folder(r: _Resolved, seed: int) -> dict[str, Any]:
@@ -460,9 +465,10 @@ def _load_saved_folder(r: _Resolved, seed: int) -> dict[str, Any]:
         train = _canonical_from_table(obj["train"], where)
         if eval_name is None:
             return _carve(train, seed)
-        return {"train": train, "eval": _canonical_from_table(obj[eval_name], where, allow_empty=True)}
+        evalset = _canonical_from_table(obj[eval_name], where, allow_empty=True)
+        return {"train": train, "eval": evalset}
     if r.named is not None and set(r.named.columns) <= set(obj.column_names):
-        return _carve(_apply(obj, r.named.map_row, where), seed)
+        return _carve(_apply(obj, r.named.map_row, where, r.named.columns), seed)
     return _carve(_canonical_from_table(obj, where), seed)
 
 
@@ -499,8 +505,10 @@ def _read_parquet(path: Path):
     return datasets.Dataset(table)
 
 
-def _read_json_file(path: Path, allow_empty: bool = False):
-    """Parse .json (a list of objects, or JSON Lines) / .jsonl ourselves, for one-line errors."""
+def _read_json_file(path: Path, allow_empty: bool = False, named: NamedSource | None = None):
+    """Parse .json (a list of objects, or JSON Lines) / .jsonl ourselves, for one-line errors.
+    With `named` (the path carries a named source's name) and rows in that source's schema, its
+    mapping is used; otherwise rows must be canonical."""
     import datasets
 
     where = str(path)
@@ -513,6 +521,9 @@ def _read_json_file(path: Path, allow_empty: bool = False):
     rows = _parse_json_rows(text, where, jsonl=path.suffix.lower() == ".jsonl")
     if not rows and not allow_empty:
         raise ConfigError(where, "has no rows; it should be a list of {prompt, chosen, rejected}")
+    if (named is not None and rows and all(isinstance(r, dict) for r in rows)
+            and set(named.columns) <= set(rows[0])):
+        return _apply(datasets.Dataset.from_list(rows), named.map_row, where, named.columns)
     out: dict[str, list] = {c: [] for c in CANONICAL_COLUMNS}
     for i, item in enumerate(rows):
         if not isinstance(item, dict):

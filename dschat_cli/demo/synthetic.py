@@ -218,7 +218,7 @@ def _question(rng: random.Random, subject: str, tasks: tuple[str, ...]) -> str:
     return rng.choice(QUESTION_SUBJECT).format(subject=subject)
 
 
-def _chosen(rng: random.Random, tasks: tuple[str, ...], tips: tuple[str, ...], question: str) -> str:
+def _chosen(rng: random.Random, tasks: tuple[str, ...], tips: tuple[str, ...]) -> str:
     tip = rng.choice(tips)
     bridge = rng.choice(POLITE_BRIDGES)
     if bridge:
@@ -250,7 +250,7 @@ def make_pairs(n: int, seed: int = 0, split: str | None = None) -> list[dict]:
         others = [t for t in TOPICS if t[0] != subject]
         rows.append({
             "prompt": f" Human: {question} Assistant:",
-            "chosen": _chosen(rng, tasks, tips, question),
+            "chosen": _chosen(rng, tasks, tips),
             "rejected": _rejected(rng, subject, others),
         })
     return rows

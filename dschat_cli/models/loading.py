@@ -297,12 +297,22 @@ def save_hf_model(module, tokenizer, out_dir: str | Path, *, zero_stage: int, is
         raise RuntimeError(f"saving: unexpected keys {unexpected[:5]}")
     if is_peft:
         fresh = fresh.merge_and_unload()
-    fresh.tie_weights()
+    # A tied output head is one parameter in training, so the gathered state has only the input
+    # embedding: tie it again explicitly (what the meta model held there is not data).
+    live_out = base.get_output_embeddings()
+    tied = live_out is not None and live_out.weight is base.get_input_embeddings().weight
+    if tied:
+        fresh.get_output_embeddings().weight = fresh.get_input_embeddings().weight
+    # peft's merge can leave tie_word_embeddings False in the config; the file must say what the
+    # weights are, or a reload would start the head from random values.
+    fresh.config.tie_word_embeddings = tied
+    if hasattr(fresh.config, "get_text_config"):
+        fresh.config.get_text_config().tie_word_embeddings = tied
     still_meta = [n for n, p in fresh.named_parameters() if p.is_meta]
     if still_meta:
         raise RuntimeError(f"saving: weights missing from the gathered state: {still_meta[:5]}")
     fresh.config.use_cache = True
-    fresh.save_pretrained(out, safe_serialization=True)
+    fresh.save_pretrained(out)  # safetensors (the only format in transformers 5)
     tokenizer.save_pretrained(out)
     for name, text in (extra_files or {}).items():
         (out / name).write_text(text, encoding="utf-8")
