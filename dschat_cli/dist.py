@@ -106,8 +106,9 @@ def _skip_cpu_shm_build() -> None:
     if os.environ.get("DSCHAT_CPU_SHM") == "1":
         return
     try:
-        import deepspeed.comm.torch as ds_torch_comm
+        import importlib
 
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
         if hasattr(ds_torch_comm, "build_shm_op"):
             ds_torch_comm.build_shm_op = lambda: None
     except Exception:  # pragma: no cover - only a speed optimisation

@@ -46,6 +46,18 @@ def _quiet_libraries(rank: int) -> None:
         ds_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
+    try:  # progress bars of weight loading/saving: our own progress is enough
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    # deprecation chatter from torch.distributed/transformers inside DeepSpeed is not actionable here
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*embeddings are no longer tied after merging.*")
     if rank != 0:
         warnings.filterwarnings("ignore")
 

@@ -35,7 +35,7 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
 
     # 1. setup ---------------------------------------------------------------------------------
     seed_everything(cfg.seed)
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).expanduser().resolve()
     on_gpu = dist.device != "cpu"
     dtype = resolve_dtype(cfg.deepspeed.dtype, has_gpu=on_gpu,
                           bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
@@ -124,7 +124,7 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
                 metrics.log(step, epoch=epoch, loss=mean_loss, lr=lr, tokens_per_s=tps,
                             tflops_per_gpu=tflops)
                 progress.update(task, advance=1, metrics=fmt_metrics(
-                    epoch=epoch, loss=mean_loss, lr=lr, **{"tok/s": float(round(tps))}))
+                    epoch=epoch, loss=mean_loss, lr=lr, **{"tok/s": f"{tps:,.0f}"}))
                 window_loss, window_n, tok_window, t_window = 0.0, 0, 0, time.perf_counter()
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(f"loss is {mean_loss} at step {step}; lower "
