@@ -51,6 +51,7 @@ class Dist:
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"
+            _fix_cuda_arch_list(torch.cuda.get_device_capability(local_rank))
         else:
             device = "cpu"
             _skip_cpu_shm_build()
@@ -97,6 +98,21 @@ class Dist:
         box = [obj]
         tdist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+def _fix_cuda_arch_list(capability: tuple[int, int]) -> None:
+    """DeepSpeed JIT-builds FusedAdam/CPUAdam for TORCH_CUDA_ARCH_LIST, but its parser only takes
+    numbers (and +PTX): an image exporting e.g. "9.0a" makes every build fail with
+    "invalid literal for int()". Replace such a list by this GPU's own capability."""
+    import re
+
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if value is None:
+        return
+    entries = [e for e in re.split(r"[;\s,]+", value) if e]
+    if all(re.fullmatch(r"\d+\.\d+(\+PTX)?", e) for e in entries):
+        return
+    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{capability[0]}.{capability[1]}"
 
 
 def _skip_cpu_shm_build() -> None:

@@ -57,9 +57,17 @@ def _quiet_libraries(rank: int) -> None:
         pass
     # deprecation chatter from torch.distributed/transformers inside DeepSpeed is not actionable here
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", message=".*embeddings are no longer tied after merging.*")
     if rank != 0:
         warnings.filterwarnings("ignore")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one 'warning: ...' line (no source excerpt)."""
+    from dschat_cli.ui.console import warn_line
+
+    warn_line(str(message))
 
 
 def run_step(step: str, cfg) -> int:

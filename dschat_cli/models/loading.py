@@ -124,7 +124,8 @@ def zero3_init_disabled():
         hf_ds._hf_deepspeed_config_weak_ref = saved
 
 
-def load_causal_lm(opts: ModelOptions, tokenizer, *, dtype: str, ds_config: dict | None = None):
+def load_causal_lm(opts: ModelOptions, tokenizer, *, dtype: str, ds_config: dict | None = None,
+                   device: str | None = None):
     """Load (or, with --random-init, build) the causal LM.
 
     With ZeRO-3, `ds_config` is registered through HfDeepSpeedConfig before from_pretrained so the
@@ -161,7 +162,11 @@ def load_causal_lm(opts: ModelOptions, tokenizer, *, dtype: str, ds_config: dict
     if opts.random_init:
         warnings.warn(f"{opts.model}: randomly initialised weights; the model is untrained "
                       "(benchmarks and smoke runs only)", stacklevel=2)
-        with zero3_init_disabled():
+        # Random init of billions of weights is minutes on CPU, seconds on the GPU; ZeRO-3 keeps
+        # the CPU (the model may not fit one GPU before partitioning).
+        zero3 = bool(ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3)
+        init_device = device if (device and not zero3) else "cpu"
+        with zero3_init_disabled(), torch.device(init_device):
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
                                                      trust_remote_code=opts.trust_remote_code)
     else:

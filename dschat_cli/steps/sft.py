@@ -51,7 +51,8 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
     with console.status("tokenising data"):
         train_data, eval_data = sft_datasets(cfg.data, tokenizer, mask_prompt=cfg.mask_prompt,
                                              seed=cfg.seed)
-    model = load_causal_lm(cfg.model, tokenizer, dtype=dtype, ds_config=ds_config)
+    model = load_causal_lm(cfg.model, tokenizer, dtype=dtype, ds_config=ds_config,
+                           device=dist.device)
     model = apply_lora(model, cfg.lora)
     n_params = count_params(model)
     groups = optimizer_groups(model, weight_decay=cfg.optim.weight_decay,

@@ -10,9 +10,10 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, path: str | Path | None, tensorboard_dir: str | Path | None = None):
+    def __init__(self, path: str | Path | None, tensorboard_dir: str | Path | None = None,
+                 mode: str = "w"):
         self.path = Path(path) if path else None
-        self._fh = open(self.path, "a", encoding="utf-8") if self.path else None
+        self._fh = open(self.path, mode, encoding="utf-8") if self.path else None
         self._tb = None
         if tensorboard_dir and self._fh is not None:
             try:

@@ -1,0 +1,143 @@
+"""`dschat sft` end to end on CPU: tiny models of four families, ZeRO 0-3, with and without LoRA.
+
+    dschat sft --model TINY --data-path local/jsonfile --data-dir PAIRS --zero-stage 3 \
+        --lora-dim 8 --output-dir out
+
+Every run must train (eval loss and train loss fall), print the summary table, record itself
+(run_config.yaml, ds_config.json, launch.sh, metrics.jsonl, train_summary.json) and save a folder
+that AutoModelForCausalLM loads and generates with, holding the trained weights.
+
+Launcher runs (the user's real path through deepspeed.launcher, ~20 s each) cover one run per
+family, ZeRO 0, 2 and 3, LoRA and full fine-tuning, one and two worker processes. The in-process
+runs (`--launcher none`, the same worker code without the spawn) fill in the family x stage x LoRA
+matrix so that every family and every stage is trained both with and without LoRA somewhere:
+
+                 launcher                           in process
+    opt          z3 + LoRA (the done-when command)  z0 + LoRA, z1 full
+    llama        z2 full, 2 workers                 z0 + LoRA, z3 full
+    gpt2         z0 full                            z2 + LoRA, z3 LoRA only (--only-optimize-lora)
+    gpt_neox     z3 + LoRA, 2 workers               z2 full
+"""
+
+from __future__ import annotations
+
+import pytest
+
+# (family, zero stage, lora dim, extra flags)
+IN_PROCESS = [
+    ("opt", 0, 8, ()),
+    ("opt", 1, 0, ()),
+    ("llama", 0, 8, ()),
+    ("llama", 3, 0, ()),
+    ("gpt2", 2, 8, ()),
+    # only the adapters train (frozen base under ZeRO-3, Conv1D layers): give them a real rate
+    ("gpt2", 3, 8, ("--only-optimize-lora", "--lora-learning-rate", "1e-2")),
+    ("gpt_neox", 2, 0, ()),
+]
+
+
+def _id(p) -> str:
+    fam, stage, lora, extra = p
+    return f"{fam}-z{stage}-{'lora' if lora else 'full'}{'-only' if extra else ''}"
+
+
+@pytest.mark.parametrize("family, zero_stage, lora_dim, extra", IN_PROCESS,
+                         ids=[_id(p) for p in IN_PROCESS])
+def test_sft_in_process(family, zero_stage, lora_dim, extra, sft_run, check_sft_output,
+                        tiny_model_dir, pairs_dir):
+    result, out = sft_run(family, zero_stage, lora_dim, extra)
+    assert result.code == 0, result.explain()
+    assert "Traceback" not in result.output
+    assert "sft summary" in result.output and "eval loss (start -> end)" in result.output
+    check_sft_output(out, zero_stage=zero_stage, lora_dim=lora_dim,
+                     base_model=tiny_model_dir(family), data_dir=pairs_dir)
+
+
+def test_sft_only_optimize_lora_keeps_base_frozen(sft_run, tiny_gpt2):
+    """With --only-optimize-lora the saved weights differ from the base model's only in the layers
+    that had adapters (merged in): embeddings, norms and biases are untouched."""
+    from safetensors.torch import load_file
+
+    result, out = sft_run("gpt2", 3, 8, ("--only-optimize-lora", "--lora-learning-rate", "1e-2"))
+    assert result.code == 0, result.explain()
+    base, saved = load_file(tiny_gpt2 / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(saved) <= set(base) | {"lm_head.weight"}
+    changed = {k for k in saved if k in base and not (saved[k] == base[k]).all()}
+    assert changed, "nothing trained"
+    assert all(k.endswith(("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                           "mlp.c_proj.weight")) for k in changed), sorted(changed)
+
+
+def _launch(run_dschat, sft_args, model, tmp_path, pairs_dir, **kw):
+    out = tmp_path / "out"
+    cache = tmp_path / "data-cache"
+    extra = kw.pop("extra", ())
+    result = run_dschat(*sft_args(model, out, cache, pairs_dir, extra=extra, **kw), timeout=300)
+    assert result.code == 0, result.explain()
+    assert "Traceback" not in result.output, result.explain()
+    return result, out, cache
+
+
+@pytest.mark.slow
+def test_sft_launcher_opt_zero3_lora(tmp_path, tiny_opt, pairs_dir, run_dschat, sft_args,
+                                     check_sft_output):
+    """The milestone's done-when command, through deepspeed.launcher."""
+    result, out, cache = _launch(run_dschat, sft_args, tiny_opt, tmp_path, pairs_dir,
+                                 zero_stage=3, lora_dim=8)
+    # ends with the summary table
+    tail = result.output[result.output.index("sft summary"):]
+    for row in ("optimizer steps", "train loss (first -> last step)", "eval loss (start -> end)",
+                "eval perplexity (start -> end)", "throughput", "saved"):
+        assert row in tail, result.explain()
+    assert str(out) in tail
+    check_sft_output(out, zero_stage=3, lora_dim=8, launcher=True, base_model=tiny_opt,
+                     data_dir=pairs_dir)
+    log = (out / "train.log").read_text()
+    assert "sft summary" in log and "\x1b[" not in log
+    assert any(cache.iterdir()), "tokenised data was not cached in --data-cache-dir"
+
+
+@pytest.mark.slow
+def test_sft_launcher_llama_zero2_two_workers(tmp_path, tiny_llama, pairs_dir, run_dschat,
+                                              sft_args, check_sft_output):
+    result, out, _ = _launch(run_dschat, sft_args, tiny_llama, tmp_path, pairs_dir, zero_stage=2,
+                             extra=("--deployment-type", "single_node", "--num-gpus", "2"))
+    assert "2 rank(s)" in result.output
+    summary = check_sft_output(out, zero_stage=2, lora_dim=0, world_size=2, launcher=True,
+                               base_model=tiny_llama, data_dir=pairs_dir)
+    assert summary["steps"] == 16  # 256 rows / (8 per rank x 2 ranks)
+    assert "--num_gpus 2" in (out / "launch.sh").read_text()
+
+
+@pytest.mark.slow
+def test_sft_launcher_gpt2_zero0(tmp_path, tiny_gpt2, pairs_dir, run_dschat, sft_args,
+                                 check_sft_output):
+    _, out, _ = _launch(run_dschat, sft_args, tiny_gpt2, tmp_path, pairs_dir, zero_stage=0)
+    check_sft_output(out, zero_stage=0, lora_dim=0, launcher=True, base_model=tiny_gpt2,
+                     data_dir=pairs_dir)
+
+
+@pytest.mark.slow
+def test_sft_launcher_neox_zero3_lora_two_workers(tmp_path, tiny_neox, pairs_dir, run_dschat,
+                                                  sft_args, check_sft_output):
+    """Partitioned parameters gathered from two ranks when saving (ZeRO-3 + LoRA)."""
+    _, out, _ = _launch(run_dschat, sft_args, tiny_neox, tmp_path, pairs_dir, zero_stage=3,
+                        lora_dim=8, extra=("--deployment-type", "single_node", "--num-gpus", "2"))
+    check_sft_output(out, zero_stage=3, lora_dim=8, world_size=2, launcher=True,
+                     base_model=tiny_neox, data_dir=pairs_dir)
+
+
+def test_sft_overwrite_reuses_output_dir_and_data_cache(tmp_path, tiny_llama, pairs_dir,
+                                                        invoke_dschat, sft_args):
+    """A second run into the same folder needs --overwrite, and then reuses the tokenised cache."""
+    out, cache = tmp_path / "out", tmp_path / "data-cache"
+    args = sft_args(tiny_llama, out, cache, pairs_dir, zero_stage=0,
+                    extra=("--launcher", "none", "--max-steps", "2"))
+    first = invoke_dschat(*args)
+    assert first.code == 0, first.explain()
+    entries = sorted(p.name for p in cache.iterdir())
+    again = invoke_dschat(*args)
+    assert again.code == 2 and "error: --output-dir: " in again.output, again.explain()
+    second = invoke_dschat(*args, "--overwrite")
+    assert second.code == 0, second.explain()
+    assert sorted(p.name for p in cache.iterdir()) == entries  # same key: nothing rebuilt
