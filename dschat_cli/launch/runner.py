@@ -103,7 +103,8 @@ def plan_launch(opts: LaunchOptions, step: str, config_path: str | Path, *, hw: 
         if opts.deployment_type != "single_gpu" or (opts.num_gpus or 1) > 1 or opts.hostfile:
             raise ConfigError("--launcher", "none runs one worker in this process; use --launcher "
                               "deepspeed for several GPUs or nodes")
-        return LaunchPlan(argv=[], env={}, world_size=1, device=device, warning=warning)
+        return LaunchPlan(argv=[], env={"DS_ACCELERATOR": "cpu"} if on_cpu else {}, world_size=1,
+                          device=device, warning=warning)
 
     if opts.hostfile and opts.deployment_type != "multi_node":
         raise ConfigError("--hostfile", "is for --deployment-type multi_node")

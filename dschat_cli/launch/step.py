@@ -71,8 +71,11 @@ def launch_training(step: str, cfg, *, dry_run: bool,
         f"# invoked as: {shlex.join(['dschat', step] + sys.argv[2:])}\n{plan.command()}\n",
         encoding="utf-8")
     if not plan.argv:  # --launcher none: this process is the only rank
+        import os
+
         from dschat_cli.worker import run_step
 
+        os.environ.update(plan.env)
         return run_step(step, cfg)
     console.print(f"[dim]launching {plan.world_size} worker(s); log: {out / 'train.log'}[/dim]")
     rc = run_launch(plan, log_path=out / "train.log")

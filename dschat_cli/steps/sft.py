@@ -90,10 +90,26 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
 
     # 2. train ---------------------------------------------------------------------------------
     history: list[dict] = []
-    first = eval_loss(engine, eval_loader, dist)
+    has_eval = len(eval_data) > 0
+    if not has_eval:
+        console.print("[warn]no eval samples for step 1 (see --data-split): evaluation skipped")
+
+    def evaluate() -> dict:
+        return eval_loss(engine, eval_loader, dist) if has_eval else {"loss": float("nan"),
+                                                                      "ppl": float("nan")}
+
+    def record_eval(epoch: int, step: int, label: str, progress) -> None:
+        ev = evaluate()
+        history.append({"epoch": epoch, "step": step, **ev})
+        metrics.log(step, eval_loss=ev["loss"], eval_ppl=ev["ppl"])
+        progress.console.print(f"{label}: eval loss {ev['loss']:.4f}, perplexity {ev['ppl']:.2f}")
+
+    first = evaluate()
     history.append({"epoch": 0, "step": 0, **first})
     metrics.log(0, eval_loss=first["loss"], eval_ppl=first["ppl"])
-    console.print(f"before training: eval loss {first['loss']:.4f}, perplexity {first['ppl']:.2f}")
+    if has_eval:
+        console.print(f"before training: eval loss {first['loss']:.4f}, perplexity "
+                      f"{first['ppl']:.2f}")
 
     step, t0, tokens_seen = 0, time.perf_counter(), 0
     window_loss, window_n, losses = 0.0, 0, []
@@ -130,20 +146,12 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(f"loss is {mean_loss} at step {step}; lower "
                                              "--learning-rate or use --dtype bf16")
-                if cfg.eval_interval and step % cfg.eval_interval == 0:
-                    ev = eval_loss(engine, eval_loader, dist)
-                    history.append({"epoch": epoch, "step": step, **ev})
-                    metrics.log(step, eval_loss=ev["loss"], eval_ppl=ev["ppl"])
-                    progress.console.print(f"step {step}: eval loss {ev['loss']:.4f}, "
-                                           f"perplexity {ev['ppl']:.2f}")
+                if has_eval and cfg.eval_interval and step % cfg.eval_interval == 0:
+                    record_eval(epoch, step, f"step {step}", progress)
                 if step >= total_steps:
                     break
-            if not (cfg.eval_interval and step % cfg.eval_interval == 0):
-                ev = eval_loss(engine, eval_loader, dist)
-                history.append({"epoch": epoch, "step": step, **ev})
-                metrics.log(step, eval_loss=ev["loss"], eval_ppl=ev["ppl"])
-                progress.console.print(f"epoch {epoch}: eval loss {ev['loss']:.4f}, perplexity "
-                                       f"{ev['ppl']:.2f}")
+            if has_eval and not (cfg.eval_interval and step % cfg.eval_interval == 0):
+                record_eval(epoch, step, f"epoch {epoch}", progress)
             if step >= total_steps:
                 break
     elapsed = time.perf_counter() - t0
@@ -154,7 +162,7 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
                       is_main=dist.is_main)
     tps = tokens_seen / elapsed if elapsed > 0 else 0.0
     result = {
-        "steps": step, "epochs_run": history[-1]["epoch"], "train_loss_first": losses[0] if losses else None,
+        "steps": step, "epochs_run": epoch, "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None, "eval_loss_start": first["loss"],
         "eval_ppl_start": first["ppl"], "eval_loss_end": history[-1]["loss"],
         "eval_ppl_end": history[-1]["ppl"], "tokens_per_s": tps,
@@ -162,8 +170,9 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
         "world_size": dist.world_size, "params": n_params, "output_dir": str(out),
         "evals": history,
     }
-    if dist.is_main:
-        (out / "train_summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    if dist.is_main:  # NaN (no eval set) is written as null: the file stays valid JSON
+        clean = json.loads(json.dumps(result), parse_constant=lambda _: None)
+        (out / "train_summary.json").write_text(json.dumps(clean, indent=2) + "\n")
     metrics.close()
     print_summary("sft summary", [
         ("optimizer steps", f"{step}"),
