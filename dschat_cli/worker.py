@@ -19,6 +19,7 @@ import warnings
 # step name -> (config class, run function)
 STEPS = {
     "sft": ("dschat_cli.config.sft:SFTConfig", "dschat_cli.steps.sft:run"),
+    "reward": ("dschat_cli.config.reward:RewardConfig", "dschat_cli.steps.reward:run"),
 }
 
 
@@ -36,25 +37,9 @@ def config_class(step: str):
 def _quiet_libraries(rank: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING if rank == 0 else logging.ERROR)
-    try:
-        from transformers.utils import logging as hf_logging
+    from dschat_cli.ui.console import quiet_libraries
 
-        hf_logging.set_verbosity_error()
-        from datasets.utils import logging as ds_logging
-
-        ds_logging.set_verbosity_error()
-        ds_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
-    try:  # progress bars of weight loading/saving: our own progress is enough
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
+    quiet_libraries()
     # deprecation chatter from torch.distributed/transformers inside DeepSpeed is not actionable here
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.showwarning = _show_warning

@@ -7,7 +7,7 @@ import typer
 
 from dschat_cli import __version__
 from dschat_cli.cli import eval as eval_cmd
-from dschat_cli.cli import sft
+from dschat_cli.cli import eval_reward, reward, sft
 
 app = typer.Typer(
     name="dschat",
@@ -35,7 +35,9 @@ def main_callback(
 
 
 sft.register(app)
+reward.register(app)
 eval_cmd.register(app)
+eval_reward.register(app)
 
 
 def main() -> None:

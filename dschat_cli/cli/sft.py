@@ -8,16 +8,6 @@ from dschat_cli.cli.options import config_command
 from dschat_cli.config.sft import SFTConfig
 
 
-def _ds_config(cfg: SFTConfig, plan, hw) -> dict:
-    from dschat_cli.config.ds_config import resolve_dtype, train_ds_config
-
-    dtype = resolve_dtype(cfg.deepspeed.dtype, has_gpu=hw.gpus > 0, bf16_supported=hw.bf16)
-    tb = f"{cfg.output_dir}/tensorboard" if cfg.deepspeed.enable_tensorboard else None
-    return train_ds_config(cfg.deepspeed, cfg.optim, world_size=plan.world_size, dtype=dtype,
-                           torch_adam=cfg.optim.torch_adam or hw.gpus == 0, tensorboard_dir=tb,
-                           job_name="sft")
-
-
 def _validate(cfg: SFTConfig) -> None:
     from dschat_cli.data.prepare import load_phase_rows
     from dschat_cli.models.loading import check_model_source
@@ -29,8 +19,7 @@ def _validate(cfg: SFTConfig) -> None:
 def _run(cfg: SFTConfig, *, dry_run: bool) -> int:
     from dschat_cli.launch.step import launch_training
 
-    return launch_training("sft", cfg, dry_run=dry_run, build_ds_config=_ds_config,
-                           validate=_validate)
+    return launch_training("sft", cfg, dry_run=dry_run, validate=_validate)
 
 
 def register(app: typer.Typer) -> None:

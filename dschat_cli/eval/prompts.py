@@ -66,7 +66,9 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     from dschat_cli.models.inference import (generate_answers, load_for_inference, pick_device,
                                              pick_dtype)
-    from dschat_cli.ui.console import console
+    from dschat_cli.ui.console import console, quiet_libraries
+
+    quiet_libraries()
 
     prompts = read_prompts(cfg.prompts)
     device = pick_device(cfg.inference.device)

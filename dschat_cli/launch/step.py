@@ -34,17 +34,26 @@ def check_output_dir(path: str, overwrite: bool, flag: str = "--output-dir") -> 
     return out.resolve()
 
 
-def launch_training(step: str, cfg, *, dry_run: bool,
-                    build_ds_config: Callable[[object, LaunchPlan, object], dict],
-                    validate: Callable[[object], None]) -> int:
+def planned_ds_config(cfg, plan: LaunchPlan, hw, job_name: str) -> dict:
+    """The DeepSpeed JSON the workers will build (same builder, same inputs), for --dry-run and the
+    record written before launch. cfg has .deepspeed, .optim and .output_dir."""
+    from dschat_cli.config.ds_config import resolve_dtype, train_ds_config
+
+    dtype = resolve_dtype(cfg.deepspeed.dtype, has_gpu=hw.gpus > 0, bf16_supported=hw.bf16)
+    tb = f"{cfg.output_dir}/tensorboard" if cfg.deepspeed.enable_tensorboard else None
+    return train_ds_config(cfg.deepspeed, cfg.optim, world_size=plan.world_size, dtype=dtype,
+                           torch_adam=cfg.optim.torch_adam or hw.gpus == 0, tensorboard_dir=tb,
+                           job_name=job_name)
+
+
+def launch_training(step: str, cfg, *, dry_run: bool, validate: Callable[[object], None]) -> int:
     """Validate `cfg`, then either print the plan (dry run) or record it and launch the workers.
-    `build_ds_config(cfg, plan, hw)` is the step's DeepSpeed JSON for display and the record;
     `validate(cfg)` runs the checks that touch files, data and models (skipped by --dry-run)."""
     hw = detect_hardware()
     out = Path(cfg.output_dir).expanduser().resolve()
     config_path = out / "run_config.yaml"
     plan = plan_launch(cfg.launch, step, config_path, hw=hw)
-    ds_config = build_ds_config(cfg, plan, hw)
+    ds_config = planned_ds_config(cfg, plan, hw, step)
     if dry_run:
         from rich.syntax import Syntax
 

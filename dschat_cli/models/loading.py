@@ -125,14 +125,17 @@ def zero3_init_disabled():
 
 
 def load_causal_lm(opts: ModelOptions, tokenizer, *, dtype: str, ds_config: dict | None = None,
-                   device: str | None = None):
+                   device: str | None = None, backbone_only: bool = False):
     """Load (or, with --random-init, build) the causal LM.
 
     With ZeRO-3, `ds_config` is registered through HfDeepSpeedConfig before from_pretrained so the
     weights load already partitioned; the returned model keeps a reference to it (it must stay
-    alive). Embeddings grow to len(tokenizer) rounded up to a multiple of 8."""
+    alive). Embeddings grow to len(tokenizer) rounded up to a multiple of 8. With backbone_only,
+    the transformer without its LM head (AutoModel), for reward models and critics."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    auto_class = AutoModel if backbone_only else AutoModelForCausalLM
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     source, preset = resolve_model_name(opts)
@@ -167,11 +170,11 @@ def load_causal_lm(opts: ModelOptions, tokenizer, *, dtype: str, ds_config: dict
         zero3 = bool(ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3)
         init_device = device if (device and not zero3) else "cpu"
         with zero3_init_disabled(), torch.device(init_device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
-                                                     trust_remote_code=opts.trust_remote_code)
+            model = auto_class.from_config(config, dtype=torch_dtype,
+                                           trust_remote_code=opts.trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch_dtype,
-                                                     trust_remote_code=opts.trust_remote_code)
+        model = auto_class.from_pretrained(source, config=config, dtype=torch_dtype,
+                                           trust_remote_code=opts.trust_remote_code)
     model._dschat_hf_ds_config = hf_ds_config  # keep alive with the model
 
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -276,28 +279,24 @@ def gathered_state_dict(module, *, zero_stage: int, is_main: bool) -> dict | Non
     return sd
 
 
-def save_hf_model(module, tokenizer, out_dir: str | Path, *, zero_stage: int, is_main: bool,
-                  extra_files: dict[str, str] | None = None) -> None:
-    """Save a Hugging Face folder (safetensors, config, generation config, tokenizer) that loads
-    with from_pretrained; LoRA adapters are merged into the weights. Every rank must call it."""
+def materialize(live, sd: dict):
+    """A plain (un-partitioned, LoRA-merged) copy of `live` holding the gathered weights `sd`.
+
+    Built on the meta device and filled by assignment, so no memory or time goes into a random
+    initialisation; LoRA merging is peft's own merge_and_unload."""
+    import copy
+
     import torch
 
-    sd = gathered_state_dict(module, zero_stage=zero_stage, is_main=is_main)
-    if not is_main:
-        return
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    from transformers import AutoModelForCausalLM
-
-    is_peft = hasattr(module, "peft_config")
-    base = module.get_base_model() if is_peft else module
+    is_peft = hasattr(live, "peft_config")
+    base = live.get_base_model() if is_peft else live
     with zero3_init_disabled(), torch.device("meta"):
-        fresh = AutoModelForCausalLM.from_config(base.config, dtype=next(iter(sd.values())).dtype)
+        fresh = base.__class__(copy.deepcopy(base.config))
     if is_peft:
         from peft import get_peft_model
 
-        fresh = get_peft_model(fresh, module.peft_config["default"])
-    missing, unexpected = fresh.load_state_dict(sd, strict=False, assign=True)
+        fresh = get_peft_model(fresh, live.peft_config["default"])
+    _, unexpected = fresh.load_state_dict(sd, strict=False, assign=True)
     if unexpected:
         raise RuntimeError(f"saving: unexpected keys {unexpected[:5]}")
     if is_peft:
@@ -310,17 +309,28 @@ def save_hf_model(module, tokenizer, out_dir: str | Path, *, zero_stage: int, is
         fresh.get_output_embeddings().weight = fresh.get_input_embeddings().weight
     # peft's merge can leave tie_word_embeddings False in the config; the file must say what the
     # weights are, or a reload would start the head from random values.
-    fresh.config.tie_word_embeddings = tied
-    if hasattr(fresh.config, "get_text_config"):
-        fresh.config.get_text_config().tie_word_embeddings = tied
+    if live_out is not None:
+        fresh.config.tie_word_embeddings = tied
+        if hasattr(fresh.config, "get_text_config"):
+            fresh.config.get_text_config().tie_word_embeddings = tied
     still_meta = [n for n, p in fresh.named_parameters() if p.is_meta]
     if still_meta:
         raise RuntimeError(f"saving: weights missing from the gathered state: {still_meta[:5]}")
-    fresh.config.use_cache = True
-    fresh.save_pretrained(out)  # safetensors (the only format in transformers 5)
+    if hasattr(fresh.config, "use_cache"):
+        fresh.config.use_cache = True
+    return fresh
+
+
+def save_hf_model(module, tokenizer, out_dir: str | Path, *, zero_stage: int, is_main: bool) -> None:
+    """Save a Hugging Face folder (safetensors, config, generation config, tokenizer) that loads
+    with from_pretrained; LoRA adapters are merged into the weights. Every rank must call it."""
+    sd = gathered_state_dict(module, zero_stage=zero_stage, is_main=is_main)
+    if not is_main:
+        return
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    materialize(module, sd).save_pretrained(out)  # safetensors (the only format in transformers 5)
     tokenizer.save_pretrained(out)
-    for name, text in (extra_files or {}).items():
-        (out / name).write_text(text, encoding="utf-8")
 
 
 def read_json(path: Path) -> dict:

@@ -77,3 +77,67 @@ def print_summary(title: str, rows: list[tuple[str, str]]) -> None:
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+
+
+def train_ds_setup(cfg, dist: Dist, out, job_name: str) -> tuple[str, dict, str | None]:
+    """Resolve the precision and build this rank's DeepSpeed config (the one builder) for a
+    training step whose cfg has .deepspeed and .optim sections; rank 0 records it in OUT."""
+    import json
+
+    from dschat_cli.config.ds_config import resolve_dtype, train_ds_config
+
+    on_gpu = dist.device != "cpu"
+    dtype = resolve_dtype(cfg.deepspeed.dtype, has_gpu=on_gpu,
+                          bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
+    tb_dir = str(out / "tensorboard") if cfg.deepspeed.enable_tensorboard else None
+    ds_config = train_ds_config(cfg.deepspeed, cfg.optim, world_size=dist.world_size, dtype=dtype,
+                                torch_adam=cfg.optim.torch_adam or not on_gpu,
+                                tensorboard_dir=tb_dir, job_name=job_name)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    return dtype, ds_config, tb_dir
+
+
+def make_loaders(train_data, eval_data, collate, optim, dist: Dist, seed: int):
+    """-> (train loader, its DistributedSampler (call set_epoch), eval loader). Every rank sees
+    the same number of batches (ZeRO-3 needs all ranks in every forward)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(train_data, num_replicas=dist.world_size, rank=dist.rank,
+                                 shuffle=True, seed=seed)
+    loader = DataLoader(train_data, batch_size=optim.per_device_train_batch_size, sampler=sampler,
+                        collate_fn=collate)
+    eval_loader = DataLoader(eval_data, batch_size=optim.per_device_eval_batch_size,
+                             sampler=DistributedSampler(eval_data, num_replicas=dist.world_size,
+                                                        rank=dist.rank, shuffle=False),
+                             collate_fn=collate)
+    return loader, sampler, eval_loader
+
+
+def total_optimizer_steps(n_batches: int, optim) -> int:
+    steps = max(1, math.ceil(n_batches / optim.gradient_accumulation_steps)) * optim.num_train_epochs
+    return min(steps, optim.max_steps) if optim.max_steps else steps
+
+
+def init_engine(model, groups: list[dict], ds_config: dict, optim, total_steps: int):
+    """deepspeed.initialize with the optimizer from the DS config and transformers' scheduler."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    def scheduler(optimizer):
+        return get_scheduler(optim.lr_scheduler_type, optimizer,
+                             num_warmup_steps=optim.num_warmup_steps,
+                             num_training_steps=total_steps)
+
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
+                                      lr_scheduler=scheduler)
+    return engine
+
+
+def write_summary_json(out, result: dict) -> None:
+    """NaN (no eval set) is written as null: the file stays valid JSON."""
+    import json
+
+    clean = json.loads(json.dumps(result), parse_constant=lambda _: None)
+    (out / "train_summary.json").write_text(json.dumps(clean, indent=2) + "\n")

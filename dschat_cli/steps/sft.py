@@ -7,45 +7,29 @@ a Hugging Face folder with LoRA merged. Runs on every rank; rank 0 prints and wr
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from functools import partial
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader, DistributedSampler
-
-from dschat_cli.config.ds_config import resolve_dtype, train_ds_config
 from dschat_cli.config.sft import SFTConfig
 from dschat_cli.data.sft import collate_sft, sft_datasets
 from dschat_cli.dist import Dist
 from dschat_cli.models.loading import (apply_lora, load_causal_lm, load_tokenizer, optimizer_groups,
                                        save_hf_model)
-from dschat_cli.steps.common import (count_params, eval_loss, flops_per_token, move_batch,
-                                     print_summary, seed_everything)
+from dschat_cli.steps.common import (count_params, eval_loss, flops_per_token, init_engine,
+                                     make_loaders, move_batch, print_summary, seed_everything,
+                                     total_optimizer_steps, train_ds_setup, write_summary_json)
 from dschat_cli.ui.console import console
 from dschat_cli.ui.metrics import MetricsLog
 from dschat_cli.ui.progress import fmt_metrics, train_progress
 
 
 def run(cfg: SFTConfig, dist: Dist) -> dict:
-    import deepspeed
-    from transformers import get_scheduler
-
     # 1. setup ---------------------------------------------------------------------------------
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir).expanduser().resolve()
-    on_gpu = dist.device != "cpu"
-    dtype = resolve_dtype(cfg.deepspeed.dtype, has_gpu=on_gpu,
-                          bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
-    tb_dir = str(out / "tensorboard") if cfg.deepspeed.enable_tensorboard else None
-    ds_config = train_ds_config(cfg.deepspeed, cfg.optim, world_size=dist.world_size, dtype=dtype,
-                                torch_adam=cfg.optim.torch_adam or not on_gpu,
-                                tensorboard_dir=tb_dir, job_name="sft")
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    dtype, ds_config, tb_dir = train_ds_setup(cfg, dist, out, "sft")
 
     tokenizer = load_tokenizer(cfg.model)
     with console.status("tokenising data"):
@@ -59,27 +43,10 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
                               lora_lr=cfg.lora.lora_learning_rate)
 
     collate = partial(collate_sft, pad_token_id=tokenizer.pad_token_id)
-    sampler = DistributedSampler(train_data, num_replicas=dist.world_size, rank=dist.rank,
-                                 shuffle=True, seed=cfg.seed)
-    loader = DataLoader(train_data, batch_size=cfg.optim.per_device_train_batch_size,
-                        sampler=sampler, collate_fn=collate)
-    eval_loader = DataLoader(eval_data, batch_size=cfg.optim.per_device_eval_batch_size,
-                             sampler=DistributedSampler(eval_data, num_replicas=dist.world_size,
-                                                        rank=dist.rank, shuffle=False),
-                             collate_fn=collate)
-    gas = cfg.optim.gradient_accumulation_steps
-    steps_per_epoch = max(1, math.ceil(len(loader) / gas))
-    total_steps = steps_per_epoch * cfg.optim.num_train_epochs
-    if cfg.optim.max_steps:
-        total_steps = min(total_steps, cfg.optim.max_steps)
-
-    def scheduler(optimizer):
-        return get_scheduler(cfg.optim.lr_scheduler_type, optimizer,
-                             num_warmup_steps=cfg.optim.num_warmup_steps,
-                             num_training_steps=total_steps)
-
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
-                                      lr_scheduler=scheduler)
+    loader, sampler, eval_loader = make_loaders(train_data, eval_data, collate, cfg.optim, dist,
+                                                cfg.seed)
+    total_steps = total_optimizer_steps(len(loader), cfg.optim)
+    engine = init_engine(model, groups, ds_config, cfg.optim, total_steps)
     metrics = MetricsLog(out / "metrics.jsonl" if dist.is_main else None, tb_dir)
     flops_tok = flops_per_token(engine.module, n_params, cfg.data.max_seq_len,
                                 cfg.model.gradient_checkpointing)
@@ -170,9 +137,8 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
         "world_size": dist.world_size, "params": n_params, "output_dir": str(out),
         "evals": history,
     }
-    if dist.is_main:  # NaN (no eval set) is written as null: the file stays valid JSON
-        clean = json.loads(json.dumps(result), parse_constant=lambda _: None)
-        (out / "train_summary.json").write_text(json.dumps(clean, indent=2) + "\n")
+    if dist.is_main:
+        write_summary_json(out, result)
     metrics.close()
     print_summary("sft summary", [
         ("optimizer steps", f"{step}"),

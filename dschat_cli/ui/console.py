@@ -40,3 +40,22 @@ def warn_line(message: str) -> None:
 
 def is_interactive() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def quiet_libraries() -> None:
+    """Hide the loading/saving progress bars of transformers, huggingface_hub and datasets: dschat
+    shows its own progress."""
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        from datasets.utils import logging as ds_logging
+
+        ds_logging.disable_progress_bar()
+        ds_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass

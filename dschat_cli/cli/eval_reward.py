@@ -1,0 +1,29 @@
+"""`dschat eval-reward`: score chosen/rejected pairs (or single answers) with a reward model."""
+
+from __future__ import annotations
+
+import typer
+
+from dschat_cli.cli.options import config_command
+from dschat_cli.config.eval_reward import EvalRewardConfig
+
+
+def _run(cfg: EvalRewardConfig, *, dry_run: bool) -> int:
+    if dry_run:
+        from dschat_cli.config.schema import to_yaml
+        from dschat_cli.ui.console import console
+
+        console.print(to_yaml(cfg))
+        return 0
+    from dschat_cli.eval.reward import run_eval_reward
+
+    run_eval_reward(cfg)
+    return 0
+
+
+def register(app: typer.Typer) -> None:
+    config_command(app, "eval-reward", EvalRewardConfig, handler=_run,
+                   help="Score chosen/rejected answers with a reward model: per-pair table, "
+                        "accuracy, mean scores (or single answers with --answer).",
+                   epilog="Example: dschat eval-reward --path out/reward (scores its held-out "
+                          "pairs)")
