@@ -55,6 +55,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     warn_line(str(message))
 
 
+def _shutdown_distributed() -> None:
+    try:
+        import torch.distributed as tdist
+
+        # a launched worker ends here; in-process runs (--launcher none) keep the group for reuse
+        if os.environ.get("DSCHAT_IN_PROCESS") != "1" and tdist.is_available() \
+                and tdist.is_initialized():
+            tdist.destroy_process_group()
+    except Exception:  # pragma: no cover - best effort at exit
+        pass
+
+
 def run_step(step: str, cfg) -> int:
     """Run one step on this rank; returns the exit code."""
     from dschat_cli.config.schema import ConfigError
@@ -75,6 +87,8 @@ def run_step(step: str, cfg) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        _shutdown_distributed()
     except Exception as e:  # show which rank failed and why; the launcher stops the others
         tb = traceback.format_exc()
         prefix = f"[rank {rank}] "

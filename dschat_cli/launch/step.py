@@ -85,6 +85,7 @@ def launch_training(step: str, cfg, *, dry_run: bool, validate: Callable[[object
         from dschat_cli.worker import run_step
 
         os.environ.update(plan.env)
+        os.environ["DSCHAT_IN_PROCESS"] = "1"
         return run_step(step, cfg)
     console.print(f"[dim]launching {plan.world_size} worker(s); log: {out / 'train.log'}[/dim]")
     rc = run_launch(plan, log_path=out / "train.log")
