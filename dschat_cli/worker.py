@@ -87,8 +87,6 @@ def run_step(step: str, cfg) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    finally:
-        _shutdown_distributed()
     except Exception as e:  # show which rank failed and why; the launcher stops the others
         tb = traceback.format_exc()
         prefix = f"[rank {rank}] "
@@ -96,6 +94,8 @@ def run_step(step: str, cfg) -> int:
         sys.stderr.write(f"{prefix}error: {type(e).__name__}: {e}\n")
         sys.stderr.flush()
         return 1
+    finally:
+        _shutdown_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:
