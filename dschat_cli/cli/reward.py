@@ -10,9 +10,10 @@ from dschat_cli.config.reward import RewardConfig
 
 def _validate(cfg: RewardConfig) -> None:
     from dschat_cli.data.prepare import load_phase_rows
-    from dschat_cli.models.loading import check_model_source
+    from dschat_cli.models.loading import check_lora_targets, check_model_source
 
     check_model_source(cfg.model)
+    check_lora_targets(cfg.model, cfg.lora, backbone_only=True)
     train, _ = load_phase_rows(cfg.data, phase=2, seed=cfg.seed)
     if all(r is None or not str(r).strip() for r in train["rejected"]):
         from dschat_cli.config.schema import ConfigError

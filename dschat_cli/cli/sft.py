@@ -10,9 +10,10 @@ from dschat_cli.config.sft import SFTConfig
 
 def _validate(cfg: SFTConfig) -> None:
     from dschat_cli.data.prepare import load_phase_rows
-    from dschat_cli.models.loading import check_model_source
+    from dschat_cli.models.loading import check_lora_targets, check_model_source
 
     check_model_source(cfg.model)
+    check_lora_targets(cfg.model, cfg.lora)
     load_phase_rows(cfg.data, phase=1, seed=cfg.seed)
 
 

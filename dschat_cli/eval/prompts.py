@@ -63,6 +63,9 @@ def read_prompts(path: str | None) -> list[str]:
 def run_eval(cfg: EvalConfig) -> dict:
     import torch
     from rich.table import Table
+    from rich.text import Text
+
+    from dschat_cli.ui.console import plain_text
 
     from dschat_cli.models.inference import (generate_answers, load_for_inference, pick_device,
                                              pick_dtype)
@@ -88,21 +91,22 @@ def run_eval(cfg: EvalConfig) -> dict:
             answers[label] = generate_answers(model, tok, prompts, cfg.generation,
                                               cfg.inference.batch_size)
             del model
+    rows = [{"prompt": p, **{label: answers[label][i] for label, _, _ in models}}
+            for i, p in enumerate(prompts)]
+    if cfg.output_file:  # before printing: a terminal problem must not lose the answers
+        out = Path(cfg.output_file).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     table = Table(title=f"prompt evaluation ({device}, "
                         f"{'sampling' if cfg.generation.do_sample else 'greedy'})",
                   show_lines=True)
     table.add_column("prompt", ratio=1)
     for label, path, _ in models:
-        table.add_column(f"{label}\n[dim]{path}[/dim]", ratio=2)
-    for i, prompt in enumerate(prompts):
-        table.add_row(prompt.strip(), *[answers[label][i] or "[dim](empty)[/dim]"
-                                        for label, _, _ in models])
+        table.add_column(Text(f"{label}\n{path}"), ratio=2)
+    for i, prompt in enumerate(prompts):  # model text is shown verbatim, never as markup
+        table.add_row(Text(prompt.strip()), *[plain_text(answers[label][i]) or Text("(empty)", style="dim")
+                                              for label, _, _ in models])
     console.print(table)
-    rows = [{"prompt": p, **{label: answers[label][i] for label, _, _ in models}}
-            for i, p in enumerate(prompts)]
     if cfg.output_file:
-        out = Path(cfg.output_file).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        console.print(f"answers written to {out}")
+        console.print(Text(f"answers written to {Path(cfg.output_file).expanduser()}"))
     return {"rows": rows}

@@ -92,7 +92,10 @@ def _short(text: str, n: int = 60) -> str:
 
 def run_eval_reward(cfg: EvalRewardConfig) -> dict:
     from rich.table import Table
+    from rich.text import Text
     from transformers import AutoTokenizer
+
+    from dschat_cli.ui.console import plain_text
 
     from dschat_cli.models.inference import pick_device, pick_dtype
     from dschat_cli.models.reward import check_reward_dir, load_reward_model
@@ -129,17 +132,17 @@ def run_eval_reward(cfg: EvalRewardConfig) -> dict:
                                             max_len=max_len, batch_size=bs, device=device)
 
     if single:
-        table = Table(title=f"reward scores ({cfg.path})")
+        table = Table(title=Text(f"reward scores ({cfg.path})"))
         for col in ("#", "prompt", "answer", "score"):
             table.add_column(col, justify="right" if col in ("#", "score") else "left")
         for i, ((p, a, _), s) in enumerate(zip(pairs, chosen)):
             if i < cfg.show:
-                table.add_row(str(i + 1), _short(p), _short(a), f"{s:.3f}")
+                table.add_row(str(i + 1), plain_text(_short(p)), plain_text(_short(a)), f"{s:.3f}")
         console.print(table)
         rows = [{"prompt": p, "answer": a, "score": s} for (p, a, _), s in zip(pairs, chosen)]
         result = {"rows": rows, "mean_score": sum(chosen) / len(chosen)}
     else:
-        table = Table(title=f"reward model {cfg.path} on {what}")
+        table = Table(title=Text(f"reward model {cfg.path} on {what}"))
         for col in ("#", "prompt", "chosen", "rejected", "chosen score", "rejected score",
                     "margin", "correct"):
             table.add_column(col, justify="right" if "score" in col or col in ("#", "margin")
@@ -150,7 +153,8 @@ def run_eval_reward(cfg: EvalRewardConfig) -> dict:
             rows.append({"prompt": p, "chosen": c, "rejected": r, "chosen_score": sc,
                          "rejected_score": sr, "margin": sc - sr, "correct": ok})
             if i < cfg.show:
-                table.add_row(str(i + 1), _short(p, 40), _short(c, 40), _short(r, 40), f"{sc:.3f}",
+                table.add_row(str(i + 1), plain_text(_short(p, 40)), plain_text(_short(c, 40)),
+                              plain_text(_short(r, 40)), f"{sc:.3f}",
                               f"{sr:.3f}", f"{sc - sr:+.3f}", "[ok]yes[/ok]" if ok else "[err]no[/err]")
         n = len(rows)
         result = {"rows": rows, "pairs": n, "accuracy": sum(r["correct"] for r in rows) / n,
@@ -172,5 +176,5 @@ def run_eval_reward(cfg: EvalRewardConfig) -> dict:
         out = Path(cfg.output_file).expanduser()
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps(r) + "\n" for r in result["rows"]), encoding="utf-8")
-        console.print(f"scores written to {out}")
+        console.print(Text(f"scores written to {out}"))
     return result

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from rich.markup import escape
+
 from dschat_cli.config.schema import ConfigError, to_yaml
 from dschat_cli.launch.runner import LaunchPlan, detect_hardware, plan_launch, run_launch
 from dschat_cli.ui.console import console, warn_line
@@ -87,9 +89,10 @@ def launch_training(step: str, cfg, *, dry_run: bool, validate: Callable[[object
         os.environ.update(plan.env)
         os.environ["DSCHAT_IN_PROCESS"] = "1"
         return run_step(step, cfg)
-    console.print(f"[dim]launching {plan.world_size} worker(s); log: {out / 'train.log'}[/dim]")
+    console.print(f"[dim]launching {plan.world_size} worker(s); log: "
+                  f"{escape(str(out / 'train.log'))}[/dim]")
     rc = run_launch(plan, log_path=out / "train.log")
-    if rc != 0:
+    if rc not in (0, 2):  # 2: a worker already printed the one-line error
         from dschat_cli.ui.console import error_line
 
         error_line(f"dschat {step}", f"workers exited with code {rc}; see the error above and "

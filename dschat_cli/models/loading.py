@@ -210,6 +210,39 @@ def lora_target_modules(model, module_filter: str) -> list[str]:
     return names
 
 
+def _no_lora_target_error(lora: LoraOptions, flag_prefix: str) -> ConfigError:
+    return ConfigError(f"--{flag_prefix}lora-module-name",
+                       f"'{lora.lora_module_name}' matches no Linear layer of this model; use a "
+                       "fragment of a layer name such as 'layers.' or leave it empty")
+
+
+def check_lora_targets(opts: ModelOptions, lora: LoraOptions, *, backbone_only: bool = False,
+                       flag_prefix: str = "") -> None:
+    """User side, before launch: build the architecture on the meta device (no memory, no
+    weights) and check that --lora-module-name selects some layer."""
+    if lora.lora_dim <= 0:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    source, preset = resolve_model_name(opts)
+    try:
+        if preset is not None and opts.random_init:
+            from dschat_cli.models.presets import preset_config
+
+            raw = dict(preset_config(preset))
+            config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+        else:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=opts.trust_remote_code)
+        with torch.device("meta"):
+            auto = AutoModel if backbone_only else AutoModelForCausalLM
+            model = auto.from_config(config, trust_remote_code=opts.trust_remote_code)
+    except Exception:  # unknown here (e.g. remote code): the worker checks again
+        return
+    if not lora_target_modules(model, lora.lora_module_name):
+        raise _no_lora_target_error(lora, flag_prefix)
+
+
 def apply_lora(model, lora: LoraOptions, flag_prefix: str = ""):
     """Wrap with peft LoRA (rank lora_dim). Without --only-optimize-lora the base weights stay
     trainable too (DeepSpeed-Chat's behaviour); with it only the adapters train."""
@@ -220,9 +253,7 @@ def apply_lora(model, lora: LoraOptions, flag_prefix: str = ""):
 
     targets = lora_target_modules(model, lora.lora_module_name)
     if not targets:
-        raise ConfigError(f"--{flag_prefix}lora-module-name",
-                          f"'{lora.lora_module_name}' matches no Linear layer of this model; use a "
-                          "fragment of a layer name such as 'layers.' or leave it empty")
+        raise _no_lora_target_error(lora, flag_prefix)
     fan_in_fan_out = isinstance(model.get_submodule(targets[0]), Conv1D)
     cfg = LoraConfig(r=lora.lora_dim, lora_alpha=lora.lora_alpha or lora.lora_dim,
                      target_modules=targets, lora_dropout=0.0, bias="none",

@@ -70,12 +70,13 @@ def eval_loss(engine, loader, dist: Dist) -> dict:
 
 def print_summary(title: str, rows: list[tuple[str, str]]) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     for k, v in rows:
-        table.add_row(k, v)
+        table.add_row(k, Text(v))  # values hold paths: never markup
     console.print(table)
 
 

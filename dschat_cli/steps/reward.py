@@ -25,6 +25,8 @@ from dschat_cli.rlhf.reward import (pairwise_divergence_loss, pairwise_last_toke
 from dschat_cli.steps.common import (count_params, init_engine, make_loaders, move_batch,
                                      print_summary, seed_everything, total_optimizer_steps,
                                      train_ds_setup, write_summary_json)
+from rich.markup import escape
+
 from dschat_cli.ui.console import console
 from dschat_cli.ui.metrics import MetricsLog
 from dschat_cli.ui.progress import fmt_metrics, train_progress
@@ -86,7 +88,7 @@ def run(cfg: RewardConfig, dist: Dist) -> dict:
     total_steps = total_optimizer_steps(len(loader), cfg.optim)
     engine = init_engine(model, groups, ds_config, cfg.optim, total_steps)
     metrics = MetricsLog(out / "metrics.jsonl" if dist.is_main else None, tb_dir)
-    console.print(f"[bold]reward[/bold] {cfg.model.model}: {n_params / 1e6:.1f}M parameters, "
+    console.print(f"[bold]reward[/bold] {escape(cfg.model.model)}: {n_params / 1e6:.1f}M parameters, "
                   f"{len(train_data)} train / {len(eval_data)} eval pairs, {dist.world_size} "
                   f"rank(s) on {dist.device}, {dtype}, ZeRO-{cfg.deepspeed.zero_stage}, global batch "
                   f"{ds_config['train_batch_size']} pairs, {total_steps} steps, {cfg.loss} loss")

@@ -20,6 +20,8 @@ from dschat_cli.models.loading import (apply_lora, load_causal_lm, load_tokenize
 from dschat_cli.steps.common import (count_params, eval_loss, flops_per_token, init_engine,
                                      make_loaders, move_batch, print_summary, seed_everything,
                                      total_optimizer_steps, train_ds_setup, write_summary_json)
+from rich.markup import escape
+
 from dschat_cli.ui.console import console
 from dschat_cli.ui.metrics import MetricsLog
 from dschat_cli.ui.progress import fmt_metrics, train_progress
@@ -50,7 +52,7 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
     metrics = MetricsLog(out / "metrics.jsonl" if dist.is_main else None, tb_dir)
     flops_tok = flops_per_token(engine.module, n_params, cfg.data.max_seq_len,
                                 cfg.model.gradient_checkpointing)
-    console.print(f"[bold]sft[/bold] {cfg.model.model}: {n_params / 1e6:.1f}M parameters, "
+    console.print(f"[bold]sft[/bold] {escape(cfg.model.model)}: {n_params / 1e6:.1f}M parameters, "
                   f"{len(train_data)} train / {len(eval_data)} eval samples, {dist.world_size} "
                   f"rank(s) on {dist.device}, {dtype}, ZeRO-{cfg.deepspeed.zero_stage}, global batch "
                   f"{ds_config['train_batch_size']}, {total_steps} steps")

@@ -7,6 +7,7 @@ import os
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.theme import Theme
 
 _THEME = Theme({"ok": "green", "warn": "yellow", "err": "bold red", "dim": "dim", "metric": "cyan"})
@@ -31,11 +32,13 @@ def set_rank(rank: int) -> None:
 
 
 def error_line(where: str, message: str) -> None:
-    err_console.print(f"[err]error:[/err] {where}: {message}", soft_wrap=True)
+    """One line; paths and flags are printed verbatim (never read as rich markup)."""
+    err_console.print(f"[err]error:[/err] {escape(str(where))}: {escape(str(message))}",
+                      soft_wrap=True)
 
 
 def warn_line(message: str) -> None:
-    err_console.print(f"[warn]warning:[/warn] {message}", soft_wrap=True)
+    err_console.print(f"[warn]warning:[/warn] {escape(str(message))}", soft_wrap=True)
 
 
 def is_interactive() -> bool:
@@ -59,3 +62,12 @@ def quiet_libraries() -> None:
         ds_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
+
+
+def plain_text(text: str):
+    """Model or user text for a rich table: verbatim (no markup), control characters removed."""
+    from rich.text import Text
+
+    cleaned = "".join(ch if ch in "\n\t" or ord(ch) >= 32 and ord(ch) != 127 else "\ufffd"
+                      for ch in text)
+    return Text(cleaned)

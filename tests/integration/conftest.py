@@ -64,22 +64,27 @@ def run_dschat(*args: str, timeout: float = 300, columns: int = 200) -> CliResul
 
 
 def invoke_dschat(*args: str, columns: int = 200) -> CliResult:
-    """The dschat typer app in this process. Dist.init() of an in-process run sets RANK etc. with
-    setdefault; they are restored afterwards so later subprocesses do not inherit them. The gloo
-    group of one rank stays initialised for the next in-process run."""
+    """The dschat typer app in this process. An in-process run sets RANK etc. (Dist.init()) and the
+    launch plan's env; the environment is restored afterwards so later tests and subprocesses do not
+    inherit them. The gloo group of one rank stays initialised for the next in-process run."""
     from typer.testing import CliRunner
 
     from dschat_cli.cli.app import app
     from dschat_cli.ui import console as ui
 
-    with pytest.MonkeyPatch.context() as mp:
-        for k in _DIST_ENV:
-            mp.delenv(k, raising=False)
-        mp.setenv("COLUMNS", str(columns))
-        for c in (ui.console, ui.err_console):  # made at import: COLUMNS is read only then
-            mp.setattr(c, "_width", columns)
-        r = CliRunner().invoke(app, list(map(str, args)), terminal_width=columns)
-    _forget_zero3_config()
+    saved_env = dict(os.environ)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k in _DIST_ENV:
+                mp.delenv(k, raising=False)
+            mp.setenv("COLUMNS", str(columns))
+            for c in (ui.console, ui.err_console):  # made at import: COLUMNS is read only then
+                mp.setattr(c, "_width", columns)
+            r = CliRunner().invoke(app, list(map(str, args)), terminal_width=columns)
+    finally:  # the run may also set the launch plan's env (OMP_NUM_THREADS, ...): undo it all
+        os.environ.clear()
+        os.environ.update(saved_env)
+        _forget_zero3_config()
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         import traceback
 
@@ -99,7 +104,8 @@ def _forget_zero3_config() -> None:
 def sft_args(model: Path, out: Path, cache: Path, data_dir: Path, *, zero_stage: int,
              lora_dim: int = 0, epochs: int = 1, extra: tuple[str, ...] = ()) -> list[str]:
     """A small step-1 run on the synthetic pairs: 256 train rows, batch 8 -> 32 steps an epoch."""
-    return ["sft", "--model", str(model), "--data-path", "local/jsonfile", "--data-dir", str(data_dir),
+    return ["sft", "--model", str(model), "--data-path", "local/jsonfile",
+            "--data-dir", str(data_dir),
             "--zero-stage", str(zero_stage), "--lora-dim", str(lora_dim), "--output-dir", str(out),
             "--data-cache-dir", str(cache), "--num-train-epochs", str(epochs),
             "--per-device-train-batch-size", "8", "--learning-rate", "1e-3", "--max-seq-len", "128",

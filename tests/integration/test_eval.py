@@ -98,10 +98,6 @@ def test_eval_greedy_answers_are_reproducible(tmp_path, tiny_opt, finetuned, inv
     assert outs[0] == outs[1]
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: eval/prompts.py run_eval passes prompts and "
-                   "answers to rich's Table.add_row as markup: '[/b]' raises MarkupError after all "
-                   "answers were generated (and --output-file is never written); '[bold]' is "
-                   "swallowed")
 def test_eval_prints_prompts_and_answers_verbatim(tmp_path, finetuned, invoke_dschat):
     prompts = tmp_path / "p.txt"
     prompts.write_text("What does [/b] mean in a list [1, 2]?\nWhy is [bold]this[/bold] odd?\n",
