@@ -20,6 +20,7 @@ import warnings
 STEPS = {
     "sft": ("dschat_cli.config.sft:SFTConfig", "dschat_cli.steps.sft:run"),
     "reward": ("dschat_cli.config.reward:RewardConfig", "dschat_cli.steps.reward:run"),
+    "ppo": ("dschat_cli.config.ppo:PPOConfig", "dschat_cli.steps.ppo:run"),
 }
 
 

@@ -7,7 +7,7 @@ import typer
 
 from dschat_cli import __version__
 from dschat_cli.cli import eval as eval_cmd
-from dschat_cli.cli import eval_reward, reward, sft
+from dschat_cli.cli import eval_reward, ppo, reward, sft
 
 app = typer.Typer(
     name="dschat",
@@ -36,8 +36,10 @@ def main_callback(
 
 sft.register(app)
 reward.register(app)
+ppo.register(app)
 eval_cmd.register(app)
 eval_reward.register(app)
+ppo.register(app)
 
 
 def main() -> None:

@@ -25,18 +25,30 @@ EXAMPLE_PAIRS = [
 ]
 
 
-def _rows_from_data(cfg: EvalRewardConfig) -> tuple[list[tuple[str, str, str]], str, int]:
-    """-> (pairs, description, max_seq_len) from --data-path or the model's own run config."""
+def _saved_run_config(path: str) -> dict:
     import yaml
 
+    run_cfg = Path(path).expanduser() / "run_config.yaml"
+    if not run_cfg.is_file():
+        return {}
+    try:
+        return yaml.safe_load(run_cfg.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return {}
+
+
+def training_max_len(saved: dict) -> int:
+    """Score with the token limit the model was trained with (512 when unknown)."""
+    return int(saved.get("data", {}).get("max_seq_len", 512))
+
+
+def _rows_from_data(cfg: EvalRewardConfig) -> tuple[list[tuple[str, str, str]], str, int]:
+    """-> (pairs, description, max_seq_len) from --data-path or the model's own run config."""
     from dschat_cli.config.sections import DataOptions
     from dschat_cli.data.prepare import load_phase_rows
 
-    seed, max_len = 1234, 512
-    run_cfg = Path(cfg.path).expanduser() / "run_config.yaml"
-    saved = {}
-    if run_cfg.is_file():
-        saved = yaml.safe_load(run_cfg.read_text(encoding="utf-8")) or {}
+    saved = _saved_run_config(cfg.path)
+    seed, max_len = 1234, training_max_len(saved)
     saved_data = saved.get("data", {})
     if cfg.data_path:
         data = DataOptions(data_path=cfg.data_path, data_dir=cfg.data_dir,
@@ -47,7 +59,6 @@ def _rows_from_data(cfg: EvalRewardConfig) -> tuple[list[tuple[str, str, str]], 
         data = DataOptions(data_path=tuple(saved_data["data_path"]), data_dir=saved_data.get("data_dir"),
                            data_split=cfg.data_split or saved_data.get("data_split", "2,4,4"))
         seed = saved.get("seed", seed)
-        max_len = saved_data.get("max_seq_len", max_len)
         what = ", ".join(data.data_path) + " (held-out pairs of the model's training data)"
     else:
         return list(EXAMPLE_PAIRS), "built-in example pairs", max_len
@@ -109,7 +120,8 @@ def run_eval_reward(cfg: EvalRewardConfig) -> dict:
     single = bool(cfg.answer)
     if cfg.prompt:
         prompts = [as_prompt(p) for p in cfg.prompt]
-        what, max_len = "--prompt pairs" if not single else "--prompt answers", 512
+        what = "--prompt pairs" if not single else "--prompt answers"
+        max_len = training_max_len(_saved_run_config(cfg.path))
         pairs = list(zip(prompts, cfg.answer if single else cfg.chosen,
                          [""] * len(prompts) if single else cfg.rejected))
     else:

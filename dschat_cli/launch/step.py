@@ -48,21 +48,26 @@ def planned_ds_config(cfg, plan: LaunchPlan, hw, job_name: str) -> dict:
                            job_name=job_name)
 
 
-def launch_training(step: str, cfg, *, dry_run: bool, validate: Callable[[object], None]) -> int:
+def launch_training(step: str, cfg, *, dry_run: bool, validate: Callable[[object], None],
+                    ds_configs: Callable[[object, LaunchPlan, object], dict[str, dict]] | None = None
+                    ) -> int:
     """Validate `cfg`, then either print the plan (dry run) or record it and launch the workers.
-    `validate(cfg)` runs the checks that touch files, data and models (skipped by --dry-run)."""
+    `validate(cfg)` runs the checks that touch files, data and models (skipped by --dry-run);
+    `ds_configs(cfg, plan, hw)` gives {file name: DeepSpeed JSON} (default: one training config)."""
     hw = detect_hardware()
     out = Path(cfg.output_dir).expanduser().resolve()
     config_path = out / "run_config.yaml"
     plan = plan_launch(cfg.launch, step, config_path, hw=hw)
-    ds_config = planned_ds_config(cfg, plan, hw, step)
+    configs = (ds_configs(cfg, plan, hw) if ds_configs is not None
+               else {"ds_config.json": planned_ds_config(cfg, plan, hw, step)})
     if dry_run:
         from rich.syntax import Syntax
 
         console.rule(f"[bold]dschat {step}: resolved config")
         console.print(Syntax(to_yaml(cfg), "yaml", background_color="default"))
-        console.rule("[bold]DeepSpeed config")
-        console.print_json(json.dumps(ds_config))
+        for name, ds_config in configs.items():
+            console.rule(f"[bold]DeepSpeed config: {name}")
+            console.print_json(json.dumps(ds_config))
         console.rule("[bold]launch command")
         console.print(plan.command(), soft_wrap=True)
         console.print(f"world size {plan.world_size} ({plan.nodes} node(s), {plan.device})")
@@ -76,7 +81,8 @@ def launch_training(step: str, cfg, *, dry_run: bool, validate: Callable[[object
         warn_line(plan.warning)
     out.mkdir(parents=True, exist_ok=True)
     config_path.write_text(to_yaml(cfg), encoding="utf-8")
-    (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
+    for name, ds_config in configs.items():
+        (out / name).write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
     (out / "launch.sh").write_text(
         "#!/usr/bin/env bash\n# the command dschat ran; re-run with: bash launch.sh\n"
         f"# invoked as: {shlex.join(['dschat', step] + sys.argv[2:])}\n{plan.command()}\n",

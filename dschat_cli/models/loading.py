@@ -173,8 +173,12 @@ def load_causal_lm(opts: ModelOptions, tokenizer, *, dtype: str, ds_config: dict
             model = auto_class.from_config(config, dtype=torch_dtype,
                                            trust_remote_code=opts.trust_remote_code)
     else:
-        model = auto_class.from_pretrained(source, config=config, dtype=torch_dtype,
-                                           trust_remote_code=opts.trust_remote_code)
+        # Another model's ZeRO-3 config may be alive (PPO loads four models): load this one
+        # partitioned only if it is itself ZeRO-3.
+        ctx = contextlib.nullcontext() if hf_ds_config is not None else zero3_init_disabled()
+        with ctx:
+            model = auto_class.from_pretrained(source, config=config, dtype=torch_dtype,
+                                               trust_remote_code=opts.trust_remote_code)
     model._dschat_hf_ds_config = hf_ds_config  # keep alive with the model
 
     vocab = model.get_input_embeddings().weight.shape[0]

@@ -30,6 +30,11 @@ def head_input_dim(config) -> int:
     return int(proj) if proj else int(config.hidden_size)
 
 
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) mask -> (B, T) position ids: 0 at each row's first real token (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -37,10 +42,14 @@ class RewardModel(nn.Module):
         self.config = backbone.config
         self.v_head = nn.Linear(head_input_dim(backbone.config), 1, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> torch.Tensor:
-        """(B, T) ids and mask -> (B, T) float values."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None, **_) -> torch.Tensor:
+        """(B, T) ids and mask -> (B, T) float values. Positions count real tokens only, so a
+        left-padded sequence (PPO) is scored like the right-padded one it was trained on."""
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               use_cache=False).last_hidden_state
+                               position_ids=position_ids, use_cache=False).last_hidden_state
         return self.v_head(hidden).squeeze(-1).float()
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:
@@ -100,9 +109,31 @@ def load_reward_model(path: str | Path, *, dtype=None, flag: str = "--path") -> 
     return model
 
 
+def build_reward_model(opts, tokenizer, *, dtype: str, ds_config: dict | None, device: str,
+                       lora=None, flag: str = "--critic-model") -> RewardModel:
+    """Reward model or critic for step 3 from a step-2 folder: the backbone loads through the same
+    path as every model (ZeRO-3 partitioned when ds_config says so), the head from its file."""
+    from safetensors.torch import load_file
+
+    from dschat_cli.models.loading import apply_lora, load_causal_lm
+
+    check_reward_dir(str(opts.model), flag)
+    backbone = load_causal_lm(opts, tokenizer, dtype=dtype, ds_config=ds_config, device=device,
+                              backbone_only=True)
+    if lora is not None:
+        backbone = apply_lora(backbone, lora, flag_prefix="critic-")
+    model = RewardModel(backbone)
+    head = load_file(str(Path(opts.model).expanduser() / HEAD_FILE))["v_head.weight"]
+    with torch.no_grad():
+        model.v_head.weight.copy_(head)
+    model.v_head.to(backbone.dtype)
+    return model
+
+
 def check_same_tokenizer(actor_tokenizer, other_tokenizer, *, flag: str, other_path: str) -> None:
     """Step 3 feeds the actor's token ids to the reward model and critic: their vocabularies must
-    be the same mapping (and agree on eos/pad), or scores are computed on garbage."""
+    be the same mapping and agree on eos (which ends answers), or scores are computed on garbage.
+    Pad ids may differ: dschat never reads meaning into pad ids (masks say what is real)."""
     a, b = actor_tokenizer.get_vocab(), other_tokenizer.get_vocab()
     if a != b:
         only_a = len(set(a) - set(b))

@@ -3,7 +3,8 @@
 Conventions (the same as dschat_cli/rlhf/reward.py):
 
 - Masks are 1 (True) on real tokens, 0 on padding. Positions always come from masks, never from
-  comparing token ids with the pad id (OPT's BOS equals its pad id; Llama models often pad with eos).
+  comparing token ids with the pad id (OPT's BOS equals its pad id; Llama models often pad with
+  eos).
 - Every per-token tensor here is over the ANSWER tokens only, shape (B, A), where A is the
   (padded) answer length. Answer token k of row b is seq[b, P + k]; it was produced by the action
   taken in the state seq[b, :P + k], so its logprob comes from the logits at position P - 1 + k and
@@ -60,7 +61,8 @@ class Rollout(NamedTuple):
         B, P = self.prompts.shape
         A = self.seq.shape[-1] - P
         if A < 1:
-            raise ValueError(f"Rollout has no answer tokens (seq length {P + A}, prompt length {P})")
+            raise ValueError(f"Rollout has no answer tokens (seq length {P + A}, "
+                             f"prompt length {P})")
         expected = {"seq": (B, P + A), "attention_mask": (B, P + A), "action_mask": (B, A),
                     "logprobs": (B, A), "ref_logprobs": (B, A), "values": (B, A), "scores": (B,)}
         for name, shape in expected.items():

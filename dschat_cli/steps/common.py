@@ -50,17 +50,35 @@ def flops_per_token(model, n_params: int, seq_len: int, gradient_checkpointing: 
     return flops * (4 / 3 if gradient_checkpointing else 1.0)
 
 
+def real_samples(dist: Dist, n_total: int, start: int, count: int) -> torch.Tensor:
+    """(count,) bool: which of this rank's eval samples start..start+count-1 are real. The eval
+    DistributedSampler repeats samples so every rank runs the same number of batches (ZeRO-3
+    needs all ranks in every forward); rank r's k-th sample is padded position r + k * world, a
+    repeat when that is >= n_total. Repeats get zero weight in eval sums."""
+    k = torch.arange(start, start + count)
+    return (dist.rank + k * dist.world_size) < n_total
+
+
 @torch.no_grad()
 def eval_loss(engine, loader, dist: Dist) -> dict:
-    """Token-weighted mean loss and perplexity over the eval loader, summed over ranks."""
+    """Token-weighted mean loss and perplexity over the eval set, summed over ranks, each sample
+    counted once."""
+    import torch.nn.functional as F
+
     engine.eval()
-    total, count = 0.0, 0
+    total, count, seen = 0.0, 0, 0
+    n_total = len(loader.dataset)
     for batch in loader:
         batch = {k: v.to(engine.device) for k, v in batch.items()}
-        out = engine(**batch, use_cache=False)
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(out.loss) * n
-        count += n
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        use_cache=False).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                              reduction="none").view(labels.shape)
+        keep = real_samples(dist, n_total, seen, labels.shape[0]).to(labels.device)
+        seen += labels.shape[0]
+        total += float(nll.sum(-1)[keep].sum())
+        count += int((labels != -100).sum(-1)[keep].sum())
     engine.train()
     total = dist.all_reduce_sum(total)
     count = dist.all_reduce_sum(count)

@@ -23,7 +23,7 @@ from dschat_cli.models.reward import RewardModel, save_reward_model
 from dschat_cli.rlhf.reward import (pairwise_divergence_loss, pairwise_last_token_loss,
                                     sequence_scores)
 from dschat_cli.steps.common import (count_params, init_engine, make_loaders, move_batch,
-                                     print_summary, seed_everything, total_optimizer_steps,
+                                     print_summary, real_samples, seed_everything, total_optimizer_steps,
                                      train_ds_setup, write_summary_json)
 from rich.markup import escape
 
@@ -49,12 +49,16 @@ def evaluate_pairs(engine, loader, dist: Dist) -> dict:
     """Mean chosen score, mean rejected score, accuracy over all ranks' eval pairs."""
     engine.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # chosen, rejected, correct, pairs
+    seen, n_total = 0, len(loader.dataset)
     for batch in loader:
         batch = move_batch(batch, engine.device)
         scores = sequence_scores(engine(**batch), batch["attention_mask"]).double().cpu()
         b = scores.shape[0] // 2
-        sums += torch.tensor([scores[:b].sum(), scores[b:].sum(),
-                              (scores[:b] > scores[b:]).sum(), b], dtype=torch.float64)
+        keep = real_samples(dist, n_total, seen, b)  # repeats padding the ranks count 0
+        seen += b
+        chosen, rejected = scores[:b][keep], scores[b:][keep]
+        sums += torch.tensor([chosen.sum(), rejected.sum(), (chosen > rejected).sum(),
+                              len(chosen)], dtype=torch.float64)
     engine.train()
     totals = [dist.all_reduce_sum(float(x)) for x in sums]
     n = totals[3]

@@ -325,11 +325,6 @@ def test_eval_reward_without_run_config_uses_example_pairs(untrained_reward, tmp
         [tuple(p) for p in EXAMPLE_PAIRS]
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: eval/reward.py run_eval_reward uses "
-                   "max_len 512 with --prompt pairs and _rows_from_data keeps 512 with --data-path, "
-                   "although the folder's run_config.yaml has the training max_seq_len (the "
-                   "--max-seq-len help: 'default: the model's training value, else 512'); only the "
-                   "default-data mode reads it, so the same pair scores differently per mode")
 @pytest.mark.parametrize("mode", ["data-path", "prompt"])
 def test_eval_reward_uses_the_training_max_seq_len_in_every_mode(mode, trained, tmp_path,
                                                                  pairs_dir, invoke_dschat):

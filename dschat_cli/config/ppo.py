@@ -1,0 +1,183 @@
+"""`dschat ppo` run config: step 3, RLHF with PPO on four models (actor, critic, reference,
+reward)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dschat_cli.config.schema import ConfigError, opt, section
+from dschat_cli.config.sections import (DTYPES, SCHEDULERS, DataOptions, LaunchOptions, LoraOptions,
+                                        ModelOptions, OptimOptions, parse_split)
+
+
+@dataclass(frozen=True)
+class PromptDataOptions:
+    data_path: tuple[str, ...] = opt(("Dahoas/rm-static",), "Prompt source, repeatable (as for "
+                                     "`dschat sft`); step 3 uses the prompts of its part of the "
+                                     "split.")
+    data_dir: str | None = opt(None, "Folder with train.json and eval.json for --data-path "
+                               "local/jsonfile.")
+    data_split: str = opt("2,4,4", "Relative sizes of the parts for steps 1, 2, 3 (step 3 uses the "
+                          "third).")
+    data_cache_dir: str = opt("~/.cache/dschat/data", "Where tokenised data is cached.")
+    max_prompt_seq_len: int = opt(256, "Prompts longer than this many tokens are dropped (and "
+                                  "counted), not truncated.", min=4)
+    max_train_samples: int = opt(0, "Use at most this many training prompts (0: all).", min=0)
+    max_eval_samples: int = opt(0, "Use at most this many held-out prompts (0: all).", min=0)
+    unsupervised_dataset_name: str | None = opt(None, "Pre-training data mixed into the actor loss "
+                                                "(a hub dataset with a 'text' column, or a local "
+                                                ".txt/.json/.jsonl/.parquet file or folder).")
+    unsupervised_dataset_config_name: str | None = opt(None, "Config name of the unsupervised hub "
+                                                       "dataset (e.g. wikitext-2-raw-v1).")
+    unsup_coef: float = opt(27.8, "Weight of the unsupervised LM loss (gamma in Eq. 2 of "
+                            "InstructGPT).", min=0.0)
+
+    def __post_init__(self) -> None:
+        parse_split(self.data_split)
+
+    def as_data_options(self) -> DataOptions:
+        """The generic data section the data layer takes."""
+        return DataOptions(data_path=self.data_path, data_dir=self.data_dir,
+                           data_split=self.data_split, data_cache_dir=self.data_cache_dir,
+                           max_seq_len=self.max_prompt_seq_len,
+                           max_train_samples=self.max_train_samples,
+                           max_eval_samples=self.max_eval_samples)
+
+
+@dataclass(frozen=True)
+class PPOTrainOptions:
+    per_device_generation_batch_size: int = opt(16, "Prompts per GPU per generation batch.", min=1)
+    per_device_training_batch_size: int = opt(16, "Experience samples per GPU per PPO mini-batch.",
+                                              min=1)
+    generation_batches: int = opt(1, "Generation batches collected before each PPO update.", min=1)
+    ppo_epochs: int = opt(1, "Passes of PPO updates over each collected experience.", min=1)
+    num_train_epochs: int = opt(1, "Passes over the prompt data.", min=1)
+    gradient_accumulation_steps: int = opt(1, "PPO mini-batches per optimizer step.", min=1)
+    actor_learning_rate: float = opt(9.65e-6, "Actor peak learning rate.", min=0.0)
+    critic_learning_rate: float = opt(5e-6, "Critic peak learning rate.", min=0.0)
+    actor_weight_decay: float = opt(0.0, "Actor AdamW weight decay.", min=0.0)
+    critic_weight_decay: float = opt(0.0, "Critic AdamW weight decay.", min=0.0)
+    lr_scheduler_type: str = opt("cosine", "Learning-rate schedule of both models.",
+                                 choices=SCHEDULERS)
+    num_warmup_steps: int = opt(100, "Linear warm-up optimizer steps.", min=0)
+    gradient_clipping: float = opt(1.0, "Clip each model's global gradient norm (0 disables).",
+                                   min=0.0)
+    torch_adam: bool = opt(False, "Use torch's AdamW instead of DeepSpeed's fused/CPU Adam (always "
+                           "on without a GPU).")
+    test_stop_step: int = opt(0, "Stop after this many PPO steps (0: run all epochs).", min=0)
+
+
+@dataclass(frozen=True)
+class PPOAlgoOptions:
+    kl_ctl: float = opt(0.1, "KL penalty coefficient on (logprob - ref_logprob) per answer token.",
+                        min=0.0)
+    clip_reward_value: float = opt(5.0, "The reward score is clipped to +- this value.", min=0.0)
+    cliprange: float = opt(0.2, "PPO clip range of the policy ratio.", min=0.0)
+    cliprange_value: float = opt(0.2, "Clip range of the value function around the old values.",
+                                 min=0.0)
+    gamma: float = opt(1.0, "Discount factor.", min=0.0, max=1.0)
+    lam: float = opt(0.95, "GAE lambda.", min=0.0, max=1.0)
+    whiten_advantages: bool = opt(False, "Normalise advantages to mean 0, variance 1 over each "
+                                  "experience batch (DeepSpeed-Chat does not).")
+    enable_ema: bool = opt(False, "Keep an exponential moving average of the actor (beta 0.992), "
+                           "saved as actor_ema/.")
+
+
+@dataclass(frozen=True)
+class PPOGenerationOptions:
+    max_answer_seq_len: int = opt(256, "Maximum generated answer tokens.", min=2)
+    do_sample: bool = opt(True, "Sample answers (--no-do-sample: greedy).")
+    temperature: float = opt(1.0, "Sampling temperature.", min=1e-4)
+    top_p: float = opt(1.0, "Nucleus sampling probability mass.", min=0.0, max=1.0)
+    top_k: int = opt(0, "Sample from the k most likely tokens (0: no limit).", min=0)
+    print_answers: bool = opt(False, "Print a generated prompt and answer every "
+                              "--print-answers-interval steps.")
+    print_answers_interval: int = opt(1, "Steps between printed answers.", min=1)
+
+
+@dataclass(frozen=True)
+class PPODeepSpeedOptions:
+    actor_zero_stage: int = opt(0, "ZeRO stage of the actor (and of its frozen reference copy when "
+                                "3).", choices=(0, 1, 2, 3))
+    critic_zero_stage: int = opt(0, "ZeRO stage of the critic (and of the frozen reward model when "
+                                 "3).", choices=(0, 1, 2, 3))
+    offload: bool = opt(False, "Offload the actor's and critic's optimizer states (and ZeRO-3 "
+                        "parameters) to CPU memory.")
+    offload_reference_model: bool = opt(False, "Keep the frozen reference model's parameters in CPU "
+                                        "memory (ZeRO-3 parameter offload).")
+    offload_reward_model: bool = opt(False, "Keep the frozen reward model's parameters in CPU "
+                                     "memory (ZeRO-3 parameter offload).")
+    dtype: str = opt("auto", "Precision of all four models; auto is bf16 on GPUs that support it, "
+                     "else fp16 on GPU, fp32 on CPU.", choices=DTYPES)
+    enable_tensorboard: bool = opt(False, "Also write TensorBoard event files (to "
+                                   "OUTPUT_DIR/tensorboard).")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    actor: ModelOptions = section(ModelOptions, prefix="actor-", panel="Actor")
+    actor_lora: LoraOptions = section(LoraOptions, prefix="actor-", panel="Actor")
+    critic: ModelOptions = section(ModelOptions, prefix="critic-", panel="Critic and reward")
+    critic_lora: LoraOptions = section(LoraOptions, prefix="critic-", panel="Critic and reward")
+    reward_model: str | None = opt(None, "Frozen reward model folder (default: --critic-model).")
+    data: PromptDataOptions = section(PromptDataOptions, panel="Data")
+    train: PPOTrainOptions = section(PPOTrainOptions, panel="Training")
+    ppo: PPOAlgoOptions = section(PPOAlgoOptions, panel="PPO")
+    generation: PPOGenerationOptions = section(PPOGenerationOptions, panel="Generation")
+    deepspeed: PPODeepSpeedOptions = section(PPODeepSpeedOptions, panel="DeepSpeed")
+    launch: LaunchOptions = section(LaunchOptions, panel="Launch")
+    output_dir: str | None = opt(None, "Folder for actor/, critic/ (and actor_ema/), run config, "
+                                 "DeepSpeed JSONs, logs and metrics.")
+    overwrite: bool = opt(False, "Allow writing into a non-empty --output-dir.")
+    seed: int = opt(1234, "Random seed (data, sampling, initialisation).")
+
+    @property
+    def reward_path(self) -> str:
+        return self.reward_model or str(self.critic.model)
+
+    def optim_for(self, role: str) -> OptimOptions:
+        """The generic optimizer section for 'actor' or 'critic' (what the DS builder takes)."""
+        t = self.train
+        return OptimOptions(
+            learning_rate=t.actor_learning_rate if role == "actor" else t.critic_learning_rate,
+            weight_decay=t.actor_weight_decay if role == "actor" else t.critic_weight_decay,
+            lr_scheduler_type=t.lr_scheduler_type, num_warmup_steps=t.num_warmup_steps,
+            num_train_epochs=t.num_train_epochs,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            per_device_train_batch_size=t.per_device_training_batch_size,
+            per_device_eval_batch_size=t.per_device_generation_batch_size,
+            gradient_clipping=t.gradient_clipping, torch_adam=t.torch_adam)
+
+    def deepspeed_for(self, role: str):
+        from dschat_cli.config.sections import DeepSpeedOptions
+
+        d = self.deepspeed
+        return DeepSpeedOptions(
+            zero_stage=d.actor_zero_stage if role == "actor" else d.critic_zero_stage,
+            offload=d.offload, dtype=d.dtype, enable_tensorboard=d.enable_tensorboard)
+
+    def check(self) -> None:
+        if not self.actor.model:
+            raise ConfigError("--actor-model", "is required (the step-1 output folder, a hub id or "
+                              "a preset)")
+        if not self.critic.model:
+            raise ConfigError("--critic-model", "is required (the step-2 reward model folder)")
+        if not self.output_dir:
+            raise ConfigError("--output-dir", "is required")
+        for role, lora in (("actor", self.actor_lora), ("critic", self.critic_lora)):
+            if lora.only_optimize_lora and lora.lora_dim == 0:
+                raise ConfigError(f"--{role}-only-optimize-lora", f"needs --{role}-lora-dim > 0")
+        if self.deepspeed.offload and 0 in (self.deepspeed.actor_zero_stage,
+                                            self.deepspeed.critic_zero_stage):
+            raise ConfigError("--offload", "needs --actor-zero-stage and --critic-zero-stage >= 1")
+        if self.data.unsupervised_dataset_config_name and not self.data.unsupervised_dataset_name:
+            raise ConfigError("--unsupervised-dataset-config-name",
+                              "needs --unsupervised-dataset-name")
+        t = self.train
+        per_rollout = t.per_device_generation_batch_size * t.generation_batches
+        if per_rollout % t.per_device_training_batch_size:
+            raise ConfigError("--per-device-training-batch-size",
+                              f"{t.per_device_training_batch_size} must divide the experience per "
+                              f"GPU (--per-device-generation-batch-size x --generation-batches = "
+                              f"{per_rollout})")
+

@@ -1,0 +1,27 @@
+"""The four DeepSpeed configs of step 3, from the one builder (no torch import: the CLI's
+--dry-run shows them)."""
+
+from __future__ import annotations
+
+from dschat_cli.config.ds_config import eval_ds_config, train_ds_config
+from dschat_cli.config.ppo import PPOConfig
+
+
+def ppo_ds_configs(cfg: PPOConfig, *, world_size: int, dtype: str, torch_adam: bool,
+                   tensorboard_dir: str | None) -> dict[str, dict]:
+    """The four DeepSpeed configs, all from the one builder."""
+    d, t = cfg.deepspeed, cfg.train
+    return {
+        "actor": train_ds_config(cfg.deepspeed_for("actor"), cfg.optim_for("actor"),
+                                 world_size=world_size, dtype=dtype, torch_adam=torch_adam,
+                                 tensorboard_dir=tensorboard_dir, job_name="ppo_actor"),
+        "critic": train_ds_config(cfg.deepspeed_for("critic"), cfg.optim_for("critic"),
+                                  world_size=world_size, dtype=dtype, torch_adam=torch_adam,
+                                  tensorboard_dir=None, job_name="ppo_critic"),
+        "ref": eval_ds_config(zero_stage=d.actor_zero_stage, offload=d.offload_reference_model,
+                              dtype=dtype, micro_batch_size=t.per_device_generation_batch_size,
+                              world_size=world_size),
+        "reward": eval_ds_config(zero_stage=d.critic_zero_stage, offload=d.offload_reward_model,
+                                 dtype=dtype, micro_batch_size=t.per_device_generation_batch_size,
+                                 world_size=world_size),
+    }

@@ -1,0 +1,22 @@
+"""Eval sums count every sample once although the sampler repeats some to even out the ranks."""
+
+import pytest
+from torch.utils.data import DistributedSampler
+
+from dschat_cli.dist import Dist
+from dschat_cli.steps.common import real_samples
+
+
+@pytest.mark.parametrize("n,world", [(7, 3), (8, 4), (5, 2), (3, 4), (10, 1)])
+def test_real_samples_marks_each_index_exactly_once(n, world):
+    counts = [0] * n
+    for rank in range(world):
+        idx = list(DistributedSampler(list(range(n)), num_replicas=world, rank=rank, shuffle=False))
+        dist = Dist(rank=rank, local_rank=rank, world_size=world, device="cpu")
+        # in two "batches" to check the offset arithmetic
+        half = len(idx) // 2
+        keep = real_samples(dist, n, 0, half).tolist() + \
+            real_samples(dist, n, half, len(idx) - half).tolist()
+        for i, k in zip(idx, keep):
+            counts[i] += int(k)
+    assert counts == [1] * n
