@@ -24,16 +24,19 @@ def _validate(cfg: PPOConfig) -> None:
     from dschat_cli.config.sections import ModelOptions
     from dschat_cli.data.prepare import load_phase_rows
     from dschat_cli.models.loading import check_lora_targets, check_model_source, load_tokenizer
-    from dschat_cli.models.reward import check_reward_dir, check_same_tokenizer
+    from dschat_cli.models.reward import check_reward_dir, check_same_tokenizer, is_random_preset
 
     check_model_source(cfg.actor, flag="--actor-model")
-    check_reward_dir(str(cfg.critic.model), "--critic-model")
+    critics = [("--critic-model", cfg.critic)]
     if cfg.reward_model:
-        check_reward_dir(cfg.reward_model, "--reward-model")
+        critics.append(("--reward-model", ModelOptions(model=cfg.reward_model)))
     actor_tok = load_tokenizer(cfg.actor)
-    for flag, path in (("--critic-model", str(cfg.critic.model)), ("--reward-model", cfg.reward_path)):
-        check_same_tokenizer(actor_tok, load_tokenizer(ModelOptions(model=path)), flag=flag,
-                             other_path=path)
+    for flag, opts in critics:
+        if is_random_preset(opts):  # an untrained architecture preset (benchmarks)
+            check_model_source(opts, flag=flag)
+        else:
+            check_reward_dir(str(opts.model), flag)
+        check_same_tokenizer(actor_tok, load_tokenizer(opts), flag=flag, other_path=str(opts.model))
     check_lora_targets(cfg.actor, cfg.actor_lora, flag_prefix="actor-")
     check_lora_targets(cfg.critic, cfg.critic_lora, backbone_only=True, flag_prefix="critic-")
     load_phase_rows(cfg.data.as_data_options(), phase=3, seed=cfg.seed)

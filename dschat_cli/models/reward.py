@@ -117,17 +117,28 @@ def build_reward_model(opts, tokenizer, *, dtype: str, ds_config: dict | None, d
 
     from dschat_cli.models.loading import apply_lora, load_causal_lm
 
-    check_reward_dir(str(opts.model), flag)
+    untrained = is_random_preset(opts)  # benchmarks: the architecture, random weights and head
+    if not untrained:
+        check_reward_dir(str(opts.model), flag)
     backbone = load_causal_lm(opts, tokenizer, dtype=dtype, ds_config=ds_config, device=device,
                               backbone_only=True)
     if lora is not None:
         backbone = apply_lora(backbone, lora, flag_prefix="critic-")
     model = RewardModel(backbone)
-    head = load_file(str(Path(opts.model).expanduser() / HEAD_FILE))["v_head.weight"]
-    with torch.no_grad():
-        model.v_head.weight.copy_(head)
-    model.v_head.to(backbone.dtype)
+    if not untrained:
+        head = load_file(str(Path(opts.model).expanduser() / HEAD_FILE))["v_head.weight"]
+        with torch.no_grad():
+            model.v_head.weight.copy_(head)
+    model.v_head.to(device=next(backbone.parameters()).device, dtype=backbone.dtype)
     return model
+
+
+def is_random_preset(opts) -> bool:
+    """--critic-model opt-350m --critic-random-init: a preset architecture with random weights."""
+    from dschat_cli.models.presets import resolve_preset
+
+    return bool(opts.random_init and not Path(str(opts.model)).expanduser().exists()
+                and resolve_preset(str(opts.model)))
 
 
 def check_same_tokenizer(actor_tokenizer, other_tokenizer, *, flag: str, other_path: str) -> None:

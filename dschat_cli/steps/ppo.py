@@ -69,8 +69,9 @@ class PPOModels:
                                  torch_adam=cfg.train.torch_adam or not on_gpu,
                                  tensorboard_dir=tb_dir)
         tokenizer = load_tokenizer(cfg.actor)
-        reward_opts = ModelOptions(model=cfg.reward_path)
-        reward_tok = load_tokenizer(ModelOptions(model=cfg.critic.model))
+        reward_opts = ModelOptions(model=cfg.reward_model) if cfg.reward_model else \
+            _frozen(cfg.critic)
+        reward_tok = load_tokenizer(cfg.critic)
         check_same_tokenizer(tokenizer, reward_tok, flag="--critic-model",
                              other_path=str(cfg.critic.model))
 
@@ -256,7 +257,7 @@ class PPOTrainer:
                     for k, v in (("actor_loss", a_loss), ("critic_loss", c_loss),
                                  ("unsup_loss", u_loss), ("clipfrac", clipfrac),
                                  ("value_clipfrac", vclip), ("approx_kl", approx_kl)):
-                        sums[k] = sums.get(k, 0.0) + float(v)
+                        sums[k] = sums.get(k, 0.0) + float(v.detach())
                     n += 1
         all_mask = torch.cat([r.action_mask for r, _, _ in prepared])
         mean = {k: self.dist.all_reduce_mean(v / max(n, 1)) for k, v in sums.items()}
