@@ -246,3 +246,13 @@ def to_yaml(cfg: Any) -> str:
 def from_dict(cls: type, data: dict) -> Any:
     """Inverse of to_dict (used by workers to read the resolved config)."""
     return build(cls, dict(_flatten(data)), source="run config")
+
+
+def from_flags(cls: type, **values: Any) -> Any:
+    """Build a run config in Python with the command line's names:
+    from_flags(PPOConfig, actor_model="out/actor", actor_zero_stage=3, output_dir="out/ppo")."""
+    by_param = {s.param: s for s in flag_specs(cls)}
+    unknown = [k for k in values if k not in by_param]
+    if unknown:
+        raise ConfigError(unknown[0], f"not an option of {cls.__name__}")
+    return build(cls, {by_param[k].path: v for k, v in values.items()})

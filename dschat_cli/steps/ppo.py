@@ -331,7 +331,7 @@ class PPOTrainer:
 def run(cfg: PPOConfig, dist: Dist) -> dict:
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from dschat_cli.data.prompts import collate_prompts, prompt_datasets
+    from dschat_cli.data.prompts import collate_prompts, prompt_datasets, prompt_drop_counts
 
     # setup ------------------------------------------------------------------------------------
     seed_everything(cfg.seed)
@@ -342,6 +342,10 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
         train_prompts, eval_prompts = prompt_datasets(cfg.data.as_data_options(), tokenizer,
                                                       max_prompt_len=cfg.data.max_prompt_seq_len,
                                                       seed=cfg.seed)
+    dropped = prompt_drop_counts(train_prompts).get("too_long", 0)
+    if dropped:
+        console.print(f"[warn]{dropped} training prompt(s) longer than --max-prompt-seq-len "
+                      f"{cfg.data.max_prompt_seq_len} tokens dropped")
     collate = partial(collate_prompts, pad_token_id=tokenizer.pad_token_id)
     sampler = DistributedSampler(train_prompts, num_replicas=dist.world_size, rank=dist.rank,
                                  shuffle=True, seed=cfg.seed, drop_last=True)
@@ -443,7 +447,7 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
                                                      "learning rates or use --dtype bf16")
                     progress.update(task, completed=step, metrics=fmt_metrics(
                         reward=stats.reward, ema=ema_reward, kl=stats.kl, actor=stats.actor_loss,
-                        critic=stats.critic_loss, len=stats.answer_length,
+                        critic=stats.critic_loss, clip=stats.clipfrac, len=stats.answer_length,
                         **{"gen": f"{row['generation_share']:.0%}", "s/step": f"{e2e:.2f}"}))
                 if step >= ppo_steps:
                     break

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dschat_cli.config.reward import RewardConfig
-from dschat_cli.data.reward import collate_pairs, reward_datasets
+from dschat_cli.data.reward import collate_pairs, pair_drop_counts, reward_datasets
 from dschat_cli.dist import Dist
 from dschat_cli.models.loading import apply_lora, load_causal_lm, load_tokenizer, optimizer_groups
 from dschat_cli.models.reward import RewardModel, save_reward_model
@@ -77,6 +77,10 @@ def run(cfg: RewardConfig, dist: Dist) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     with console.status("tokenising pairs"):
         train_data, eval_data = reward_datasets(cfg.data, tokenizer, seed=cfg.seed)
+    drops = pair_drop_counts(train_data)
+    if drops.get("no_rejected") or drops.get("identical"):
+        console.print(f"[warn]dropped {drops.get('no_rejected', 0)} training row(s) without a "
+                      f"rejected answer and {drops.get('identical', 0)} with identical answers")
     backbone = load_causal_lm(cfg.model, tokenizer, dtype=dtype, ds_config=ds_config,
                               device=dist.device, backbone_only=True)
     backbone = apply_lora(backbone, cfg.lora)
