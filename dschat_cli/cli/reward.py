@@ -8,24 +8,12 @@ from dschat_cli.cli.options import config_command
 from dschat_cli.config.reward import RewardConfig
 
 
-def _validate(cfg: RewardConfig) -> None:
-    from dschat_cli.data.prepare import load_phase_rows
-    from dschat_cli.models.loading import check_lora_targets, check_model_source
-
-    check_model_source(cfg.model)
-    check_lora_targets(cfg.model, cfg.lora, backbone_only=True)
-    train, _ = load_phase_rows(cfg.data, phase=2, seed=cfg.seed)
-    if all(r is None or not str(r).strip() for r in train["rejected"]):
-        from dschat_cli.config.schema import ConfigError
-
-        raise ConfigError("--data-path", "the step-2 part of the data has no rejected answers (an "
-                          "SFT-only source?); the reward model needs chosen/rejected pairs")
-
-
 def _run(cfg: RewardConfig, *, dry_run: bool) -> int:
+    from dschat_cli.launch.checks import DS_CONFIGS, VALIDATORS
     from dschat_cli.launch.step import launch_training
 
-    return launch_training("reward", cfg, dry_run=dry_run, validate=_validate)
+    return launch_training("reward", cfg, dry_run=dry_run, validate=VALIDATORS["reward"],
+                           ds_configs=DS_CONFIGS.get("reward"))
 
 
 def register(app: typer.Typer) -> None:

@@ -8,19 +8,12 @@ from dschat_cli.cli.options import config_command
 from dschat_cli.config.sft import SFTConfig
 
 
-def _validate(cfg: SFTConfig) -> None:
-    from dschat_cli.data.prepare import load_phase_rows
-    from dschat_cli.models.loading import check_lora_targets, check_model_source
-
-    check_model_source(cfg.model)
-    check_lora_targets(cfg.model, cfg.lora)
-    load_phase_rows(cfg.data, phase=1, seed=cfg.seed)
-
-
 def _run(cfg: SFTConfig, *, dry_run: bool) -> int:
+    from dschat_cli.launch.checks import DS_CONFIGS, VALIDATORS
     from dschat_cli.launch.step import launch_training
 
-    return launch_training("sft", cfg, dry_run=dry_run, validate=_validate)
+    return launch_training("sft", cfg, dry_run=dry_run, validate=VALIDATORS["sft"],
+                           ds_configs=DS_CONFIGS.get("sft"))
 
 
 def register(app: typer.Typer) -> None:

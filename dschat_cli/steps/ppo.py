@@ -35,7 +35,7 @@ from dschat_cli.rlhf.ppo import (PPOStats, Rollout, answer_logprobs, answer_posi
                                  gae_advantages_and_returns, kl_penalised_rewards, masked_mean,
                                  masked_whiten, policy_loss, sequence_kl, value_loss)
 from dschat_cli.rlhf.reward import sequence_scores
-from dschat_cli.steps.ppo_configs import ppo_ds_configs
+from dschat_cli.config.ppo_ds import ppo_ds_configs
 from dschat_cli.steps.common import count_params, move_batch, print_summary, seed_everything
 from dschat_cli.ui.console import console
 from dschat_cli.ui.metrics import MetricsLog

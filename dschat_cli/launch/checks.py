@@ -1,0 +1,69 @@
+"""Pre-launch checks of each training step (user side): everything that can fail before a worker
+starts — folders and their kinds, tokenizers, LoRA targets, data — so a mistake costs a second and
+writes nothing. Used by the step commands and by `dschat pipeline`."""
+
+from __future__ import annotations
+
+from dschat_cli.config.ppo import PPOConfig
+from dschat_cli.config.reward import RewardConfig
+from dschat_cli.config.schema import ConfigError
+from dschat_cli.config.sft import SFTConfig
+
+
+def validate_sft(cfg: SFTConfig) -> None:
+    from dschat_cli.data.prepare import load_phase_rows
+    from dschat_cli.models.loading import check_lora_targets, check_model_source
+
+    check_model_source(cfg.model)
+    check_lora_targets(cfg.model, cfg.lora)
+    load_phase_rows(cfg.data, phase=1, seed=cfg.seed)
+
+
+def validate_reward(cfg: RewardConfig) -> None:
+    from dschat_cli.data.prepare import load_phase_rows
+    from dschat_cli.models.loading import check_lora_targets, check_model_source
+
+    check_model_source(cfg.model)
+    check_lora_targets(cfg.model, cfg.lora, backbone_only=True)
+    train, _ = load_phase_rows(cfg.data, phase=2, seed=cfg.seed)
+    if all(r is None or not str(r).strip() for r in train["rejected"]):
+        raise ConfigError("--data-path", "the step-2 part of the data has no rejected answers (an "
+                          "SFT-only source?); the reward model needs chosen/rejected pairs")
+
+
+def validate_ppo(cfg: PPOConfig) -> None:
+    from dschat_cli.config.sections import ModelOptions
+    from dschat_cli.data.prepare import load_phase_rows
+    from dschat_cli.models.loading import check_lora_targets, check_model_source, load_tokenizer
+    from dschat_cli.models.reward import check_reward_dir, check_same_tokenizer, is_random_preset
+
+    check_model_source(cfg.actor, flag="--actor-model")
+    critics = [("--critic-model", cfg.critic)]
+    if cfg.reward_model:
+        critics.append(("--reward-model", ModelOptions(model=cfg.reward_model)))
+    actor_tok = load_tokenizer(cfg.actor)
+    for flag, opts in critics:
+        if is_random_preset(opts):  # an untrained architecture preset (benchmarks)
+            check_model_source(opts, flag=flag)
+        else:
+            check_reward_dir(str(opts.model), flag)
+        check_same_tokenizer(actor_tok, load_tokenizer(opts), flag=flag, other_path=str(opts.model))
+    check_lora_targets(cfg.actor, cfg.actor_lora, flag_prefix="actor-")
+    check_lora_targets(cfg.critic, cfg.critic_lora, backbone_only=True, flag_prefix="critic-")
+    load_phase_rows(cfg.data.as_data_options(), phase=3, seed=cfg.seed)
+
+
+def ppo_planned_configs(cfg: PPOConfig, plan, hw) -> dict[str, dict]:
+    """The four DeepSpeed JSONs of step 3, as the workers will build them."""
+    from dschat_cli.config.ds_config import resolve_dtype
+    from dschat_cli.config.ppo_ds import ppo_ds_configs
+
+    dtype = resolve_dtype(cfg.deepspeed.dtype, has_gpu=hw.gpus > 0, bf16_supported=hw.bf16)
+    tb = f"{cfg.output_dir}/tensorboard" if cfg.deepspeed.enable_tensorboard else None
+    configs = ppo_ds_configs(cfg, world_size=plan.world_size, dtype=dtype,
+                             torch_adam=cfg.train.torch_adam or hw.gpus == 0, tensorboard_dir=tb)
+    return {f"ds_config_{name}.json": c for name, c in configs.items()}
+
+
+VALIDATORS = {"sft": validate_sft, "reward": validate_reward, "ppo": validate_ppo}
+DS_CONFIGS = {"ppo": ppo_planned_configs}
