@@ -1,0 +1,349 @@
+"""`dschat pipeline`: steps 1, 2 and 3 in order, each as its own launch, then a time breakdown.
+
+    dschat pipeline --actor opt-13b --reward opt-350m --deployment-type single_node
+    dschat pipeline --demo
+
+User side only (it launches workers through launch/, like the step commands). Layout:
+OUT/actor-models/NAME, OUT/reward-models/NAME, OUT/step3-models/NAME (each with its own
+train.log, run config, DeepSpeed JSON and metrics), OUT/summary.md and OUT/summary.json.
+A finished step leaves a `.dschat_done.json` marker and is skipped when the pipeline runs again;
+a step that failed or was killed has no marker and runs again from its start.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from dschat_cli.config import schema
+from dschat_cli.config.pipeline import PipelineConfig, SizePreset, size_preset
+from dschat_cli.config.ppo import PPOConfig
+from dschat_cli.config.reward import RewardConfig
+from dschat_cli.config.schema import ConfigError
+from dschat_cli.config.sft import SFTConfig
+from dschat_cli.ui.console import console, error_line
+
+DONE = ".dschat_done.json"
+STEP_NAMES = {1: "sft", 2: "reward", 3: "ppo"}
+STEP_DIRS = {1: "actor-models", 2: "reward-models", 3: "step3-models"}
+STEP_CLASSES: dict[int, type] = {1: SFTConfig, 2: RewardConfig, 3: PPOConfig}
+
+# The demo's step settings: tiny models on 2 CPU cores, a few minutes in all.
+DEMO_STEPS: dict[int, dict[tuple[str, ...], Any]] = {
+    1: {("optim", "num_train_epochs"): 3, ("optim", "learning_rate"): 2e-3,
+        ("optim", "per_device_train_batch_size"): 16, ("optim", "num_warmup_steps"): 0,
+        ("data", "max_seq_len"): 128, ("deepspeed", "dtype"): "fp32"},
+    2: {("optim", "num_train_epochs"): 1, ("optim", "learning_rate"): 1e-3,
+        ("optim", "per_device_train_batch_size"): 16, ("data", "max_seq_len"): 128,
+        ("deepspeed", "dtype"): "fp32"},
+    3: {("train", "actor_learning_rate"): 3e-4, ("train", "critic_learning_rate"): 1e-3,
+        ("train", "num_warmup_steps"): 0, ("train", "per_device_generation_batch_size"): 16,
+        ("train", "per_device_training_batch_size"): 16, ("train", "test_stop_step"): 40,
+        ("generation", "max_answer_seq_len"): 24, ("data", "max_prompt_seq_len"): 64,
+        ("data", "max_eval_samples"): 64, ("deepspeed", "dtype"): "fp32"},
+}
+
+
+@dataclass
+class StepPlan:
+    number: int
+    name: str  # sft / reward / ppo
+    out: Path
+    cfg: Any  # SFTConfig / RewardConfig / PPOConfig
+    preset: SizePreset | None
+
+
+def model_name(model: str) -> str:
+    """Folder name for a model argument: 'opt-13b' / 'facebook/opt-13b' -> 'opt-13b'."""
+    from dschat_cli.models.presets import resolve_preset
+
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return p.resolve().name
+    return resolve_preset(model) or model.rstrip("/").split("/")[-1]
+
+
+def model_params(model: str) -> int | None:
+    """Parameter count from the architecture alone (preset or a config.json that is at hand);
+    None when it cannot be known without the network."""
+    from dschat_cli.models.presets import param_count, preset_config, resolve_preset
+
+    cfg = None
+    p = Path(model).expanduser()
+    if (p / "config.json").is_file():
+        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    elif resolve_preset(model):
+        cfg = preset_config(resolve_preset(model))
+    if cfg is None:
+        return None
+    try:
+        return param_count(cfg)
+    except (ValueError, KeyError):
+        return _meta_param_count(cfg)
+
+
+def _meta_param_count(cfg: dict) -> int | None:
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        raw = dict(cfg)
+        config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:
+        return None
+
+
+def _layers(cls: type, yaml_path: str | None, preset: dict, flags: dict) -> Any:
+    """preset < step YAML < pipeline flags, into one step config."""
+    merged = dict(preset)
+    if yaml_path:
+        values = schema.load_yaml(yaml_path)
+        known = {s.path for s in schema.flag_specs(cls)}
+        for path in values:
+            if path not in known:
+                raise ConfigError(yaml_path, f"unknown {cls.__name__} option '{'.'.join(path)}'")
+        merged.update(values)
+    merged.update(flags)
+    cfg = schema.build(cls, merged, source=yaml_path or "pipeline")
+    cfg.check()
+    return cfg
+
+
+def _launch_flags(cfg: PipelineConfig) -> dict:
+    return {("launch", f.name): getattr(cfg.launch, f.name)
+            for f in cfg.launch.__dataclass_fields__.values()}
+
+
+def plan_pipeline(cfg: PipelineConfig) -> list[StepPlan]:
+    """The three step configs, resolved (nothing runs, nothing is read from the network)."""
+    root = Path(cfg.output_dir).expanduser().resolve()
+    dep = cfg.launch.deployment_type
+    actor_preset = size_preset(model_params(cfg.actor))
+    reward_preset = size_preset(model_params(cfg.reward))
+    actor_dir = root / STEP_DIRS[1] / model_name(cfg.actor)
+    reward_dir = root / STEP_DIRS[2] / model_name(cfg.reward)
+    ppo_dir = root / STEP_DIRS[3] / model_name(cfg.actor)
+    data = {("data", "data_path"): cfg.data.data_path, ("data", "data_dir"): cfg.data.data_dir,
+            ("data", "data_split"): cfg.data.data_split,
+            ("data", "data_cache_dir"): cfg.data.data_cache_dir}
+    common = {**data, **_launch_flags(cfg), ("seed",): cfg.seed, ("overwrite",): True}
+    from dschat_cli.models.presets import resolve_preset
+
+    def random(model: str) -> bool:
+        return cfg.random_init and resolve_preset(model) is not None \
+            and not Path(model).expanduser().exists()
+
+    def step_preset(p: SizePreset, zero: int | None) -> dict:
+        return {("deepspeed", "zero_stage"): zero if zero is not None else p.zero_stage[dep],
+                ("optim", "per_device_train_batch_size"): p.train_batch,
+                ("optim", "gradient_accumulation_steps"):
+                    p.grad_accum_single_gpu if dep == "single_gpu" else 1,
+                ("model", "gradient_checkpointing"): p.gradient_checkpointing}
+
+    demo = DEMO_STEPS if cfg.demo else {1: {}, 2: {}, 3: {}}
+    plans = [
+        StepPlan(1, "sft", actor_dir, _layers(SFTConfig, cfg.sft_config, {
+            **step_preset(actor_preset, cfg.actor_zero_stage), **demo[1]}, {
+            **common, ("model", "model"): cfg.actor, ("model", "random_init"): random(cfg.actor),
+            ("output_dir",): str(actor_dir)}), actor_preset),
+        StepPlan(2, "reward", reward_dir, _layers(RewardConfig, cfg.reward_config, {
+            **step_preset(reward_preset, cfg.reward_zero_stage),
+            ("optim", "gradient_accumulation_steps"): 1, **demo[2]}, {
+            **common, ("model", "model"): cfg.reward, ("model", "random_init"): random(cfg.reward),
+            ("output_dir",): str(reward_dir)}), reward_preset),
+    ]
+    actor_stage = cfg.actor_zero_stage if cfg.actor_zero_stage is not None \
+        else actor_preset.zero_stage[dep]
+    critic_stage = cfg.reward_zero_stage if cfg.reward_zero_stage is not None \
+        else reward_preset.zero_stage[dep]
+    ppo_data = {("data", k[1]): v for k, v in data.items()}
+    plans.append(StepPlan(3, "ppo", ppo_dir, _layers(PPOConfig, cfg.ppo_config, {
+        ("deepspeed", "actor_zero_stage"): actor_stage,
+        ("deepspeed", "critic_zero_stage"): critic_stage,
+        ("train", "per_device_generation_batch_size"): actor_preset.ppo_batch,
+        ("train", "per_device_training_batch_size"): actor_preset.ppo_batch,
+        ("actor", "gradient_checkpointing"): actor_preset.gradient_checkpointing,
+        **demo[3]}, {
+        **ppo_data, **_launch_flags(cfg), ("seed",): cfg.seed, ("overwrite",): True,
+        ("actor", "model"): str(actor_dir), ("critic", "model"): str(reward_dir),
+        ("output_dir",): str(ppo_dir)}), actor_preset))
+    return [p for p in plans if p.number in cfg.step_numbers]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def step_metrics(plan: StepPlan) -> dict:
+    """The key figures of a finished step, from its train_summary.json."""
+    s = _read_json(plan.out / "train_summary.json")
+    if not s:
+        return {}
+    if plan.number == 1:
+        return {"eval_ppl_start": s.get("eval_ppl_start"), "eval_ppl_end": s.get("eval_ppl_end")}
+    if plan.number == 2:
+        start, end = s.get("eval_start") or {}, s.get("eval_end") or {}
+        return {"accuracy_start": start.get("accuracy"), "accuracy_end": end.get("accuracy"),
+                "chosen_end": end.get("chosen"), "rejected_end": end.get("rejected")}
+    last = s.get("last") or {}
+    return {"reward_heldout_start": s.get("reward_heldout_start"),
+            "reward_heldout_end": s.get("reward_heldout_end"), "kl_last": last.get("kl"),
+            "steps": s.get("steps")}
+
+
+def _fmt(v, spec=".3f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _describe(plan: StepPlan, m: dict) -> str:
+    if not m:
+        return ""
+    if plan.number == 1:
+        return f"perplexity {_fmt(m['eval_ppl_start'], '.2f')} -> {_fmt(m['eval_ppl_end'], '.2f')}"
+    if plan.number == 2:
+        return (f"accuracy {_fmt(m['accuracy_start'])} -> {_fmt(m['accuracy_end'])} "
+                f"(chosen {_fmt(m['chosen_end'])}, rejected {_fmt(m['rejected_end'])})")
+    return (f"held-out reward {_fmt(m['reward_heldout_start'])} -> "
+            f"{_fmt(m['reward_heldout_end'])}, KL {_fmt(m['kl_last'], '.4f')}")
+
+
+def prepare_demo(cfg: PipelineConfig) -> PipelineConfig:
+    """Build the demo's tiny model, tokenizer and data under OUT (once) and point the pipeline at
+    them."""
+    import dataclasses
+
+    from dschat_cli.demo.synthetic import demo_corpus, write_jsonfile_dir
+    from dschat_cli.models.local_tokenizer import build_local_tokenizer
+    from dschat_cli.models.tiny import save_tiny_model
+
+    root = Path(cfg.output_dir).expanduser().resolve()
+    base, data = root / "demo-base", root / "demo-data"
+    if not (base / "config.json").is_file():
+        with console.status("demo: building a tiny model and tokenizer"):
+            tok = build_local_tokenizer(texts=demo_corpus())
+            save_tiny_model("opt", base, tokenizer=tok, hidden=64, layers=2, dropout=0.0)
+    if not (data / "train.json").is_file():
+        write_jsonfile_dir(data, n_train=1000, n_eval=200, seed=0)
+    return dataclasses.replace(
+        cfg, actor=str(base), reward=str(base), random_init=False,
+        data=dataclasses.replace(cfg.data, data_path=("local/jsonfile",), data_dir=str(data),
+                                 data_split="4,3,3"))
+
+
+def run_pipeline(cfg: PipelineConfig, *, dry_run: bool) -> int:
+    from dschat_cli.launch.checks import DS_CONFIGS, VALIDATORS
+    from dschat_cli.launch.step import launch_training
+
+    if cfg.demo and not dry_run:
+        cfg = prepare_demo(cfg)
+    plans = plan_pipeline(cfg)
+    root = Path(cfg.output_dir).expanduser().resolve()
+    if dry_run:
+        for p in plans:
+            console.rule(f"[bold]step {p.number}: dschat {p.name} -> {escape(str(p.out))}")
+            if p.preset is not None:
+                console.print(f"size preset: {p.preset.name}")
+            launch_training(p.name, p.cfg, dry_run=True, validate=VALIDATORS[p.name],
+                            ds_configs=DS_CONFIGS.get(p.name))
+        return 0
+
+    rows: list[dict] = []
+    rc = 0
+    for p in plans:
+        marker = p.out / DONE
+        if marker.is_file() and not cfg.rerun:
+            done = _read_json(marker)
+            console.print(Text(f"step {p.number} ({p.name}) finished earlier in {p.out}: skipping "
+                               "(--rerun to run it again)"))
+            rows.append({"step": p.number, "name": p.name, "status": "done earlier",
+                         "seconds": done.get("seconds"), "metrics": step_metrics(p)})
+        else:
+            if p.number == 3:
+                gate = _reward_gate(cfg, plans, root)
+                if gate is not None:
+                    rows.append({"step": 3, "name": "ppo", "status": "not run", "seconds": None,
+                                 "metrics": {}})
+                    error_line("--min-reward-accuracy", gate)
+                    rc = 3
+                    break
+            console.rule(f"[bold]step {p.number}: dschat {p.name}")
+            marker.unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            rc = launch_training(p.name, p.cfg, dry_run=False, validate=VALIDATORS[p.name],
+                                 ds_configs=DS_CONFIGS.get(p.name))
+            seconds = time.perf_counter() - t0
+            if rc != 0:
+                rows.append({"step": p.number, "name": p.name, "status": f"failed ({rc})",
+                             "seconds": seconds, "metrics": {}})
+                break
+            marker.write_text(json.dumps({"seconds": seconds, "finished": time.time()}) + "\n")
+            rows.append({"step": p.number, "name": p.name, "status": "ran", "seconds": seconds,
+                         "metrics": step_metrics(p)})
+    # total of the steps' own times (a skipped step counts with the time it took when it ran)
+    total = sum(r["seconds"] or 0.0 for r in rows)
+    _summarise(cfg, plans, rows, total, root)
+    if rc == 0 and any(p.number == 3 for p in plans):
+        actor = plans[-1].out / "actor"
+        console.print(Text(f"\nChat with the trained actor:\n  dschat chat --path {actor}"))
+    return rc
+
+
+def _reward_gate(cfg: PipelineConfig, plans: list[StepPlan], root: Path) -> str | None:
+    reward_dir = next((p.out for p in plans if p.number == 2), None) or \
+        step_dir(cfg, 2)
+    acc = ((_read_json(reward_dir / "train_summary.json").get("eval_end")) or {}).get("accuracy")
+    if acc is None:
+        return None  # no eval figure (e.g. a reward model from elsewhere): nothing to gate on
+    if acc < cfg.min_reward_accuracy:
+        return (f"the reward model's held-out accuracy is {acc:.3f}, below "
+                f"{cfg.min_reward_accuracy}; improve step 2 (more data or epochs) or pass a lower "
+                "--min-reward-accuracy to run step 3 anyway")
+    return None
+
+
+def step_dir(cfg: PipelineConfig, number: int) -> Path:
+    root = Path(cfg.output_dir).expanduser().resolve()
+    model = cfg.actor if number != 2 else cfg.reward
+    return root / STEP_DIRS[number] / model_name(model)
+
+
+def _summarise(cfg: PipelineConfig, plans: list[StepPlan], rows: list[dict], total: float,
+               root: Path) -> None:
+    table = Table(title="dschat pipeline: time breakdown", title_justify="left")
+    for col in ("step", "status", "time", "key figures", "output"):
+        table.add_column(col, justify="right" if col == "time" else "left")
+    by_number = {p.number: p for p in plans}
+    for r in rows:
+        p = by_number[r["step"]]
+        secs = r["seconds"]
+        table.add_row(f"step {r['step']} ({r['name']})", r["status"],
+                      "-" if secs is None else f"{secs / 60:.1f} min" if secs >= 120 else f"{secs:.1f} s",
+                      Text(_describe(p, r["metrics"])), Text(str(p.out)))
+    table.add_row("total", "", f"{total / 60:.1f} min" if total >= 120 else f"{total:.1f} s", "", "")
+    console.print(table)
+    root.mkdir(parents=True, exist_ok=True)
+    summary = {"actor": cfg.actor, "reward": cfg.reward, "total_seconds": total, "steps": rows}
+    (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    lines = ["# dschat pipeline summary", "", "| step | status | time (s) | key figures | output |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        p = by_number[r["step"]]
+        secs = "-" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        lines.append(f"| {r['step']} ({r['name']}) | {r['status']} | {secs} | "
+                     f"{_describe(p, r['metrics'])} | {p.out} |")
+    lines.append(f"| total | | {total:.1f} | | |")
+    (root / "summary.md").write_text("\n".join(lines) + "\n")
+    console.print(Text(f"summary written to {root / 'summary.md'} and summary.json"))
