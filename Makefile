@@ -4,12 +4,13 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 PYTEST ?= $(PYTHON) -m pytest
 
-.PHONY: install test test-fast lint help
+.PHONY: install test test-fast demo help
 
 help:
 	@echo "make install    install dschat (editable) with test extras; keeps an installed torch"
 	@echo "make test       the whole test suite (unit + integration on CPU), < 10 minutes"
 	@echo "make test-fast  unit tests and quick integration tests only (skips 'slow')"
+	@echo "make demo       the whole recipe on a tiny local model, on CPU, in a few minutes"
 
 install:
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
@@ -28,3 +29,7 @@ test:
 
 test-fast:
 	$(PYTEST) -q -m "not slow"
+
+# The built-in demo: no download; output in ./dschat-demo (re-running skips finished steps).
+demo:
+	$(PYTHON) -m dschat_cli pipeline --demo --output-dir dschat-demo
