@@ -6,8 +6,9 @@ from __future__ import annotations
 import typer
 
 from dschat_cli import __version__
+from dschat_cli.cli import chat
 from dschat_cli.cli import eval as eval_cmd
-from dschat_cli.cli import eval_reward, ppo, reward, sft
+from dschat_cli.cli import eval_reward, pipeline, ppo, reward, sft
 
 app = typer.Typer(
     name="dschat",
@@ -37,9 +38,10 @@ def main_callback(
 sft.register(app)
 reward.register(app)
 ppo.register(app)
+pipeline.register(app)
 eval_cmd.register(app)
 eval_reward.register(app)
-ppo.register(app)
+chat.register(app)
 
 
 def main() -> None:

@@ -26,4 +26,5 @@ def register(app: typer.Typer) -> None:
                    help="Prompt evaluation: the same prompts through a baseline and a fine-tuned "
                         "model, answers side by side.",
                    epilog="Example: dschat eval --baseline facebook/opt-1.3b --finetuned "
-                          "out/actor-models/1.3b")
+                          "out/actor-models/1.3b",
+                   dry_run_help="Print the resolved config and exit.")

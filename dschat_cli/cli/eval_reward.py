@@ -26,4 +26,5 @@ def register(app: typer.Typer) -> None:
                    help="Score chosen/rejected answers with a reward model: per-pair table, "
                         "accuracy, mean scores (or single answers with --answer).",
                    epilog="Example: dschat eval-reward --path out/reward (scores its held-out "
-                          "pairs)")
+                          "pairs)",
+                   dry_run_help="Print the resolved config and exit.")

@@ -16,7 +16,7 @@ def _option(spec: FlagSpec) -> tuple[Any, Any]:
     """(annotation, typer.Option) for one field."""
     help_text = spec.help
     if spec.choices:
-        help_text += " [choices: " + ", ".join(str(c) for c in spec.choices) + "]"
+        help_text += " \\[choices: " + ", ".join(str(c) for c in spec.choices) + "]"
     common = dict(help=help_text, rich_help_panel=spec.panel, hidden=spec.hidden)
     if spec.type is bool:
         decl = f"{spec.flag}/--no-{spec.flag[2:]}"
@@ -30,7 +30,9 @@ def _option(spec: FlagSpec) -> tuple[Any, Any]:
 
 def config_command(app: typer.Typer, name: str, cfg_cls: type, *, help: str,
                    handler: Callable[..., int | None], extra: list[inspect.Parameter] | None = None,
-                   epilog: str | None = None) -> None:
+                   epilog: str | None = None,
+                   dry_run_help: str = "Print the resolved config, the DeepSpeed JSON and the "
+                                       "launch command, then exit without running.") -> None:
     """Register `name` on `app`. `handler(cfg, dry_run=..., **extra_values)` runs the command and
     returns an exit code."""
     specs = flag_specs(cfg_cls)
@@ -47,9 +49,7 @@ def config_command(app: typer.Typer, name: str, cfg_cls: type, *, help: str,
                              rich_help_panel="Run")))
     params.append(inspect.Parameter(
         "dry_run", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-        default=typer.Option(False, "--dry-run", help="Print the resolved config, the DeepSpeed JSON "
-                             "and the launch command, then exit without running.",
-                             rich_help_panel="Run")))
+        default=typer.Option(False, "--dry-run", help=dry_run_help, rich_help_panel="Run")))
     params.extend(extra or [])
     extra_names = [p.name for p in extra or []]
 

@@ -1,0 +1,127 @@
+"""PPO learns: the whole InstructGPT recipe on a synthetic task raises the reward on held-out prompts.
+
+    1. SFT      tiny Llama, 5 epochs (lr 3e-3) on the demo pairs where the trained answer is the
+                polite one for half of the prompts and the rude one for the other half: the actor
+                answers politely or rudely at random (and in broken English).
+    2. reward   tiny Llama, 1 epoch on the real pairs (polite preferred): held-out accuracy 1.0,
+                chosen ~ +2.4, rejected ~ -3.7.
+    3. PPO      32 steps of 16 prompts (512 train prompts, one epoch), actor lr 3e-4, critic lr
+                1e-4, answers of up to 16 tokens, default KL coefficient 0.1; the held-out reward
+                is measured on 256 prompts from topics never seen in training.
+
+Observed on CPU with seeds 1234 and 1..20 (21 runs):
+    held-out reward gain (end - start)     2.29 .. 3.39  (mean 2.89; seed 1234: 2.84)
+    mean KL to the reference, last 8 steps 3.1 .. 6.0
+    largest KL of any step                 4.2 .. 14.0  (a transient spike; the penalty pulls it back)
+    batch reward, last 8 minus first 8     1.24 .. 2.31
+
+The asserted bounds keep a safety factor of about 1.5-2 over the worst observed run. With only 64
+held-out prompts and 16 steps the gain was 0.76 .. 2.63: the noise of the held-out mean is why
+this test draws its prompts from a larger set. The same seed twice gives the same run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+MIN_HELDOUT_GAIN = 1.5     # observed >= 2.29 (21 seeds)
+MAX_LATE_KL = 12.0         # mean KL of the last 8 steps; observed <= 6.0
+MAX_STEP_KL = 30.0         # any single step; observed <= 14.0
+MIN_BATCH_GAIN = 0.6       # mean batch reward of the last 8 steps minus the first 8; observed >= 1.24
+STEPS = 32
+TIMING_KEYS = {"time", "seconds", "generation_share", "samples_per_s", "tokens_per_s"}
+
+
+def _mixed_sft_dir(pairs_dir: Path, out: Path) -> Path:
+    """The pairs with the trained answer ("chosen") polite or rude at random (seeded, 50/50)."""
+    rng = random.Random(0)
+    out.mkdir(parents=True)
+    for part in ("train", "eval"):
+        rows = json.loads((pairs_dir / f"{part}.json").read_text())
+        mixed = []
+        for r in rows:
+            polite = rng.random() < 0.5
+            mixed.append({"prompt": r["prompt"],
+                          "chosen": r["chosen"] if polite else r["rejected"],
+                          "rejected": r["rejected"] if polite else r["chosen"]})
+        (out / f"{part}.json").write_text(json.dumps(mixed))
+    return out
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, tiny_model_dir, pairs_dir, invoke_dschat) -> dict:
+    """Steps 1 and 2 (in process) and a larger prompt set for step 3."""
+    from dschat_cli.demo.synthetic import write_jsonfile_dir
+
+    root = tmp_path_factory.mktemp("ppo_learning")
+    llama = tiny_model_dir("llama")
+    mixed = _mixed_sft_dir(pairs_dir, root / "mixed")
+    sft = invoke_dschat("sft", "--model", llama, "--data-path", "local/jsonfile", "--data-dir",
+                        mixed, "--data-split", "10,0,0", "--output-dir", root / "sft",
+                        "--data-cache-dir", root / "cache", "--num-train-epochs", "5",
+                        "--per-device-train-batch-size", "8", "--learning-rate", "3e-3",
+                        "--max-seq-len", "128", "--launcher", "none")
+    assert sft.code == 0, sft.explain()
+    rm = invoke_dschat("reward", "--model", llama, "--data-path", "local/jsonfile", "--data-dir",
+                       pairs_dir, "--data-split", "0,10,0", "--output-dir", root / "reward",
+                       "--data-cache-dir", root / "cache", "--num-train-epochs", "1",
+                       "--per-device-train-batch-size", "16", "--learning-rate", "1e-3",
+                       "--max-seq-len", "128", "--launcher", "none")
+    assert rm.code == 0, rm.explain()
+    end = json.loads((root / "reward" / "train_summary.json").read_text())["eval_end"]
+    assert end["accuracy"] >= 0.95, end
+    # 512 train prompts (32 steps of 16), 256 held-out prompts from unseen topics
+    prompts = write_jsonfile_dir(root / "prompts", n_train=STEPS * 16, n_eval=256, seed=1)
+    return {"root": root, "actor": root / "sft", "reward": root / "reward", "prompts": prompts}
+
+
+def _ppo(recipe: dict, name: str, invoke_dschat, seed: int = 1234) -> tuple[dict, list[dict]]:
+    out = recipe["root"] / name
+    r = invoke_dschat("ppo", "--actor-model", recipe["actor"], "--critic-model", recipe["reward"],
+                      "--data-path", "local/jsonfile", "--data-dir", recipe["prompts"],
+                      "--data-split", "0,0,10", "--output-dir", out,
+                      "--data-cache-dir", recipe["root"] / "cache", "--launcher", "none",
+                      "--seed", str(seed), "--per-device-generation-batch-size", "16",
+                      "--per-device-training-batch-size", "8", "--max-answer-seq-len", "16",
+                      "--actor-learning-rate", "3e-4", "--critic-learning-rate", "1e-4",
+                      "--num-warmup-steps", "0", "--test-stop-step", str(STEPS),
+                      "--max-eval-samples", "256")
+    assert r.code == 0, r.explain()
+    summary = json.loads((out / "train_summary.json").read_text())
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
+    return summary, rows
+
+
+def _no_timing(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMING_KEYS}
+
+
+def test_ppo_raises_heldout_reward_with_bounded_kl(recipe, invoke_dschat):
+    summary, rows = _ppo(recipe, "ppo", invoke_dschat)
+    assert summary["steps"] == STEPS and len(rows) == STEPS
+    start, end = summary["reward_heldout_start"], summary["reward_heldout_end"]
+    assert math.isfinite(start) and math.isfinite(end)
+    # the margin: +1.5 on held-out prompts (observed +2.29 .. +3.39 over 21 seeds; the reward
+    # model's polite/rude gap is ~6, the SFT actor starts near -0.6)
+    assert end - start >= MIN_HELDOUT_GAIN, (start, end)
+    # ... also visible in the training batches
+    first8 = sum(r["reward"] for r in rows[:8]) / 8
+    last8 = sum(r["reward"] for r in rows[-8:]) / 8
+    assert last8 - first8 >= MIN_BATCH_GAIN, (first8, last8)
+    # the KL penalty keeps the actor near the reference
+    kls = [r["kl"] for r in rows]
+    assert sum(kls[-8:]) / 8 < MAX_LATE_KL, kls
+    assert max(abs(k) for k in kls) < MAX_STEP_KL, kls
+    # no collapse to empty answers, nothing diverged
+    assert all(r["answer_length"] > 8 for r in rows), [r["answer_length"] for r in rows]
+    assert all(math.isfinite(r["actor_loss"]) and math.isfinite(r["critic_loss"]) for r in rows)
+
+    # deterministic: the same seed again (same process, fresh models) gives the same run exactly
+    again, rows_again = _ppo(recipe, "ppo_again", invoke_dschat)
+    assert [_no_timing(r) for r in rows_again] == [_no_timing(r) for r in rows]
+    assert again["reward_heldout_start"] == start and again["reward_heldout_end"] == end
