@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import typer
 
-from dschat_cli.cli.options import config_command
+from dschat_cli.cli.options import config_command, show_config
 from dschat_cli.config.chat import ChatConfig
 
 
@@ -14,11 +14,7 @@ def _run(cfg: ChatConfig, *, dry_run: bool) -> int:
 
     check_path(cfg)  # a wrong folder fails at once, before torch loads
     if dry_run:
-        from dschat_cli.config.schema import to_yaml
-        from dschat_cli.ui.console import console
-
-        console.print(to_yaml(cfg))
-        return 0
+        return show_config(cfg)
     from dschat_cli.chat import run_chat
 
     return run_chat(cfg)

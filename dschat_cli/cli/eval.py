@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import typer
 
-from dschat_cli.cli.options import config_command
+from dschat_cli.cli.options import config_command, show_config
 from dschat_cli.config.eval import EvalConfig
 
 
 def _run(cfg: EvalConfig, *, dry_run: bool) -> int:
     if dry_run:
-        from dschat_cli.config.schema import to_yaml
-        from dschat_cli.ui.console import console
-
-        console.print(to_yaml(cfg))
-        return 0
+        return show_config(cfg)
     from dschat_cli.eval.prompts import run_eval
 
     run_eval(cfg)

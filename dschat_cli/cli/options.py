@@ -75,3 +75,12 @@ def config_command(app: typer.Typer, name: str, cfg_cls: type, *, help: str,
     command.__name__ = name.replace("-", "_")
     command.__doc__ = help
     app.command(name, help=help, epilog=epilog)(command)
+
+
+def show_config(cfg) -> int:
+    """--dry-run of the commands that launch nothing: the resolved config as YAML."""
+    from dschat_cli.config.schema import to_yaml
+    from dschat_cli.ui.console import console
+
+    console.print(to_yaml(cfg), highlight=False, markup=False)
+    return 0

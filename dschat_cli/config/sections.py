@@ -139,3 +139,16 @@ class LaunchOptions:
     launcher: str = opt("deepspeed", "deepspeed: launch workers with deepspeed.launcher; none: run "
                         "one worker in this process (world size 1, for debugging).",
                         choices=("deepspeed", "none"))
+
+
+def check_single_model_run(cfg, example_model: str) -> None:
+    """Cross-field checks shared by `dschat sft` and `dschat reward` (no file system)."""
+    if not cfg.model.model:
+        raise ConfigError("--model", "is required (a hub id, a local folder or a preset such as "
+                          f"{example_model})")
+    if not cfg.output_dir:
+        raise ConfigError("--output-dir", "is required")
+    if cfg.lora.only_optimize_lora and cfg.lora.lora_dim == 0:
+        raise ConfigError("--only-optimize-lora", "needs --lora-dim > 0")
+    if cfg.deepspeed.offload and cfg.deepspeed.zero_stage == 0:
+        raise ConfigError("--offload", "needs --zero-stage 1, 2 or 3")

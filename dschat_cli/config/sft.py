@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dschat_cli.config.schema import ConfigError, opt, section
+from dschat_cli.config.schema import opt, section
 from dschat_cli.config.sections import (DataOptions, DeepSpeedOptions, LaunchOptions, LoraOptions,
-                                        ModelOptions, OptimOptions)
+                                        ModelOptions, OptimOptions, check_single_model_run)
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,4 @@ class SFTConfig:
 
     def check(self) -> None:
         """Cross-field checks that need no file system."""
-        if not self.model.model:
-            raise ConfigError("--model", "is required (a hub id, a local folder or a preset such as "
-                              "opt-125m)")
-        if not self.output_dir:
-            raise ConfigError("--output-dir", "is required")
-        if self.lora.only_optimize_lora and self.lora.lora_dim == 0:
-            raise ConfigError("--only-optimize-lora", "needs --lora-dim > 0")
-        if self.deepspeed.offload and self.deepspeed.zero_stage == 0:
-            raise ConfigError("--offload", "needs --zero-stage 1, 2 or 3")
+        check_single_model_run(self, "opt-125m")
