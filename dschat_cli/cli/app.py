@@ -7,6 +7,7 @@ import typer
 
 from dschat_cli import __version__
 from dschat_cli.cli import chat
+from dschat_cli.cli import doctor
 from dschat_cli.cli import eval as eval_cmd
 from dschat_cli.cli import eval_reward, pipeline, ppo, reward, sft
 
@@ -42,6 +43,7 @@ pipeline.register(app)
 eval_cmd.register(app)
 eval_reward.register(app)
 chat.register(app)
+doctor.register(app)
 
 
 def main() -> None:

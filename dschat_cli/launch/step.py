@@ -76,6 +76,11 @@ def launch_training(step: str, cfg, *, dry_run: bool, validate: Callable[[object
         return 0
 
     check_output_dir(cfg.output_dir, cfg.overwrite)
+    from dschat_cli.doctor import preflight  # `dschat doctor`'s fast checks
+
+    # GPU workers share /dev/shm (NCCL); CPU workers talk over gloo's TCP and need none
+    procs_per_node = plan.world_size // max(plan.nodes, 1) if plan.device == "cuda" else 1
+    preflight(procs_per_node, cfg.output_dir, getattr(cfg.data, "data_cache_dir", None))
     validate(cfg)
     if plan.warning:
         warn_line(plan.warning)
