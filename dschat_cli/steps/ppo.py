@@ -125,7 +125,8 @@ class _Opt:
 
 
 def _frozen(opts):
-    """The reference model: the actor's initial weights, no dropout, no checkpointing."""
+    """The frozen copy of a model's options: no gradient checkpointing (it only runs in eval
+    mode, so its dropout setting never applies)."""
     import dataclasses
 
     return dataclasses.replace(opts, dropout=None, gradient_checkpointing=False)
@@ -146,6 +147,9 @@ class PPOTrainer:
         if cfg.ppo.enable_ema:
             self.ema = self._actor_params(to_cpu=self.actor_zero3)
         self.last_generation_s = 0.0
+        # Models are built (identically on every rank); from here each rank samples its own
+        # answers, so the sampling seed differs per rank.
+        torch.manual_seed(cfg.seed + dist.rank)
 
     # 1. generate -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -168,16 +172,16 @@ class PPOTrainer:
             kwargs["synced_gpus"] = True  # ranks may stop at different lengths
         gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
                   if self.actor_zero3 else contextlib.nullcontext())
-        was_training = module.training
         module.eval()
         with gather:
-            seq = module.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        module.train(was_training)
-        return seq
+            return module.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
     def generate_experience(self, batch: dict) -> Rollout:
         """# 1. generate, # 2. score: one rollout from a batch of left-padded prompts."""
+        # experience is scored as the policy acts: dropout off (train() turns it back on)
+        self.m.actor.eval()
+        self.m.critic.eval()
         dev = self.m.actor.device
         prompts = batch["input_ids"].to(dev)
         prompt_mask = batch["attention_mask"].to(dev)
@@ -191,8 +195,8 @@ class PPOTrainer:
         # an answer ends at its first eos (kept); what follows is padding
         is_eos = (answer == self.m.tokenizer.eos_token_id).long()
         real = (is_eos.cumsum(1) - is_eos) == 0
-        # answers of <= 1 token are dropped: they stay in the batch (every rank keeps the same
-        # shapes) but their action mask is zero, so they add nothing to any loss
+        # answers of <= 1 token are dropped: they stay in the batch (so every rank keeps the same
+        # number of rows and mini-batches) but their action mask is zero: no loss, no statistics
         action_mask = real.long() * (real.sum(1, keepdim=True) > 1).long()
         attention_mask = torch.cat([prompt_mask, real.long()], dim=1)
         pos = positions_from_mask(attention_mask)
@@ -264,7 +268,7 @@ class PPOTrainer:
         return PPOStats(
             actor_loss=mean["actor_loss"], critic_loss=mean["critic_loss"],
             unsup_loss=mean["unsup_loss"],
-            reward=self.dist.all_reduce_mean(torch.cat([r.scores for r, _, _ in prepared]).mean()).item(),
+            reward=self.dist.all_reduce_mean(_kept_mean(prepared)),
             kl=self.dist.all_reduce_mean(torch.stack([sequence_kl(r.logprobs, r.ref_logprobs,
                                                                   r.action_mask)
                                                       for r, _, _ in prepared]).mean()).item(),
@@ -490,6 +494,12 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
     ])
     dist.barrier()
     return result
+
+
+def _kept_mean(prepared) -> float:
+    """Mean score of the answers that were kept (dropped ones, <= 1 token, do not count)."""
+    scores = torch.cat([r.scores[r.action_mask.sum(1) > 0] for r, _, _ in prepared])
+    return float(scores.mean()) if len(scores) else float("nan")
 
 
 def _forever(loader):

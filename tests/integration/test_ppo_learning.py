@@ -1,23 +1,34 @@
-"""PPO learns: the whole InstructGPT recipe on a synthetic task raises the reward on held-out prompts.
+"""PPO learns: the InstructGPT recipe on a synthetic task raises the reward on held-out prompts.
 
     1. SFT      tiny Llama, 5 epochs (lr 3e-3) on the demo pairs where the trained answer is the
                 polite one for half of the prompts and the rude one for the other half: the actor
                 answers politely or rudely at random (and in broken English).
     2. reward   tiny Llama, 1 epoch on the real pairs (polite preferred): held-out accuracy 1.0,
                 chosen ~ +2.4, rejected ~ -3.7.
-    3. PPO      32 steps of 16 prompts (512 train prompts, one epoch), actor lr 3e-4, critic lr
-                1e-4, answers of up to 16 tokens, default KL coefficient 0.1; the held-out reward
-                is measured on 256 prompts from topics never seen in training.
+    3. PPO      --reward-model: that reward model; --critic-model: the SFT backbone with a zero
+                value head (saved as a reward folder), so the only source of reward is the
+                reward model's score on the finished answer. 32 steps of 16 prompts (512 train
+                prompts, one epoch), actor lr 3e-4, critic lr 1e-3, answers of up to 16 tokens,
+                default KL coefficient 0.1; the held-out reward is measured on 256 prompts from
+                topics never seen in training.
+
+Why not the usual critic (initialised from the reward model)? It also raises the reward, by more
+(+2.3 .. +3.4), but a critic that already scores prefixes feeds the reward model's preferences
+into the advantages through V(t+1) - V(t): with the score zeroed in the per-token rewards the
+held-out reward still rose by +1.6. With the zero-head critic the same mutation gives +0.28 (the
+sampling noise of the held-out mean, measured once), placing the score on the first answer token
+instead of the last gives +0.59, and flipping the sign of the policy loss gives -1.8: each of
+these mutations (tried by monkeypatching, seed 1234) fails this test.
 
 Observed on CPU with seeds 1234 and 1..20 (21 runs):
-    held-out reward gain (end - start)     2.29 .. 3.39  (mean 2.89; seed 1234: 2.84)
-    mean KL to the reference, last 8 steps 3.1 .. 6.0
-    largest KL of any step                 4.2 .. 14.0  (a transient spike; the penalty pulls it back)
-    batch reward, last 8 minus first 8     1.24 .. 2.31
+    held-out reward gain (end - start)     1.64 .. 2.71  (mean 2.28; seed 1234: 2.23)
+    mean KL to the reference, last 8 steps 2.1 .. 6.3
+    largest KL of any step                 2.6 .. 8.5
+    batch reward, last 8 minus first 8     0.94 .. 2.27
 
-The asserted bounds keep a safety factor of about 1.5-2 over the worst observed run. With only 64
-held-out prompts and 16 steps the gain was 0.76 .. 2.63: the noise of the held-out mean is why
-this test draws its prompts from a larger set. The same seed twice gives the same run exactly.
+The asserted bounds keep a safety factor of about 1.6-2 over the worst observed run. With only 64
+held-out prompts and 16 steps the gain was much noisier (0.76 .. 2.63 with the reward-model
+critic): hence the larger prompt set. The same seed twice gives the same run exactly.
 """
 
 from __future__ import annotations
@@ -29,10 +40,10 @@ from pathlib import Path
 
 import pytest
 
-MIN_HELDOUT_GAIN = 1.5     # observed >= 2.29 (21 seeds)
-MAX_LATE_KL = 12.0         # mean KL of the last 8 steps; observed <= 6.0
-MAX_STEP_KL = 30.0         # any single step; observed <= 14.0
-MIN_BATCH_GAIN = 0.6       # mean batch reward of the last 8 steps minus the first 8; observed >= 1.24
+MIN_HELDOUT_GAIN = 1.0     # observed >= 1.64 (21 seeds); held-out noise ~0.3
+MAX_LATE_KL = 12.0         # mean KL of the last 8 steps; observed <= 6.3
+MAX_STEP_KL = 25.0         # any single step; observed <= 8.5
+MIN_BATCH_GAIN = 0.5       # batch reward, mean of last 8 steps - first 8; observed >= 0.94
 STEPS = 32
 TIMING_KEYS = {"time", "seconds", "generation_share", "samples_per_s", "tokens_per_s"}
 
@@ -77,18 +88,34 @@ def recipe(tmp_path_factory, tiny_model_dir, pairs_dir, invoke_dschat) -> dict:
     assert end["accuracy"] >= 0.95, end
     # 512 train prompts (32 steps of 16), 256 held-out prompts from unseen topics
     prompts = write_jsonfile_dir(root / "prompts", n_train=STEPS * 16, n_eval=256, seed=1)
-    return {"root": root, "actor": root / "sft", "reward": root / "reward", "prompts": prompts}
+    return {"root": root, "actor": root / "sft", "reward": root / "reward", "prompts": prompts,
+            "critic": _zero_head_critic(root / "sft", root / "critic")}
+
+
+def _zero_head_critic(sft: Path, out: Path) -> Path:
+    """A reward folder holding the SFT model's backbone and a value head of zeros."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from dschat_cli.models.reward import RewardModel, save_reward_model
+
+    model = RewardModel(AutoModel.from_pretrained(sft))
+    with torch.no_grad():
+        model.v_head.weight.zero_()
+    save_reward_model(model, AutoTokenizer.from_pretrained(sft), out, zero_stage=0, is_main=True)
+    return out
 
 
 def _ppo(recipe: dict, name: str, invoke_dschat, seed: int = 1234) -> tuple[dict, list[dict]]:
     out = recipe["root"] / name
-    r = invoke_dschat("ppo", "--actor-model", recipe["actor"], "--critic-model", recipe["reward"],
+    r = invoke_dschat("ppo", "--actor-model", recipe["actor"], "--critic-model", recipe["critic"],
+                      "--reward-model", recipe["reward"],
                       "--data-path", "local/jsonfile", "--data-dir", recipe["prompts"],
                       "--data-split", "0,0,10", "--output-dir", out,
                       "--data-cache-dir", recipe["root"] / "cache", "--launcher", "none",
                       "--seed", str(seed), "--per-device-generation-batch-size", "16",
                       "--per-device-training-batch-size", "8", "--max-answer-seq-len", "16",
-                      "--actor-learning-rate", "3e-4", "--critic-learning-rate", "1e-4",
+                      "--actor-learning-rate", "3e-4", "--critic-learning-rate", "1e-3",
                       "--num-warmup-steps", "0", "--test-stop-step", str(STEPS),
                       "--max-eval-samples", "256")
     assert r.code == 0, r.explain()
@@ -101,13 +128,14 @@ def _no_timing(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in TIMING_KEYS}
 
 
+@pytest.mark.slow
 def test_ppo_raises_heldout_reward_with_bounded_kl(recipe, invoke_dschat):
     summary, rows = _ppo(recipe, "ppo", invoke_dschat)
     assert summary["steps"] == STEPS and len(rows) == STEPS
     start, end = summary["reward_heldout_start"], summary["reward_heldout_end"]
     assert math.isfinite(start) and math.isfinite(end)
-    # the margin: +1.5 on held-out prompts (observed +2.29 .. +3.39 over 21 seeds; the reward
-    # model's polite/rude gap is ~6, the SFT actor starts near -0.6)
+    # the margin: +1.0 on held-out prompts (observed +1.64 .. +2.71 over 21 seeds, noise ~0.3;
+    # the reward model's polite/rude gap is ~6, the SFT actor starts near -0.6)
     assert end - start >= MIN_HELDOUT_GAIN, (start, end)
     # ... also visible in the training batches
     first8 = sum(r["reward"] for r in rows[:8]) / 8
