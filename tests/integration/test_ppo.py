@@ -97,7 +97,7 @@ def _no_lora_keys(sd: dict) -> bool:
 def check_ppo_output(out: Path, *, steps: int, actor_stage: int, critic_stage: int,
                      actor_lora: int, critic_lora: int, base_actor: Path, reward_dir: Path,
                      ema: bool = False, ref_offload: bool = False, unsup: bool = False,
-                     world_size: int = 1, launcher: bool = False, dropout_free: bool = False,
+                     world_size: int = 1, launcher: bool = False, dropout_free: bool = True,
                      train_batch: int = TRAIN_BATCH, answer_len: int = ANSWER_LEN) -> dict:
     """What a finished `dschat ppo` must leave: record files, exactly `steps` metric rows, DeepSpeed
     JSONs that say what ran, and actor/critic(/actor_ema) folders that reload, with trained weights
@@ -127,11 +127,8 @@ def check_ppo_output(out: Path, *, steps: int, actor_stage: int, critic_stage: i
         assert 0.0 <= r["clipfrac"] <= 1.0 and 0.0 <= r["value_clipfrac"] <= 1.0, r
         assert (r["unsup_loss"] > 0) if unsup else (r["unsup_loss"] == 0.0), r
     assert max(r["answer_length"] for r in rows) > 1, rows  # something was learned from
-    # step 1's experience is sampled before any update: actor == frozen reference, so its KL is
-    # 0 -- exactly for an actor without dropout. With dropout (OPT, GPT-2: 0.1) it is only near 0:
-    # generate_experience scores in whatever mode the actor is in -- train mode (dropout on) from
-    # step 2 on, and from step 1 with LoRA (generate() restores the PeftModel's top-level
-    # training flag recursively) -- while the reference runs in eval mode.
+    # step 1's experience is sampled before any update: actor == frozen reference, and both score
+    # it in eval mode (dropout off), so its KL is exactly 0, with or without dropout in the model.
     if dropout_free:
         assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5), rows[0]
     else:
