@@ -45,9 +45,9 @@ DEMO_STEPS: dict[int, dict[tuple[str, ...], Any]] = {
         ("deepspeed", "dtype"): "fp32"},
     3: {("train", "actor_learning_rate"): 3e-4, ("train", "critic_learning_rate"): 1e-3,
         ("train", "num_warmup_steps"): 0, ("train", "per_device_generation_batch_size"): 16,
-        ("train", "per_device_training_batch_size"): 16, ("train", "test_stop_step"): 40,
-        ("generation", "max_answer_seq_len"): 24, ("data", "max_prompt_seq_len"): 64,
-        ("data", "max_eval_samples"): 64, ("deepspeed", "dtype"): "fp32"},
+        ("train", "per_device_training_batch_size"): 16, ("train", "num_train_epochs"): 2,
+        ("generation", "max_answer_seq_len"): 16, ("data", "max_prompt_seq_len"): 64,
+        ("data", "max_eval_samples"): 192, ("deepspeed", "dtype"): "fp32"},
 }
 
 
@@ -236,7 +236,7 @@ def prepare_demo(cfg: PipelineConfig) -> PipelineConfig:
             tok = build_local_tokenizer(texts=demo_corpus())
             save_tiny_model("opt", base, tokenizer=tok, hidden=64, layers=2, dropout=0.0)
     if not (data / "train.json").is_file():
-        write_jsonfile_dir(data, n_train=1000, n_eval=200, seed=0)
+        write_jsonfile_dir(data, n_train=1000, n_eval=640, seed=0)
     return dataclasses.replace(
         cfg, actor=str(base), reward=str(base), random_init=False,
         data=dataclasses.replace(cfg.data, data_path=("local/jsonfile",), data_dir=str(data),

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-# PPO must raise the mean reward of held-out prompts by at least this much (reward-model units;
-# the demo's scores span about -4 .. +4). Observed gains on 2 CPU cores: 0.62 and more; the margin
-# leaves room for run-to-run noise while a broken PPO (gain ~0 or negative) fails.
-MIN_REWARD_GAIN = 0.25
+# PPO must raise the mean reward of the 192 held-out prompts by at least this much (reward-model
+# units; the demo's scores span about -4 .. +4). Observed gains with seeds 1234, 7, 1, 2, 3 on 2 CPU
+# cores: 1.17, 0.95, 1.54, 1.63, 1.64 (KL at the last step 1.8-2.7). Half the smallest leaves room
+# for noise while a broken PPO (gain ~0 or negative) fails.
+MIN_REWARD_GAIN = 0.5
 
 
 def dschat(*args, timeout=600):
