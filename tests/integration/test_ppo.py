@@ -370,19 +370,22 @@ def test_ppo_launcher_two_workers_zero3_lora(tmp_path, actor_dir, reward_dir, pa
 
 
 @pytest.mark.slow
-def test_ppo_launcher_one_worker_zero2_full(tmp_path, actor_dir, reward_dir, pairs_dir,
-                                            run_dschat):
-    """One worker through deepspeed.launcher: a ZeRO-2 actor (full fine-tuning) next to a ZeRO-0
-    critic; --test-stop-step 3."""
+@pytest.mark.parametrize("actor_stage,critic_stage", [(2, 0), (0, 2)])
+def test_ppo_launcher_one_worker_full(actor_stage, critic_stage, tmp_path, actor_dir, reward_dir,
+                                      pairs_dir, run_dschat):
+    """One worker through deepspeed.launcher, full fine-tuning, --test-stop-step 3: a ZeRO-2 actor
+    next to a ZeRO-0 critic and the other way round (with the two-worker ZeRO-3 run above, the
+    actor runs at ZeRO 0, 2 and 3 through the launcher)."""
     actor, critic = actor_dir("llama"), reward_dir("llama")
     out, cache = tmp_path / "out", tmp_path / "data-cache"
-    r = run_dschat(*ppo_args(actor, critic, out, cache, pairs_dir, actor_stage=2, critic_stage=0,
-                             steps=3), timeout=300)
+    r = run_dschat(*ppo_args(actor, critic, out, cache, pairs_dir, actor_stage=actor_stage,
+                             critic_stage=critic_stage, steps=3), timeout=300)
     assert r.code == 0, r.explain()
     assert "Traceback" not in r.output, r.explain()
     assert "3 PPO steps of 4 prompts" in r.output, r.explain()
-    check_ppo_output(out, steps=3, actor_stage=2, critic_stage=0, actor_lora=0, critic_lora=0,
-                     base_actor=actor, reward_dir=critic, launcher=True, dropout_free=True)
+    check_ppo_output(out, steps=3, actor_stage=actor_stage, critic_stage=critic_stage,
+                     actor_lora=0, critic_lora=0, base_actor=actor, reward_dir=critic,
+                     launcher=True, dropout_free=True)
 
 
 # --- errors ---------------------------------------------------------------------------------------
