@@ -302,33 +302,7 @@ def _list_batches(texts: list) -> Iterator[list]:
 
 def _json_texts(path: Path) -> list:
     where = str(path)
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ConfigError(where, f"is not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset "
-                          f"{e.start}); save it as UTF-8") from None
-    rows = None
-    if path.suffix.lower() == ".json":
-        try:
-            rows = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":  # "Extra data": JSON Lines in a .json file
-                raise ConfigError(where, f"is not valid JSON ({e.msg} at line {e.lineno}, column "
-                                  f"{e.colno})") from None
-        if rows is not None and not isinstance(rows, list):
-            raise ConfigError(where, "must hold a JSON list of objects (or one object per line), "
-                              f"each with a '{_TEXT}' field")
-    if rows is None:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ConfigError(where, f"line {lineno} is not valid JSON ({e.msg}, column "
-                                      f"{e.colno}); a .jsonl file holds one object per line"
-                                      ) from None
+    rows = _src.read_json_rows(path, expected=f"a '{_TEXT}' field")
     if rows and isinstance(rows[0], dict) and not any(
             isinstance(r, dict) and _TEXT in r for r in rows):
         raise ConfigError(where, f"has no '{_TEXT}' column (found: {', '.join(rows[0])}); "

@@ -512,13 +512,7 @@ def _read_json_file(path: Path, allow_empty: bool = False, named: NamedSource | 
     import datasets
 
     where = str(path)
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ConfigError(where, f"is not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset "
-                          f"{e.start}); save it as UTF-8") from None
-    rows = _parse_json_rows(text, where, jsonl=path.suffix.lower() == ".jsonl")
+    rows = read_json_rows(path)
     if not rows and not allow_empty:
         raise ConfigError(where, "has no rows; it should be a list of {prompt, chosen, rejected}")
     if (named is not None and rows and all(isinstance(r, dict) for r in rows)
@@ -544,7 +538,21 @@ def _read_json_file(path: Path, allow_empty: bool = False, named: NamedSource | 
     return datasets.Dataset.from_dict(out, features=canonical_features())
 
 
-def _parse_json_rows(text: str, where: str, jsonl: bool) -> list:
+def read_json_rows(path: Path, expected: str = "'prompt' and 'chosen'") -> list:
+    """Rows of a .json file (a list, or JSON Lines) or a .jsonl file, with one-line errors for
+    non-UTF-8 and invalid JSON. `expected` names the fields in the error for a non-list."""
+    where = str(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(where, f"is not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset "
+                          f"{e.start}); save it as UTF-8") from None
+    return _parse_json_rows(text, where, jsonl=path.suffix.lower() == ".jsonl", expected=expected)
+
+
+def _parse_json_rows(text: str, where: str, jsonl: bool,
+                     expected: str = "'prompt' and 'chosen'") -> list:
     if not jsonl:
         try:
             data = json.loads(text) if text.strip() else []
@@ -555,7 +563,7 @@ def _parse_json_rows(text: str, where: str, jsonl: bool) -> list:
         else:
             if not isinstance(data, list):
                 raise ConfigError(where, "must hold a JSON list of objects (or one object per "
-                                  "line), each with 'prompt' and 'chosen'")
+                                  f"line), each with {expected}")
             return data
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
