@@ -452,7 +452,8 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
                     progress.update(task, completed=step, metrics=fmt_metrics(
                         reward=stats.reward, ema=ema_reward, kl=stats.kl, actor=stats.actor_loss,
                         critic=stats.critic_loss, clip=stats.clipfrac, len=stats.answer_length,
-                        **{"gen": f"{row['generation_share']:.0%}", "s/step": f"{e2e:.2f}"}))
+                        **{"gen": f"{row['generation_share']:.0%}",
+                           "samples/s": f"{row['samples_per_s']:.1f}", "s/step": f"{e2e:.2f}"}))
                 if step >= ppo_steps:
                     break
             if step >= ppo_steps:
