@@ -1,0 +1,378 @@
+"""`dschat bench`: the reference's benchmark setting on random weights of real architectures.
+
+    dschat bench                          # step 3: opt-1.3b actor, opt-350m critic/reward, 256+256
+    dschat bench --step sft --actor opt-1.3b --batch-size 32
+
+Step 3 runs the real PPOTrainer (the code `dschat ppo` runs) on synthetic prompts of exactly
+--prompt-len tokens, answers of exactly --answer-len tokens (eos suppressed), warm-up steps, then
+--steps measured steps, with every phase timed between GPU synchronisations. Each phase is set
+against its floor: the FLOPs it must do at the device's measured matmul speed, or the bytes it
+must move at its measured copy bandwidth, whichever is larger. FLOPs counted per token of a
+forward pass: 2 x (matmul parameters) + 4 x layers x hidden x sequence length (attention scores
+and values); backward is 2x forward. A decode step must read every weight once and the KV cache
+written so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dschat_cli.config.bench import BenchConfig, bench_ppo_config, bench_sft_config
+from dschat_cli.dist import Dist
+from dschat_cli.steps.common import PhaseTimer, count_params, seed_everything
+from dschat_cli.ui.console import console
+
+PPO_PHASES = ("generation", "actor_forward", "ref_forward", "critic_forward", "reward_forward",
+              "actor_train", "critic_train")
+
+
+# device ceilings ------------------------------------------------------------------------------------
+def measure_ceilings(device: str, dtype: torch.dtype) -> dict:
+    """Measured matmul FLOP/s (square matmuls in the training dtype) and copy bandwidth (bytes
+    read + written per second) of this device: the denominators of every floor."""
+    on_gpu = device != "cpu"
+    n = 8192 if on_gpu else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm = _best_seconds(lambda: a @ b, on_gpu, reps=10)
+    size = (1 << 30) if on_gpu else (1 << 24)  # bytes
+    x = torch.empty(size, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    cp = _best_seconds(lambda: y.copy_(x), on_gpu, reps=10)
+    return {"matmul_tflops": 2 * n ** 3 / mm / 1e12, "copy_gbps": 2 * size / cp / 1e9}
+
+
+def _best_seconds(fn, on_gpu: bool, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        _sync(on_gpu)
+        t = time.perf_counter()
+        fn()
+        _sync(on_gpu)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _sync(on_gpu: bool) -> None:
+    if on_gpu:
+        torch.cuda.synchronize()
+
+
+# model shapes and FLOPs ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    params: int         # all parameters (what a decode step reads)
+    matmul_params: int  # parameters used as matmul weights (input embeddings excluded without head)
+    layers: int
+    hidden: int
+
+    def forward_flops(self, tokens: int, seq_len: int) -> float:
+        return tokens * (2 * self.matmul_params + 4 * self.layers * self.hidden * seq_len)
+
+
+def model_shape(module) -> Shape:
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    cfg = getattr(base, "config", None) or base.backbone.config
+    layers = next(getattr(cfg, k) for k in ("num_hidden_layers", "n_layer", "num_layers")
+                  if getattr(cfg, k, None))
+    hidden = next(getattr(cfg, k) for k in ("hidden_size", "n_embd", "d_model")
+                  if getattr(cfg, k, None))
+    n = count_params(module)
+    has_head = hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is not None
+    emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else \
+        base.backbone.get_input_embeddings()
+    emb_n = getattr(emb.weight, "ds_numel", emb.weight.numel())
+    return Shape(params=n, matmul_params=n if has_head else n - emb_n, layers=layers,
+                 hidden=hidden)
+
+
+def ppo_floors(actor: Shape, critic: Shape, *, batch: int, prompt: int, answer: int,
+               bytes_per_param: int, ceilings: dict, gradient_checkpointing: bool) -> dict:
+    """{phase: (flops, bytes, floor seconds)} for one PPO step on one GPU, and the decode step's
+    bandwidth floor in seconds ('decode_step')."""
+    mm = ceilings["matmul_tflops"] * 1e12
+    bw = ceilings["copy_gbps"] * 1e9
+    S = prompt + answer
+    tokens = batch * S
+    recompute = 4 / 3 if gradient_checkpointing else 1.0
+    out = {}
+    # generation: the prefill is compute-bound; each decode step reads all weights and the KV
+    # cache so far (2 tensors x layers x batch x context x hidden, 2 bytes), and does 2N flops
+    # per token
+    prefill_flops = actor.forward_flops(batch * prompt, prompt)
+    gen_flops, gen_bytes, decode_floor = prefill_flops, 0.0, prefill_flops / mm
+    for t in range(1, answer):
+        ctx = prompt + t
+        kv = 2 * actor.layers * batch * ctx * actor.hidden * bytes_per_param
+        step_bytes = actor.params * bytes_per_param + kv
+        step_flops = actor.forward_flops(batch, ctx)
+        gen_flops += step_flops
+        gen_bytes += step_bytes
+        decode_floor += max(step_bytes / bw, step_flops / mm)
+    out["generation"] = (gen_flops, gen_bytes, decode_floor)
+    for name, shape in (("actor_forward", actor), ("ref_forward", actor),
+                        ("critic_forward", critic), ("reward_forward", critic)):
+        f = shape.forward_flops(tokens, S)
+        out[name] = (f, 0.0, f / mm)
+    for name, shape in (("actor_train", actor), ("critic_train", critic)):
+        f = 3 * shape.forward_flops(tokens, S) * recompute
+        # Adam: read+write fp32 master weight and two moments, read the gradient: ~20 B/param
+        b = 20.0 * shape.params
+        out[name] = (f, b, f / mm + b / bw)
+    mid = prompt + answer // 2
+    out["decode_step"] = (actor.params * bytes_per_param
+                          + 2 * actor.layers * batch * mid * actor.hidden * bytes_per_param) / bw
+    return out
+
+
+# the two benchmarks ---------------------------------------------------------------------------------
+def run(cfg: BenchConfig, dist: Dist) -> dict:
+    seed_everything(cfg.seed)
+    result = _bench_sft(cfg, dist) if cfg.step == "sft" else _bench_ppo(cfg, dist)
+    if dist.is_main:
+        out = Path(cfg.output_dir).expanduser().resolve()
+        out.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(result, indent=2) + "\n"
+        (out / "bench.json").write_text(text)
+        if cfg.json:
+            Path(cfg.json).expanduser().write_text(text)
+        _print(result)
+    dist.barrier()
+    return result
+
+
+def _random_prompts(batch: int, length: int, tokenizer, device, generator) -> dict:
+    special = set(tokenizer.all_special_ids)
+    low = max(special) + 1 if special and max(special) < len(tokenizer) - 1 else 0
+    ids = torch.randint(low, len(tokenizer), (batch, length), generator=generator)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+
+
+def _bench_ppo(cfg: BenchConfig, dist: Dist) -> dict:
+    from dschat_cli.steps.ppo import PPOModels, PPOTrainer
+
+    ppo_cfg = bench_ppo_config(cfg)
+    total = cfg.warmup + cfg.steps
+    engines = ["fast", "hf"] if cfg.generation_engine == "both" else [cfg.generation_engine]
+    with console.status("building random-weight actor, reference, critic and reward models"):
+        models = PPOModels.build(ppo_cfg, dist, total * len(engines), total * len(engines))
+    on_gpu = dist.device != "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[models.dtype]
+    ceilings = measure_ceilings(dist.device, dtype)
+    actor, critic = model_shape(models.actor.module), model_shape(models.critic.module)
+    floors = ppo_floors(actor, critic, batch=cfg.batch_size, prompt=cfg.prompt_len,
+                        answer=cfg.answer_len, bytes_per_param=dtype.itemsize, ceilings=ceilings,
+                        gradient_checkpointing=cfg.gradient_checkpointing)
+    gen = torch.Generator().manual_seed(cfg.seed + dist.rank)
+    results = {}
+    for engine in engines:
+        g = ppo_cfg.generation
+        ecfg = dataclasses.replace(ppo_cfg, generation=dataclasses.replace(
+            g, generation_engine=engine,
+            old_logprobs=g.old_logprobs if engine == "fast" else "forward"))
+        trainer = PPOTrainer(models, ecfg, dist)
+        trainer.ignore_eos = True  # answers of exactly --answer-len tokens
+        trainer.timer = PhaseTimer(enabled=True)
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        step_s, decode_s, decode_steps = [], 0.0, 0
+        for i in range(total):
+            if i == cfg.warmup:
+                trainer.timer.reset()
+            batch = _random_prompts(cfg.batch_size, cfg.prompt_len, models.tokenizer,
+                                    models.actor.device, gen)
+            if trainer._generator is not None:
+                trainer._generator.profile = True
+            _sync(on_gpu)
+            t0 = time.perf_counter()
+            rollout = trainer.generate_experience(batch)
+            trainer.train([rollout])
+            _sync(on_gpu)
+            if i >= cfg.warmup:
+                step_s.append(time.perf_counter() - t0)
+                if trainer._generator is not None:
+                    decode_s += trainer._generator.last_timings.get("decode_s", 0.0)
+                    decode_steps += trainer._generator.last_timings.get("decode_steps", 0)
+            console.print(f"[dim]{engine} step {i + 1}/{total}"
+                          f"{' (warm-up)' if i < cfg.warmup else ''}: "
+                          f"{time.perf_counter() - t0:.2f} s[/dim]")
+        n = len(step_s)
+        phases = {k: v / n for k, v in trainer.timer.seconds.items()}
+        step = statistics.mean(step_s)
+        gen_s = phases.get("generation", 0.0)
+        if decode_steps:
+            decode_ms = decode_s / decode_steps * 1e3
+            decode_kind = "decode step"
+        else:  # hf: the rollout's time per generated token, prefill included
+            decode_ms = gen_s / cfg.answer_len * 1e3
+            decode_kind = "generated token (prefill included)"
+        used = {k: floors[k] for k in phases if k in floors}
+        floor_step = sum(f[2] for f in used.values())
+        flops = sum(f[0] for f in used.values())
+        tokens = cfg.batch_size * (cfg.prompt_len + cfg.answer_len) * dist.world_size
+        results[engine] = {
+            "step_seconds": step, "step_seconds_all": step_s,
+            "tokens_per_s": tokens / step, "samples_per_s": cfg.batch_size * dist.world_size / step,
+            "generation_share": gen_s / step, "decode_ms": decode_ms, "decode_kind": decode_kind,
+            "decode_floor_ms": floors["decode_step"] * 1e3,
+            "decode_x_floor": decode_ms / (floors["decode_step"] * 1e3),
+            "floor_seconds": floor_step, "step_x_floor": step / floor_step,
+            "tflops": flops / step / 1e12,
+            "phases": {k: {"seconds": v, "share": v / step,
+                           "tflops": floors[k][0] / v / 1e12 if k in floors and v else None,
+                           "floor_seconds": floors[k][2] if k in floors else None}
+                       for k, v in phases.items()},
+            "other_seconds": step - sum(phases.values()),
+            "logprob_gap": trainer.last_parity[0] if trainer.last_parity else None,
+            "peak_memory_gib": _peak_gib(dist, on_gpu),
+            "graph_captures": trainer._generator.captures if trainer._generator else None,
+        }
+        if trainer._generator is not None:
+            trainer._generator.release()
+        del trainer
+    return {"step": "ppo", "device": _device_name(dist), "world_size": dist.world_size,
+            "dtype": models.dtype, "actor": cfg.actor, "critic": cfg.critic,
+            "actor_params": actor.params, "critic_params": critic.params,
+            "batch_size": cfg.batch_size, "prompt_len": cfg.prompt_len,
+            "answer_len": cfg.answer_len, "steps": cfg.steps, "warmup": cfg.warmup,
+            "actor_zero_stage": cfg.actor_zero_stage, "critic_zero_stage": cfg.critic_zero_stage,
+            "old_logprobs": cfg.old_logprobs, "ceilings": ceilings, "engines": results}
+
+
+def _bench_sft(cfg: BenchConfig, dist: Dist) -> dict:
+    from dschat_cli.models.loading import load_causal_lm, load_tokenizer, optimizer_groups
+    from dschat_cli.steps.common import flops_per_token, init_engine, train_ds_setup
+
+    sft_cfg = bench_sft_config(cfg)
+    out = Path(cfg.output_dir).expanduser().resolve()
+    dtype_name, ds_config, _ = train_ds_setup(sft_cfg, dist, out, "bench")
+    tokenizer = load_tokenizer(sft_cfg.model)
+    with console.status("building the random-weight model"):
+        model = load_causal_lm(sft_cfg.model, tokenizer, dtype=dtype_name, ds_config=ds_config,
+                               device=dist.device)
+    n_params = count_params(model)
+    total = cfg.warmup + cfg.steps
+    engine = init_engine(model, optimizer_groups(model, weight_decay=0.0, lora_lr=0.0), ds_config,
+                         sft_cfg.optim, total)
+    on_gpu = dist.device != "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    ceilings = measure_ceilings(dist.device, dtype)
+    S = cfg.prompt_len + cfg.answer_len
+    gen = torch.Generator().manual_seed(cfg.seed + dist.rank)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    step_s = []
+    engine.train()
+    for i in range(total):
+        batch = _random_prompts(cfg.batch_size, S, tokenizer, engine.device, gen)
+        _sync(on_gpu)
+        t0 = time.perf_counter()
+        loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      labels=batch["input_ids"], use_cache=False).loss
+        engine.backward(loss)
+        engine.step()
+        _sync(on_gpu)
+        if i >= cfg.warmup:
+            step_s.append(time.perf_counter() - t0)
+        console.print(f"[dim]sft step {i + 1}/{total}{' (warm-up)' if i < cfg.warmup else ''}: "
+                      f"{time.perf_counter() - t0:.3f} s, loss {float(loss):.3f}[/dim]")
+    step = statistics.mean(step_s)
+    tokens = cfg.batch_size * S * dist.world_size
+    flops = flops_per_token(engine.module, n_params, S, cfg.gradient_checkpointing) * tokens
+    floor = flops / dist.world_size / (ceilings["matmul_tflops"] * 1e12)
+    return {"step": "sft", "device": _device_name(dist), "world_size": dist.world_size,
+            "dtype": dtype_name, "actor": cfg.actor, "actor_params": n_params,
+            "batch_size": cfg.batch_size, "seq_len": S, "steps": cfg.steps, "warmup": cfg.warmup,
+            "zero_stage": cfg.actor_zero_stage, "ceilings": ceilings,
+            "step_seconds": step, "step_seconds_all": step_s, "tokens_per_s": tokens / step,
+            "tflops_per_gpu": flops / dist.world_size / step / 1e12,
+            "floor_seconds": floor, "step_x_floor": step / floor,
+            "peak_memory_gib": _peak_gib(dist, on_gpu)}
+
+
+def _peak_gib(dist: Dist, on_gpu: bool) -> float | None:
+    if not on_gpu:
+        return None
+    return dist.all_reduce_max(torch.cuda.max_memory_allocated() / 2**30)
+
+
+def _device_name(dist: Dist) -> str:
+    if dist.device == "cpu":
+        return "cpu"
+    return f"{dist.world_size} x {torch.cuda.get_device_name()}"
+
+
+# the report -----------------------------------------------------------------------------------------
+def _print(r: dict) -> None:
+    from rich.table import Table
+
+    c = r["ceilings"]
+    console.print(f"[bold]dschat bench[/bold] {r['step']}: {r['device']}, {r['dtype']}; measured "
+                  f"ceilings: matmul {_fmt(c['matmul_tflops'], '.0f')} TFLOP/s, copy "
+                  f"{c['copy_gbps']:.0f} GB/s")
+    if r["step"] == "sft":
+        t = Table(title=f"step 1: {r['actor']} ({r['actor_params'] / 1e6:.0f}M), batch "
+                        f"{r['batch_size']} x {r['seq_len']} tokens per GPU, ZeRO-{r['zero_stage']}",
+                  title_justify="left")
+        for col in ("s/step", "tokens/s", "TFLOP/s per GPU", "x floor", "peak GiB"):
+            t.add_column(col, justify="right")
+        t.add_row(f"{r['step_seconds']:.3f}", f"{r['tokens_per_s']:,.0f}",
+                  _fmt(r['tflops_per_gpu'], ".0f"), f"{r['step_x_floor']:.2f}",
+                  _fmt(r["peak_memory_gib"], ".1f"))
+        console.print(t)
+        return
+    engines = r["engines"]
+    t = Table(title=f"step 3 per phase (seconds per PPO step): actor {r['actor']}, critic "
+                    f"{r['critic']}, batch {r['batch_size']} per GPU, {r['prompt_len']} + "
+                    f"{r['answer_len']} tokens", title_justify="left")
+    t.add_column("phase")
+    for e in engines:
+        t.add_column(f"{e} s", justify="right")
+        t.add_column(f"{e} TFLOP/s", justify="right")
+    t.add_column("floor s", justify="right")
+    names = [p for p in PPO_PHASES if any(p in v["phases"] for v in engines.values())]
+    first = next(iter(engines.values()))
+    for p in names:
+        row = [p.replace("_", " ")]
+        for v in engines.values():
+            ph = v["phases"].get(p)
+            row += [_fmt(ph and ph["seconds"], ".3f"), _fmt(ph and ph["tflops"], ".0f")]
+        fl = next((v["phases"][p]["floor_seconds"] for v in engines.values() if p in v["phases"]),
+                  None)
+        t.add_row(*row, _fmt(fl, ".3f"))
+    t.add_row("other", *sum(([f"{v['other_seconds']:.3f}", ""] for v in engines.values()), []), "")
+    t.add_row("[bold]step", *sum(([f"{v['step_seconds']:.3f}", _fmt(v['tflops'], ".0f")]
+                                  for v in engines.values()), []),
+              f"{first['floor_seconds']:.3f}")
+    console.print(t)
+    s = Table(title="step 3 summary", title_justify="left")
+    for col in ("engine", "tokens/s", "samples/s", "gen", "decode ms", "floor ms", "x floor",
+                "step x floor", "lp gap", "peak GiB"):
+        s.add_column(col, justify="right")
+    for e, v in engines.items():
+        s.add_row(e, f"{v['tokens_per_s']:,.0f}", f"{v['samples_per_s']:.1f}",
+                  f"{v['generation_share']:.0%}", f"{v['decode_ms']:.2f}",
+                  f"{v['decode_floor_ms']:.2f}", f"{v['decode_x_floor']:.2f}",
+                  f"{v['step_x_floor']:.2f}", _fmt(v["logprob_gap"], ".4f"),
+                  _fmt(v["peak_memory_gib"], ".1f"))
+    console.print(s)
+    console.print("[dim]gen: generation's share of the step; decode ms: per decode step (fast) or "
+                  "per generated token including the prefill (hf); floor ms: weights + KV cache at "
+                  "the mean context over the measured copy bandwidth; lp gap: mean |logprob| "
+                  "difference, fast engine vs forward; tokens/s: prompt + answer tokens of all GPUs "
+                  "per second[/dim]")
+
+
+def _fmt(v, spec: str) -> str:
+    if v is None:
+        return "-"
+    if spec == ".0f" and abs(v) < 10:  # small figures (CPU runs) keep their digits
+        spec = ".3g"
+    return format(v, spec)

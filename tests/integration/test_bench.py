@@ -1,0 +1,61 @@
+"""`dschat bench` on CPU with tiny local architectures (random weights): the real PPO trainer and
+SFT step run, every phase is timed, and the report's arithmetic holds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_bench_ppo_both_engines(tmp_path, tiny_opt, invoke_dschat):
+    out_json = tmp_path / "bench.json"
+    r = invoke_dschat("bench", "--actor", tiny_opt, "--critic", tiny_opt, "--batch-size", "4",
+                      "--prompt-len", "6", "--answer-len", "5", "--steps", "2", "--warmup", "1",
+                      "--actor-zero-stage", "0", "--critic-zero-stage", "0",
+                      "--launcher", "none", "--output-dir", tmp_path / "run", "--json", out_json)
+    assert r.code == 0, r.explain()
+    assert "step 3 summary" in r.output and "Traceback" not in r.output
+    res = json.loads(out_json.read_text())
+    assert json.loads((tmp_path / "run" / "bench.json").read_text()) == res
+    assert set(res["engines"]) == {"fast", "hf"}
+    for name, e in res["engines"].items():
+        phases = e["phases"]
+        assert {"generation", "ref_forward", "critic_forward", "reward_forward", "actor_train",
+                "critic_train", "actor_forward"} <= set(phases), (name, phases)
+        assert len(e["step_seconds_all"]) == 2
+        # phases + the untimed rest make up the step
+        total = sum(p["seconds"] for p in phases.values()) + e["other_seconds"]
+        assert total == pytest.approx(e["step_seconds"], rel=1e-6)
+        assert 0 <= e["other_seconds"] < 0.5 * e["step_seconds"]
+        # 4 prompts x (6 + 5) tokens per step
+        assert e["tokens_per_s"] == pytest.approx(44 / e["step_seconds"])
+        assert e["decode_x_floor"] > 1 and e["step_x_floor"] > 1
+    # the fast engine's logprobs were checked against the actor's forward (fp32: equal)
+    assert res["engines"]["fast"]["logprob_gap"] < 1e-4
+    assert res["engines"]["hf"]["logprob_gap"] is None
+
+
+def test_bench_sft_and_generation_logprobs(tmp_path, tiny_llama, invoke_dschat):
+    r = invoke_dschat("bench", "--step", "sft", "--actor", tiny_llama, "--batch-size", "2",
+                      "--prompt-len", "8", "--answer-len", "8", "--steps", "2", "--warmup", "0",
+                      "--launcher", "none", "--output-dir", tmp_path / "sft")
+    assert r.code == 0, r.explain()
+    res = json.loads((tmp_path / "sft" / "bench.json").read_text())
+    assert res["seq_len"] == 16 and res["tokens_per_s"] == pytest.approx(32 / res["step_seconds"])
+    assert res["tflops_per_gpu"] > 0
+    # --old-logprobs generation: the actor's scoring forward only on checked rollouts (the first)
+    r = invoke_dschat("bench", "--actor", tiny_llama, "--critic", tiny_llama, "--batch-size", "2",
+                      "--prompt-len", "4", "--answer-len", "3", "--steps", "1", "--warmup", "1",
+                      "--generation-engine", "fast", "--old-logprobs", "generation",
+                      "--launcher", "none", "--output-dir", tmp_path / "ppo")
+    assert r.code == 0, r.explain()
+    res = json.loads((tmp_path / "ppo" / "bench.json").read_text())
+    assert "actor_forward" not in res["engines"]["fast"]["phases"]
+
+
+def test_bench_bad_input(tmp_path, invoke_dschat):
+    r = invoke_dschat("bench", "--actor", tmp_path / "nope", "--launcher", "none")
+    assert r.code == 2 and "--actor" in r.output and "Traceback" not in r.output
+    r = invoke_dschat("bench", "--generation-engine", "hf", "--old-logprobs", "generation")
+    assert r.code == 2 and "--old-logprobs generation" in r.output
