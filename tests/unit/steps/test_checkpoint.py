@@ -1,0 +1,126 @@
+"""Checkpoint folders: complete only with their marker, `latest` moved only to complete ones,
+pruning beyond --keep-last, crash leftovers and a replaced run's folders removed, and the
+--resume lookups (engines are stand-ins that write one file: DeepSpeed's part is tested end to end
+in tests/integration/test_resume.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dschat_cli.config.checkpoints import find_checkpoint, resolve_resume
+from dschat_cli.config.schema import ConfigError, from_flags
+from dschat_cli.config.sft import SFTConfig
+from dschat_cli.dist import Dist
+from dschat_cli.steps.checkpoint import CheckpointManager
+
+DIST = Dist(rank=0, local_rank=0, world_size=1, device="cpu")
+
+
+class Engine:
+    """What CheckpointManager needs of a DeepSpeed engine."""
+
+    def __init__(self, accumulation: int = 1):
+        self.micro_steps, self.accumulation = 0, accumulation
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.accumulation
+
+    def save_checkpoint(self, save_dir, tag, save_latest):
+        assert save_latest is False  # DeepSpeed's own `latest` would bypass ours
+        (Path(save_dir) / tag).mkdir(parents=True)
+        (Path(save_dir) / tag / "states.pt").write_bytes(b"0123456789")
+
+
+def cfg(out: Path, **flags) -> SFTConfig:
+    return from_flags(SFTConfig, model="m", output_dir=str(out), **flags)
+
+
+def names(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+
+
+def latest(out: Path) -> str:
+    return (out / "checkpoints" / "latest").read_text()
+
+
+def test_save_marks_complete_then_points_latest_then_prunes(tmp_path):
+    ckpt = CheckpointManager(cfg(tmp_path, save_interval=2, keep_last=2), DIST, tmp_path)
+    engines = {"model": Engine()}
+    for step in (2, 4, 6):
+        folder = ckpt.save(step, engines, {"epoch": 1, "batch": step})
+        assert latest(tmp_path) == folder.name == f"step_{step:06d}"
+    assert names(tmp_path) == ["step_000004", "step_000006"]
+    marker = json.loads((tmp_path / "checkpoints/step_000006/complete.json").read_text())
+    assert marker["files"]["model/states.pt"] == 10 and "rng_rank00000.pt" in marker["files"]
+    assert ckpt.latest() == tmp_path / "checkpoints" / "step_000006"
+    state = json.loads((tmp_path / "checkpoints/step_000006/trainer_state.json").read_text())
+    assert state["step"] == 6 and state["batch"] == 6 and state["config"]["model"]["model"] == "m"
+
+
+def test_crash_leftovers_and_a_replaced_runs_folders_go_after_a_new_checkpoint(tmp_path):
+    old = CheckpointManager(cfg(tmp_path, save_interval=2, keep_last=3), DIST, tmp_path)
+    for step in (2, 4, 6):
+        old.save(step, {"model": Engine()}, {})
+    (tmp_path / "checkpoints" / "step_000007").mkdir()  # a write killed before its marker
+    # resumed from 2: 4, 6 and 7 belong to the run it replaces
+    new = CheckpointManager(cfg(tmp_path, save_interval=2, keep_last=3,
+                                resume=str(tmp_path / "checkpoints" / "step_000002")),
+                            DIST, tmp_path)
+    assert latest(tmp_path) == "step_000002"  # not 6: `auto` must continue this run's history
+    assert not new.due(3, {"model": Engine()}) and new.due(4, {"model": Engine()})
+    new.save(4, {"model": Engine()}, {})
+    assert names(tmp_path) == ["step_000002", "step_000004"] and latest(tmp_path) == "step_000004"
+
+
+def test_a_fresh_run_drops_the_old_latest_pointer(tmp_path):
+    CheckpointManager(cfg(tmp_path, save_interval=2), DIST, tmp_path).save(2, {"m": Engine()}, {})
+    CheckpointManager(cfg(tmp_path, save_interval=2, overwrite=True), DIST, tmp_path)
+    assert not (tmp_path / "checkpoints" / "latest").exists()
+    assert resolve_resume(cfg(tmp_path, resume="auto"), 1) is None  # auto: starts fresh
+
+
+def test_due_waits_for_the_end_of_an_accumulation_window(tmp_path):
+    ckpt = CheckpointManager(cfg(tmp_path, save_interval=4), DIST, tmp_path)
+    engine = Engine(accumulation=3)
+    engine.micro_steps = 13  # mid-window: its gradients are in no checkpoint
+    assert not ckpt.due(4, {"m": engine}) and not ckpt.due(3, {"m": Engine()})
+    engine.micro_steps = 15
+    assert ckpt.due(5, {"m": engine})  # the first chance at or after the multiple of 4
+
+
+def test_resume_lookups(tmp_path):
+    assert find_checkpoint("auto", tmp_path) is None  # nothing yet: start fresh
+    ckpt = CheckpointManager(cfg(tmp_path, save_interval=2), DIST, tmp_path)
+    ckpt.save(2, {"model": Engine()}, {})
+    ckpt.save(4, {"model": Engine()}, {})
+    root = tmp_path / "checkpoints"
+    assert find_checkpoint("auto", tmp_path) == root / "step_000004"
+    # a run folder or its checkpoints folder stand for their latest checkpoint
+    assert find_checkpoint(str(tmp_path), tmp_path / "elsewhere") == root / "step_000004"
+    assert find_checkpoint(str(root), tmp_path / "elsewhere") == root / "step_000004"
+    # the newest damaged: the error names it and the complete one before it
+    (root / "step_000004" / "model" / "states.pt").write_bytes(b"01")
+    with pytest.raises(ConfigError) as e:
+        find_checkpoint("auto", tmp_path)
+    assert e.value.where == "--resume"
+    assert "step_000004 is damaged (model/states.pt has 2 bytes, 10 were written)" in e.value.message
+    assert str(root / "step_000002") in e.value.message
+    with pytest.raises(ConfigError, match="was written by 1"):
+        resolve_resume(cfg(tmp_path, resume=str(root / "step_000002")), world_size=2)
+
+
+def test_pipeline_passes_checkpoint_options_and_resumes_interrupted_steps(tmp_path):
+    from dschat_cli.config.pipeline import PipelineConfig
+    from dschat_cli.pipeline import _resuming, plan_pipeline
+
+    plans = plan_pipeline(from_flags(PipelineConfig, output_dir=str(tmp_path), save_interval=50,
+                                     keep_last=1))
+    assert [(p.cfg.checkpoint.save_interval, p.cfg.checkpoint.keep_last) for p in plans] == \
+        [(50, 1)] * 3
+    step = plans[0].cfg
+    assert step.checkpoint.resume is None
+    assert _resuming(step, rerun=False).checkpoint.resume == "auto"  # a step run again continues
+    assert _resuming(step, rerun=True).checkpoint.resume is None  # --rerun: from its start
