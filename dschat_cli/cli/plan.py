@@ -1,0 +1,68 @@
+"""`dschat plan sft|reward|ppo|pipeline`: estimate GPU memory and explain batch sizes and step counts
+before running. Each subcommand takes the flags of the training command of the same name, so
+`dschat plan` can be put in front of a command line (no torch import here)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import typer
+
+from dschat_cli.cli.options import config_command
+from dschat_cli.config.pipeline import PipelineConfig
+from dschat_cli.config.ppo import PPOConfig
+from dschat_cli.config.reward import RewardConfig
+from dschat_cli.config.sft import SFTConfig
+
+HELP = ("Estimate GPU memory per GPU (weights, gradients, optimizer states, activations, KV cache; "
+        "for each model and each phase) against the GPUs here or --gpu-memory, explain the batch "
+        "sizes and step counts, and suggest changes when it does not fit. Put `plan` in front of "
+        "a training command: it takes the same flags (those that change neither memory nor step "
+        "counts, such as --output-dir, are accepted and have no effect). Exit code 0: fits, or no "
+        "GPU to compare with; 1: does not fit; 2: usage error.")
+
+_EXTRA = [
+    inspect.Parameter("gpu_memory", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[float],
+                      default=typer.Option(None, "--gpu-memory", min=0.1, rich_help_panel="Plan",
+                                           help="Memory of one GPU in GiB to check against "
+                                                "(default: the smallest GPU here, from "
+                                                "nvidia-smi).")),
+    inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                      default=typer.Option(False, "--json", rich_help_panel="Plan",
+                                           help="Print the plan as JSON (for scripts).")),
+]
+
+_STEPS = {
+    "sft": (SFTConfig, "Plan step 1 (`dschat sft`): memory and steps.",
+            "Example: dschat plan sft --model opt-1.3b --zero-stage 2 --per-device-train-batch-size 32"),
+    "reward": (RewardConfig, "Plan step 2 (`dschat reward`): memory and steps.",
+               "Example: dschat plan reward --model opt-350m --gpu-memory 80"),
+    "ppo": (PPOConfig, "Plan step 3 (`dschat ppo`): memory of the four models, generation and "
+                       "training, and the PPO step counts.",
+            "Example: dschat plan ppo --actor-model opt-1.3b --critic-model opt-350m "
+            "--actor-zero-stage 2 --critic-zero-stage 2"),
+    "pipeline": (PipelineConfig, "Plan all three steps as `dschat pipeline` sets them up (size "
+                                 "presets included).",
+                 "Example: dschat plan pipeline --actor opt-13b --deployment-type single_node"),
+}
+
+
+def _handler(step: str):
+    def handle(cfg, *, gpu_memory: float | None, as_json: bool) -> int:
+        from dschat_cli.plan.command import run_plan
+
+        return run_plan(step, cfg, gpu_memory=gpu_memory, as_json=as_json)
+    return handle
+
+
+def register(app: typer.Typer) -> None:
+    plan_app = typer.Typer(name="plan", help=HELP, no_args_is_help=True, rich_markup_mode="rich",
+                           context_settings={"help_option_names": ["-h", "--help"]})
+    for step, (cls, help_text, epilog) in _STEPS.items():
+        config_command(plan_app, step, cls, handler=_handler(step),
+                       help=help_text + f" Takes the flags of `dschat {step}`, plus --gpu-memory "
+                       "and --json. Exit code 0: fits (or no GPU to compare with); 1: does not "
+                       "fit.",
+                       extra=list(_EXTRA), epilog=epilog, with_dry_run=False, check=False)
+    app.add_typer(plan_app, name="plan")

@@ -1,0 +1,189 @@
+"""The memory model of `dschat plan` (dschat_cli/plan/memory.py) on hand-computed examples: what each
+ZeRO stage, offload and LoRA keep on a GPU, activations and logits, PPO's KV cache, and the phase
+that sets the peak. The DeepSpeed configs come from the real builder."""
+
+from __future__ import annotations
+
+import pytest
+
+from dschat_cli.config.ds_config import eval_ds_config, train_ds_config
+from dschat_cli.config.sections import DeepSpeedOptions, OptimOptions
+from dschat_cli.plan.arch import Arch
+from dschat_cli.plan.memory import Engine, estimate_ppo, estimate_single, frozen_model, trained_model
+
+# A made-up 1e9-parameter OPT-like model with round numbers (no dropout).
+ARCH = Arch(model_type="opt", family="opt", hidden=2048, layers=24, heads=32, kv_dim=2048,
+            intermediate=8192, vocab=50_000, head_in=2048, params=1_000_000_000, head_params=0,
+            largest_tensor=100_000_000, dropout=0.0, prefix="model.", linears=())
+
+
+def ds(stage=0, offload=False, dtype="bf16", world=1, micro=8, accum=1, torch_adam=False):
+    return train_ds_config(DeepSpeedOptions(zero_stage=stage, offload=offload),
+                           OptimOptions(per_device_train_batch_size=micro,
+                                        gradient_accumulation_steps=accum),
+                           world_size=world, dtype=dtype, torch_adam=torch_adam)
+
+
+def sft(stage=0, world=1, **kw):
+    return estimate_single("sft", ARCH, ds(stage, world=world, **kw), source="m", world_size=world,
+                           micro_batch=8, eval_batch=8, seq_len=512, checkpointing=False,
+                           lora_dim=0, lora_filter="", only_lora=False, dropout=None)
+
+
+# Activations of 8 x 512 = 4096 tokens, per token and layer 8*2*2048 + 2*8192 = 49,152 bytes:
+#   24 layers x 4096 x 49,152 = 4,831,838,208; + one layer's gradients 201,326,592;
+#   + final norm and head inputs 4096 x 2*2*2048 = 33,554,432            -> 5,066,719,232
+# SFT logits (fp32 log-softmax, its gradient and the incoming one): 12 x 4096 x 50,000
+#                                                                        -> 2,457,600,000
+ACT, LOGITS, ONE_LAYER = 5_066_719_232, 2_457_600_000, 201_326_592
+
+
+def test_zero0_bf16_one_gpu():
+    est = sft(stage=0)
+    m = est.models[0]
+    # bf16 weights 2N, bf16 grads 2N, fp32 master 4N + Adam m, v 8N; the step's fp32 grad copies 8N
+    assert (m.weights, m.grads, m.optimizer, m.step_extra) == (2e9, 2e9, 12e9, 8e9)
+    assert m.buffers == 0
+    # training: resident 2N + 12N, plus the larger of activations + logits or gradients
+    assert est.phases["training forward + backward"] == 14e9 + ACT + LOGITS
+    # the step: 14N resident + 2N grads + 8N fp32 copies = 24 bytes per parameter: the peak
+    assert est.phases["optimizer step"] == 24e9
+    assert est.peak_phase == "optimizer step"
+    # eval batch 8: bf16 logits + fp32 copy + log-softmax, 10 x 4096 x 50,000 = 2,048,000,000,
+    # plus a no-grad layer's working set 4096 x (49,152 + 8,192) = 234,881,024
+    assert est.phases["evaluation"] == 14e9 + 2_048_000_000 + 234_881_024
+
+
+def test_zero0_gradient_accumulation_keeps_gradients():
+    est = estimate_single("sft", ARCH, ds(0, accum=4), source="m", world_size=1, micro_batch=8,
+                          eval_batch=8, seq_len=512, checkpointing=False, lora_dim=0,
+                          lora_filter="", only_lora=False, dropout=None)
+    assert est.phases["training forward + backward"] == 14e9 + 2e9 + ACT + LOGITS
+
+
+def test_zero2_partitions_over_four_gpus():
+    est = sft(stage=2, world=4)
+    m = est.models[0]
+    # grads 2N/4, optimizer 12N/4, the step's fp32 grad partition 4N/4; weights stay whole
+    assert (m.weights, m.grads, m.optimizer, m.step_extra) == (2e9, 5e8, 3e9, 1e9)
+    # two bf16 reduce buckets of DeepSpeed's default 5e8 elements (overlap_comm double-buffers)
+    assert m.buffers == 2 * 2 * 5e8
+    # backward, resident 2e9 + 3e9 plus the largest of its moments:
+    #   start: activations + fp32 logit gradients, ACT + LOGITS                  = 7,524,319,232
+    #   head:  ACT + bf16 logit gradients 2 x 4096 x 50,000 + buckets 2e9        = 7,476,319,232
+    #   partition allocated when the first 5e8-element bucket is full, half the layers done:
+    #          ACT / 2 + buckets + partition 5e8                                  = 5,033,359,616
+    #   end:   partition + buckets + one layer                                    = 2,701,326,592
+    assert est.phases["training forward + backward"] == 5e9 + ACT + LOGITS
+    assert est.phases["optimizer step"] == 5e9 + 5e8 + 1e9
+
+
+def test_zero3_partitions_weights_and_keeps_buffers():
+    m = sft(stage=3, world=4).models[0]
+    assert (m.weights, m.grads, m.optimizer, m.step_extra) == (5e8, 5e8, 3e9, 1e9)
+    # gathered: the largest tensor + the 3e7-element prefetch (ZERO3_TUNING), bf16; one bucket
+    assert m.buffers == 2 * (1e8 + 3e7) + 2 * 5e8
+    assert m.resident == 5e8 + 3e9 + 5e8 + m.buffers
+
+
+def test_offload_moves_optimizer_and_gradients_to_cpu():
+    m = sft(stage=2, offload=True).models[0]
+    assert (m.optimizer, m.grads, m.step_extra) == (0, 0, 0)
+    m3 = trained_model(ARCH, Engine.from_ds(ds(3, offload=True, world=2)), role="model",
+                       source="m", world_size=2)
+    assert m3.weights == 0 and m3.optimizer == 0  # ZeRO-3 offload: parameters live on the CPU too
+
+
+def test_fp32_has_no_master_copy():
+    m = sft(stage=0, dtype="fp32").models[0]
+    assert (m.weights, m.grads, m.optimizer, m.step_extra) == (4e9, 4e9, 8e9, 0)
+
+
+def test_lora_only_trains_the_adapters():
+    from dschat_cli.plan.arch import Linear
+
+    arch = Arch(**{**ARCH.__dict__, "linears": (Linear("decoder.layers.0.fc1", 2048, 8192),)})
+    m = trained_model(arch, Engine.from_ds(ds(0)), role="model", source="m", world_size=1,
+                      lora_dim=8, only_lora=True)
+    lora = 8 * (2048 + 8192)  # rank x (fan_in + fan_out) = 81,920
+    assert (m.params, m.trainable) == (1e9 + lora, lora)
+    assert (m.weights, m.optimizer) == (2 * (1e9 + lora), 12 * lora)
+    # without --only-optimize-lora every weight trains as well (DeepSpeed-Chat's behaviour)
+    m = trained_model(arch, Engine.from_ds(ds(0)), role="model", source="m", world_size=1,
+                      lora_dim=8, only_lora=False)
+    assert m.trainable == 1e9 + lora
+
+
+def test_reward_model_has_two_sequences_per_pair_and_no_logits():
+    est = estimate_single("reward", ARCH, ds(0), source="m", world_size=1, micro_batch=4,
+                          eval_batch=4, seq_len=512, checkpointing=False, lora_dim=0,
+                          lora_filter="", only_lora=False, dropout=None)
+    m = est.models[0]
+    assert m.params == 1e9 + 2048  # the backbone + Linear(2048, 1) value head
+    # 4 pairs = 8 sequences of 512 tokens: the same activations as the SFT example, no logits
+    assert m.activations == ACT
+
+
+def test_gradient_checkpointing_keeps_layer_inputs():
+    est = estimate_single("sft", ARCH, ds(0), source="m", world_size=1, micro_batch=8,
+                          eval_batch=8, seq_len=512, checkpointing=True, lora_dim=0,
+                          lora_filter="", only_lora=False, dropout=None)
+    # 24 layer inputs 24 x 4096 x 2*2048 = 402,653,184; one layer recomputed and its gradients
+    # 2 x 201,326,592; head inputs 33,554,432
+    assert est.models[0].activations == 402_653_184 + 2 * ONE_LAYER + 33_554_432 + LOGITS
+
+
+def test_frozen_models_hold_only_weights():
+    ref = frozen_model(ARCH, Engine.from_ds(eval_ds_config(zero_stage=0, offload=False,
+                                                           dtype="bf16", micro_batch_size=4,
+                                                           world_size=2)),
+                       role="ref", source="m", world_size=2)
+    assert (ref.weights, ref.grads, ref.optimizer) == (2e9, 0, 0)
+    offloaded = frozen_model(ARCH, Engine.from_ds(eval_ds_config(zero_stage=0, offload=True,
+                                                                 dtype="bf16", micro_batch_size=4,
+                                                                 world_size=2)),
+                             role="ref", source="m", world_size=2)
+    # offload makes it ZeRO-3 with parameters on the CPU: only the gathered ones (largest tensor
+    # + DeepSpeed's default 5e7 prefetch) are on the GPU
+    assert offloaded.weights == 2 * (1e8 + 5e7)
+
+
+def test_ppo_kv_cache_and_phases():
+    configs = {"actor": ds(0, micro=16), "critic": ds(0, micro=16),
+               "ref": eval_ds_config(zero_stage=0, offload=False, dtype="bf16",
+                                     micro_batch_size=16, world_size=1),
+               "reward": eval_ds_config(zero_stage=0, offload=False, dtype="bf16",
+                                        micro_batch_size=16, world_size=1)}
+    archs = dict.fromkeys(("actor", "critic", "ref", "reward"), ARCH)
+    est = estimate_ppo(archs, configs, dict.fromkeys(archs, "m"), world_size=1,
+                       generation_batch=16, training_batch=16, generation_batches=1, ppo_epochs=1,
+                       prompt_len=256, answer_len=256, actor_checkpointing=False,
+                       critic_checkpointing=False, actor_lora=(0, "", False),
+                       critic_lora=(0, "", False), actor_dropout=None, critic_dropout=None,
+                       unsupervised=False, ema=False)
+    actor = est.models[0]
+    # keys and values: 2 x 24 layers x 16 x 512 tokens x 2048 x 2 bytes = 1,610,612,736,
+    # plus one layer's copy while the cache grows: 2 x 16 x 512 x 2048 x 2 = 67,108,864
+    assert actor.kv_cache == 1_610_612_736 + 67_108_864
+    assert set(est.phases) == {"generation", "scoring", "actor training", "actor step",
+                               "critic training", "critic step"}
+    # actor and critic 14N resident each, ref and reward 2N (the critic's value head adds 2048)
+    resident = 14e9 + 14 * (1e9 + 2048) + 2e9 + 2 * (1e9 + 2048)
+    # scoring: bf16 logits of 16 x 512 tokens (2 x 16 x 512 x 50,000 = 819,200,000) + the fp32
+    # answer slice and logsumexp's temporary (8 x 16 x 256 x 50,000 = 1,638,400,000) + a layer
+    assert est.phases["scoring"] == pytest.approx(
+        resident + 819_200_000 + 1_638_400_000 + 16 * 512 * (49_152 + 8_192))
+    assert est.peak_phase in ("actor training", "actor step")
+
+
+def test_overhead_and_verdicts():
+    from dschat_cli.plan.memory import GiB, overhead_bytes
+    from dschat_cli.plan.planner import verdict
+
+    assert overhead_bytes(100 * GiB, 1) == pytest.approx(0.6 * GiB + 7 * GiB)
+    assert overhead_bytes(100 * GiB, 8) == pytest.approx(1.1 * GiB + 7 * GiB)
+    # fits with the 15% margin / only without it / not at all / nothing to compare with
+    assert verdict(60 * GiB, 5 * GiB, 80 * GiB) == "fits"
+    assert verdict(70 * GiB, 5 * GiB, 80 * GiB) == "tight"
+    assert verdict(76 * GiB, 5 * GiB, 80 * GiB) == "does not fit"
+    assert verdict(76 * GiB, 5 * GiB, None) == "unknown"

@@ -1,0 +1,150 @@
+"""`dschat plan sft|reward|ppo|pipeline` (dschat_cli/cli/plan.py): tables, --json, exit codes,
+suggestions when it does not fit, step counts from local data, and the estimate training commands
+print before launch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from dschat_cli.cli.app import app
+from dschat_cli.plan import planner
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def no_gpu_here(monkeypatch):
+    """Tests see no GPU unless they say so (nvidia-smi is not asked)."""
+    monkeypatch.setattr(planner, "_nvidia_smi", lambda: [])
+
+
+def plan(*args):
+    return runner.invoke(app, ["plan", *args], terminal_width=200)
+
+
+def test_sft_fits_table_and_exit_0():
+    r = plan("sft", "--model", "opt-1.3b", "--zero-stage", "2", "--gpu-memory", "80")
+    assert r.exit_code == 0, r.output
+    for text in ("memory per GPU", "optimizer states", "training forward + backward",
+                 "global batch", "fits"):
+        assert text in r.output
+    assert "does not fit" not in r.output
+
+
+def test_does_not_fit_exit_1_with_suggestions_that_fit():
+    args = ["sft", "--model", "opt-1.3b", "--per-device-train-batch-size", "32", "--gpu-memory", "24"]
+    r = plan(*args, "--json")
+    assert r.exit_code == 1
+    doc = json.loads(r.output)
+    assert doc["verdict"] == "does not fit" and doc["peak_gib"] > 24
+    assert doc["suggestions"], doc
+    for s in doc["suggestions"]:
+        assert s["verdict"] in ("fits", "tight") and s["peak_gib"] < 24
+        # each suggestion's flags, added to the command, really give that estimate
+        again = json.loads(plan(*args, *" ".join(s["flags"]).split(), "--json").output)
+        assert again["peak_gib"] == pytest.approx(s["peak_gib"])
+    r = plan(*args)
+    assert r.exit_code == 1 and "to make it fit" in r.output
+
+
+def test_json_has_every_component_per_model():
+    r = plan("ppo", "--actor-model", "opt-1.3b", "--critic-model", "opt-350m", "--actor-zero-stage",
+             "2", "--critic-zero-stage", "2", "--gpu-memory", "140", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert [m["role"] for m in doc["models"]] == ["actor", "critic", "ref", "reward"]
+    actor, critic, ref, reward = doc["models"]
+    assert actor["params"] == 1_315_758_080 and actor["kv_cache_gib"] > 0
+    assert critic["params"] == 331_196_416 + 512  # OPT-350M backbone + value head (512-d)
+    assert ref["trainable"] == 0 and ref["optimizer_gib"] == 0 and ref["grads_gib"] == 0
+    assert set(doc["phases_gib"]) >= {"generation", "scoring", "actor training", "critic training"}
+    assert doc["peak_gib"] == max(doc["phases_gib"].values())
+    assert doc["world_size"] == 1 and doc["dtype"] == "bf16"
+
+
+def test_no_gpu_and_no_gpu_memory_says_how_to_check():
+    r = plan("reward", "--model", "opt-350m")
+    assert r.exit_code == 0, r.output
+    assert "no GPU here" in r.output and "--gpu-memory" in r.output
+    doc = json.loads(plan("reward", "--model", "opt-350m", "--json").output)
+    assert doc["verdict"] == "unknown" and doc["gpu_memory_gib"] is None
+
+
+def test_detected_gpus_set_world_size_and_capacity(monkeypatch):
+    monkeypatch.setattr(planner, "_nvidia_smi", lambda: [(81559, 8.0)] * 8)
+    doc = json.loads(plan("sft", "--model", "opt-13b", "--zero-stage", "3", "--deployment-type",
+                          "single_node", "--json").output)
+    assert doc["world_size"] == 8 and doc["gpu_memory_gib"] == pytest.approx(81559 / 1024, rel=1e-3)
+    assert doc["models"][0]["zero_stage"] == 3
+
+
+def test_unknown_model_is_a_one_line_usage_error():
+    r = plan("sft", "--model", "nobody/not-cached")
+    assert r.exit_code == 2
+    assert "--model" in r.output and "cannot estimate memory" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_step_counts_from_local_data(pairs_dir):
+    # pairs_dir: 256 train pairs; --data-split 2,4,4 gives step 1 round(256 * 2/10) = 51 rows
+    r = plan("sft", "--model", "opt-125m", "--data-path", "local/jsonfile", "--data-dir",
+             str(pairs_dir), "--per-device-train-batch-size", "4", "--gradient-accumulation-steps",
+             "2", "--num-train-epochs", "3", "--json")
+    doc = json.loads(r.output)
+    lines = {x["what"]: x for x in doc["schedule"]}
+    assert lines["training samples"]["value"] == "51 sequences"
+    assert lines["global batch"]["value"] == "8 sequences"  # 4 x 1 GPU x 2
+    # ceil(51 / 4) = 13 batches per epoch; ceil(13 / 2) = 7 optimizer steps; x 3 epochs = 21
+    assert lines["batches per epoch"]["value"] == "13 per GPU"
+    assert lines["optimizer steps per epoch"]["value"] == "7"
+    assert lines["total optimizer steps"]["value"] == "21"
+
+
+def test_ppo_step_counts_from_local_data(pairs_dir):
+    # step 3's part of 2,4,4: 256 - round(256 * 6/10) = 102 prompts; 2 GPUs of 8 prompts:
+    # floor(floor(102 / 2) / 8) = 6 PPO steps per epoch; 2 mini-batches of 4 each
+    doc = json.loads(plan("ppo", "--actor-model", "opt-125m", "--critic-model", "opt-125m",
+                          "--data-path", "local/jsonfile", "--data-dir", str(pairs_dir),
+                          "--deployment-type", "single_node", "--num-gpus", "2",
+                          "--per-device-generation-batch-size", "8",
+                          "--per-device-training-batch-size", "4", "--num-train-epochs", "2",
+                          "--gpu-memory", "80", "--json").output)
+    lines = {x["what"]: x["value"] for x in doc["schedule"]}
+    assert lines["prompts per PPO step"] == "16"
+    assert lines["PPO steps per epoch"] == "6" and lines["total PPO steps"] == "12"
+    # 12 PPO steps x 1 PPO epoch x 2 mini-batches = 24 updates, accumulation 1
+    assert lines["optimizer steps"] == "actor 24, critic 24"
+
+
+def test_pipeline_plans_three_steps_with_presets():
+    r = plan("pipeline", "--actor", "opt-13b", "--deployment-type", "single_node", "--num-gpus",
+             "8", "--gpu-memory", "80", "--json")
+    assert r.exit_code in (0, 1), r.output
+    doc = json.loads(r.output)
+    steps = doc["steps"]
+    assert [s["step"] for s in steps] == ["sft", "reward", "ppo"]
+    assert all(s["world_size"] == 8 for s in steps)
+    # the 13B preset: ZeRO-3 for the actor (steps 1 and 3); step 3's actor is step 1's model
+    assert steps[0]["models"][0]["zero_stage"] == 3 and steps[0]["models"][0]["params"] > 12e9
+    assert steps[2]["models"][0]["params"] == steps[0]["models"][0]["params"]
+    assert doc["verdict"] in ("fits", "tight", "does not fit")
+
+
+def test_launch_prints_the_estimate_and_warns_when_it_does_not_fit(monkeypatch, tmp_path):
+    from dschat_cli.launch import step as launch_step
+    from dschat_cli.launch.runner import Hardware
+
+    monkeypatch.setattr(launch_step, "detect_hardware", lambda: Hardware(gpus=1, bf16=True,
+                                                                         cpu_cores=2))
+    monkeypatch.setattr(planner, "_nvidia_smi", lambda: [(24576, 8.9)])  # one 24 GiB GPU
+    base = ["sft", "--model", "opt-1.3b", "--output-dir", str(tmp_path / "o"), "--dry-run"]
+    r = runner.invoke(app, base + ["--per-device-train-batch-size", "1", "--lora-dim", "8",
+                                   "--only-optimize-lora"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "memory estimate per GPU" in r.output and "fits" in r.output
+    r = runner.invoke(app, base + ["--per-device-train-batch-size", "32"], terminal_width=200)
+    assert r.exit_code == 0  # a warning, not a refusal: the estimate can be wrong
+    assert "does not fit this GPU" in r.output and "to fit, try" in r.output
