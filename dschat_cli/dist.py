@@ -90,6 +90,15 @@ class Dist:
             tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return t.item()
 
+    def all_reduce_max(self, value: float) -> float:
+        import torch
+        import torch.distributed as tdist
+
+        t = torch.tensor(float(value), device=self.device)
+        if tdist.is_initialized() and self.world_size > 1:
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return t.item()
+
     def broadcast_object(self, obj):
         import torch.distributed as tdist
 

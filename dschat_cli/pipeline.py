@@ -7,7 +7,8 @@ User side only (it launches workers through launch/, like the step commands). La
 OUT/actor-models/NAME, OUT/reward-models/NAME, OUT/step3-models/NAME (each with its own
 train.log, run config, DeepSpeed JSON and metrics), OUT/summary.md and OUT/summary.json.
 A finished step leaves a `.dschat_done.json` marker and is skipped when the pipeline runs again;
-a step that failed or was killed has no marker and runs again from its start.
+a step that failed or was killed has no marker and runs again: from its latest checkpoint (with
+--save-interval; `--resume auto`), else from its start (and always from its start with --rerun).
 """
 
 from __future__ import annotations
@@ -136,7 +137,10 @@ def plan_pipeline(cfg: PipelineConfig) -> list[StepPlan]:
     data = {("data", "data_path"): cfg.data.data_path, ("data", "data_dir"): cfg.data.data_dir,
             ("data", "data_split"): cfg.data.data_split,
             ("data", "data_cache_dir"): cfg.data.data_cache_dir}
-    common = {**data, **_launch_flags(cfg), ("seed",): cfg.seed, ("overwrite",): True}
+    ckpt_flags = {("checkpoint", k): getattr(cfg, k) for k in ("save_interval", "keep_last")
+                  if getattr(cfg, k) is not None}
+    common = {**data, **_launch_flags(cfg), ("seed",): cfg.seed, ("overwrite",): True,
+              **ckpt_flags}
     from dschat_cli.models.presets import resolve_preset
 
     def random(model: str) -> bool:
@@ -175,7 +179,7 @@ def plan_pipeline(cfg: PipelineConfig) -> list[StepPlan]:
         ("actor", "gradient_checkpointing"): actor_preset.gradient_checkpointing,
         **demo[3]}, {
         **ppo_data, **_launch_flags(cfg), ("seed",): cfg.seed, ("overwrite",): True,
-        ("actor", "model"): str(actor_dir), ("critic", "model"): str(reward_dir),
+        **ckpt_flags, ("actor", "model"): str(actor_dir), ("critic", "model"): str(reward_dir),
         ("output_dir",): str(ppo_dir)}), actor_preset))
     return [p for p in plans if p.number in cfg.step_numbers]
 
@@ -247,6 +251,10 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool) -> int:
     from dschat_cli.launch.checks import DS_CONFIGS, VALIDATORS
     from dschat_cli.launch.step import launch_training
 
+    if not dry_run:  # a file in the way fails here, not mid-pipeline
+        from dschat_cli.launch.step import check_output_dir
+
+        check_output_dir(cfg.output_dir, True)
     if cfg.demo and not dry_run:
         cfg = prepare_demo(cfg)
     plans = plan_pipeline(cfg)
@@ -260,6 +268,7 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool) -> int:
                             ds_configs=DS_CONFIGS.get(p.name))
         return 0
 
+    checked = _validate_up_front(cfg, plans)
     rows: list[dict] = []
     rc = 0
     for p in plans:
@@ -282,8 +291,14 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool) -> int:
             console.rule(f"[bold]step {p.number}: dschat {p.name}")
             marker.unlink(missing_ok=True)
             t0 = time.perf_counter()
-            rc = launch_training(p.name, p.cfg, dry_run=False, validate=VALIDATORS[p.name],
-                                 ds_configs=DS_CONFIGS.get(p.name))
+            try:
+                rc = launch_training(p.name, _resuming(p.cfg, cfg.rerun), dry_run=False,
+                                     validate=_checked if p.number in checked
+                                     else VALIDATORS[p.name], ds_configs=DS_CONFIGS.get(p.name),
+                                     restart_hint="pass --rerun (with --steps "
+                                                  f"{p.number}) to run the step from its start")
+            except ConfigError as e:
+                raise _pipeline_error(e, p.number) from None
             seconds = time.perf_counter() - t0
             if rc != 0:
                 rows.append({"step": p.number, "name": p.name, "status": f"failed ({rc})",
@@ -299,6 +314,60 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool) -> int:
         actor = plans[-1].out / "actor"
         console.print(Text(f"\nChat with the trained actor:\n  dschat chat --path {actor}"))
     return rc
+
+
+def _resuming(step_cfg, rerun: bool):
+    """A step that runs again without --rerun was interrupted (or never ran): it continues from
+    its latest checkpoint, if it wrote one (`--resume auto`; a --resume of the step's YAML wins)."""
+    import dataclasses
+
+    if rerun or step_cfg.checkpoint.resume:
+        return step_cfg
+    return dataclasses.replace(step_cfg, checkpoint=dataclasses.replace(step_cfg.checkpoint,
+                                                                        resume="auto"))
+
+
+# The pipeline's flag for a step's flag named in an error: steps 1 and 3 train --actor, step 2
+# --reward (--random-init is the same flag in both).
+_PIPELINE_FLAGS = {1: {"--model": "--actor"}, 2: {"--model": "--reward"},
+                   3: {"--actor-model": "--actor"}}
+
+
+def _pipeline_error(e: ConfigError, number: int) -> ConfigError:
+    """A step's error in the pipeline's words: 'error: --actor: ...', not the step's --model."""
+    import re
+
+    where, message = e.where, e.message
+    for old, new in _PIPELINE_FLAGS.get(number, {}).items():
+        flag = re.compile(re.escape(old) + r"(?![\w-])")
+        where, message = flag.sub(new, where), flag.sub(new, message)
+    return ConfigError(where, message)
+
+
+def _checked(cfg) -> None:
+    """Validator of a step already validated by _validate_up_front."""
+
+
+def _validate_up_front(cfg: PipelineConfig, plans: list[StepPlan]) -> set[int]:
+    """Check every step that will run before the first starts, so that a mistake in step 2's or
+    3's inputs (say, data without rejected answers) costs seconds, not a finished step 1. Step
+    3's actor and critic are outputs of steps 1 and 2: when those run now, only its data is
+    checked here, the rest when it launches. Returns the steps checked in full."""
+    from dschat_cli.data.prepare import load_phase_rows
+    from dschat_cli.launch.checks import VALIDATORS
+
+    todo = [p for p in plans if cfg.rerun or not (p.out / DONE).is_file()]
+    full: set[int] = set()
+    for p in todo:
+        try:
+            if p.number == 3 and any(q.number < 3 for q in todo):
+                load_phase_rows(p.cfg.data.as_data_options(), phase=3, seed=p.cfg.seed)
+                continue
+            VALIDATORS[p.name](p.cfg)
+        except ConfigError as e:
+            raise _pipeline_error(e, p.number) from None
+        full.add(p.number)
+    return full
 
 
 def _reward_gate(cfg: PipelineConfig, plans: list[StepPlan], root: Path) -> str | None:

@@ -4,7 +4,8 @@
 
 Started by deepspeed.launcher on every rank (or called in-process with --launcher none). Builds
 the Dist handle, reads the resolved run config, and calls one step's run(). Exit codes: 0 done,
-2 a user mistake found at run time (one line), 1 anything else (traceback, prefixed by rank).
+2 a user mistake found at run time (one line), 1 a run stopped by the health monitor (one line,
+steps/health.py) or anything else (traceback, prefixed by rank).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ STEPS = {
     "sft": ("dschat_cli.config.sft:SFTConfig", "dschat_cli.steps.sft:run"),
     "reward": ("dschat_cli.config.reward:RewardConfig", "dschat_cli.steps.reward:run"),
     "ppo": ("dschat_cli.config.ppo:PPOConfig", "dschat_cli.steps.ppo:run"),
+    "bench": ("dschat_cli.config.bench:BenchConfig", "dschat_cli.steps.bench:run"),
 }
 
 
@@ -71,6 +73,7 @@ def _shutdown_distributed() -> None:
 def run_step(step: str, cfg) -> int:
     """Run one step on this rank; returns the exit code."""
     from dschat_cli.config.schema import ConfigError
+    from dschat_cli.steps.health import TrainingAnomaly
     from dschat_cli.ui.console import error_line, set_rank
 
     rank = int(os.environ.get("RANK", "0"))
@@ -86,6 +89,12 @@ def run_step(step: str, cfg) -> int:
         if rank == 0:
             error_line(e.where, e.message)
         return 2
+    except TrainingAnomaly as e:  # the health monitor stopped the run: a training failure
+        if rank == 0:
+            kept = f"; last checkpoint, intact: {e.last_checkpoint}" if e.last_checkpoint else ""
+            error_line(e.anomaly.where, f"{e.anomaly.detail}; stopped without saving{kept} "
+                       "(--on-anomaly warn keeps training)")
+        return 1
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # show which rank failed and why; the launcher stops the others

@@ -31,8 +31,9 @@ def check_path(cfg: ChatConfig) -> str:
     from dschat_cli.models.inference import check_causal_lm_dir
     from dschat_cli.models.loading import check_model_source, resolve_model_name
 
-    check_causal_lm_dir(cfg.path, "--path")
-    opts = ModelOptions(model=cfg.path)
+    trust = cfg.inference.trust_remote_code
+    check_causal_lm_dir(cfg.path, "--path", trust_remote_code=trust)
+    opts = ModelOptions(model=cfg.path, trust_remote_code=trust)
     check_model_source(opts, "--path")
     return resolve_model_name(opts)[0]
 
@@ -50,7 +51,8 @@ def load_session(cfg: ChatConfig) -> tuple[ChatSession, str]:
     dtype = pick_dtype(cfg.inference.dtype, device)
     with err_console.status(f"loading {cfg.path}"):
         try:
-            model, tok = load_for_inference(source, device=device, dtype=dtype, flag="--path")
+            model, tok = load_for_inference(source, device=device, dtype=dtype, flag="--path",
+                                            trust_remote_code=cfg.inference.trust_remote_code)
         except (OSError, ValueError) as e:  # e.g. a name that is neither a folder nor a hub model
             if isinstance(e, ConfigError):
                 raise

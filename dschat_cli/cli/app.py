@@ -6,10 +6,11 @@ from __future__ import annotations
 import typer
 
 from dschat_cli import __version__
-from dschat_cli.cli import chat
+from dschat_cli.cli import bench, chat
 from dschat_cli.cli import doctor
 from dschat_cli.cli import eval as eval_cmd
 from dschat_cli.cli import eval_reward, pipeline, ppo, reward, sft
+from dschat_cli.cli import plan as plan_cmd
 
 app = typer.Typer(
     name="dschat",
@@ -40,10 +41,12 @@ sft.register(app)
 reward.register(app)
 ppo.register(app)
 pipeline.register(app)
+plan_cmd.register(app)
 eval_cmd.register(app)
 eval_reward.register(app)
 chat.register(app)
 doctor.register(app)
+bench.register(app)
 
 
 def main() -> None:

@@ -32,9 +32,11 @@ def config_command(app: typer.Typer, name: str, cfg_cls: type, *, help: str,
                    handler: Callable[..., int | None], extra: list[inspect.Parameter] | None = None,
                    epilog: str | None = None,
                    dry_run_help: str = "Print the resolved config, the DeepSpeed JSON and the "
-                                       "launch command, then exit without running.") -> None:
+                                       "launch command, then exit without running.",
+                   with_dry_run: bool = True, check: bool = True) -> None:
     """Register `name` on `app`. `handler(cfg, dry_run=..., **extra_values)` runs the command and
-    returns an exit code."""
+    returns an exit code. Without `with_dry_run` there is no --dry-run flag (and no dry_run
+    argument); without `check` the handler runs the config's cross-field checks itself."""
     specs = flag_specs(cfg_cls)
     params = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                 annotation=typer.Context)]
@@ -47,9 +49,10 @@ def config_command(app: typer.Typer, name: str, cfg_cls: type, *, help: str,
         default=typer.Option(None, "--config", help="YAML run config (nested sections as in a run's "
                              "run_config.yaml); flags given here override it.",
                              rich_help_panel="Run")))
-    params.append(inspect.Parameter(
-        "dry_run", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-        default=typer.Option(False, "--dry-run", help=dry_run_help, rich_help_panel="Run")))
+    if with_dry_run:
+        params.append(inspect.Parameter(
+            "dry_run", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+            default=typer.Option(False, "--dry-run", help=dry_run_help, rich_help_panel="Run")))
     params.extend(extra or [])
     extra_names = [p.name for p in extra or []]
 
@@ -61,9 +64,12 @@ def config_command(app: typer.Typer, name: str, cfg_cls: type, *, help: str,
                 given[spec.path] = kwargs[spec.param]
         try:
             cfg = resolve(cfg_cls, kwargs["config"], given)
-            if hasattr(cfg, "check"):
+            if check and hasattr(cfg, "check"):
                 cfg.check()
-            rc = handler(cfg, dry_run=kwargs["dry_run"], **{k: kwargs[k] for k in extra_names})
+            if with_dry_run:
+                rc = handler(cfg, dry_run=kwargs["dry_run"], **{k: kwargs[k] for k in extra_names})
+            else:
+                rc = handler(cfg, **{k: kwargs[k] for k in extra_names})
         except ConfigError as e:
             from dschat_cli.ui.console import error_line
 

@@ -28,6 +28,10 @@ class InferenceOptions:
                      choices=("auto", "bf16", "fp16", "fp32"))
     batch_size: int = opt(8, "Prompts per generate call.", min=1)
     seed: int = opt(1234, "Random seed for sampling.")
+    trust_remote_code: bool = opt(False, "Run the Python code a model folder or hub repo ships "
+                                  "for an architecture transformers lacks (config.json auto_map). "
+                                  "A security risk: that code runs with your permissions; give it "
+                                  "only for models you trust. Without it such a model is refused.")
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,14 @@ class PipelineConfig:
     ppo_config: str | None = opt(None, "YAML of step-3 options (any `dschat ppo` option).")
     min_reward_accuracy: float = opt(0.6, "Stop before step 3 unless the reward model's held-out "
                                      "accuracy reaches this.", min=0.0, max=1.0)
-    rerun: bool = opt(False, "Re-run steps that already finished (default: skip them).")
+    rerun: bool = opt(False, "Re-run steps that already finished (default: skip them), and start "
+                      "interrupted steps from the beginning instead of their latest checkpoint.")
+    save_interval: int | None = opt(None, "Each step writes a resumable checkpoint every N of its "
+                                    "optimizer steps (step 3: PPO steps), so a pipeline run again "
+                                    "after a kill continues the interrupted step; unset: the step "
+                                    "YAML's value or 0 (no checkpoints).", min=0)
+    keep_last: int | None = opt(None, "Checkpoints each step keeps (unset: the step YAML's value "
+                                "or 2).", min=1)
     demo: bool = opt(False, "Built-in demo: a tiny model and tokenizer built locally, a bundled "
                      "synthetic preference dataset, all three steps on CPU in a few minutes; no "
                      "download.")

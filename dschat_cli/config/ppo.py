@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dschat_cli.config.schema import ConfigError, opt, section
-from dschat_cli.config.sections import (DTYPES, SCHEDULERS, DataOptions, LaunchOptions, LoraOptions,
-                                        ModelOptions, OptimOptions, parse_split)
+from dschat_cli.config.sections import (DTYPES, SCHEDULERS, CheckpointOptions, DataOptions,
+                                        HealthOptions, LaunchOptions, LoraOptions, ModelOptions,
+                                        OptimOptions, parse_split)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,20 @@ class PPOGenerationOptions:
     temperature: float = opt(1.0, "Sampling temperature.", min=1e-4)
     top_p: float = opt(1.0, "Nucleus sampling probability mass.", min=0.0, max=1.0)
     top_k: int = opt(0, "Sample from the k most likely tokens (0: no limit).", min=0)
+    generation_engine: str = opt("fast", "fast: dschat's rollout engine (static KV cache, CUDA-graph "
+                                 "decode on GPU, parameters gathered once per rollout); hf: "
+                                 "transformers' generate (the reference path, slower).",
+                                 choices=("fast", "hf"))
+    old_logprobs: str = opt("forward", "Where PPO's old logprobs come from. forward: an actor "
+                            "forward pass over each rollout (as DeepSpeed-Chat); generation: the "
+                            "sampling pass of the fast engine (saves that forward; checked against "
+                            "it every --parity-check-interval rollouts).",
+                            choices=("forward", "generation"))
+    parity_tolerance: float = opt(0.1, "Stop when the fast engine's logprobs differ from the actor's "
+                                  "forward pass by more than this many nats on average over the "
+                                  "answer tokens (bf16 rounding gives ~0.01).", min=0.0)
+    parity_check_interval: int = opt(10, "With --old-logprobs generation: compare with a forward "
+                                     "pass on the first rollout and every N rollouts.", min=1)
     print_answers: bool = opt(False, "Print a generated prompt and answer every "
                               "--print-answers-interval steps.")
     print_answers_interval: int = opt(1, "Steps between printed answers.", min=1)
@@ -114,18 +129,42 @@ class PPODeepSpeedOptions:
 
 
 @dataclass(frozen=True)
+class PPOHealthOptions(HealthOptions):
+    """Step 3's health rules besides NaN/inf (steps/health.py explains each threshold)."""
+    max_kl: float | None = opt(None, "Anomaly when the KL to the reference (nats summed over an "
+                               "answer, mean over answers) stays above this; unset: 2 x "
+                               "--clip-reward-value / --kl-ctl (100 with the defaults), beyond which "
+                               "the KL penalty outweighs any reward the actor could gain; 0 "
+                               "disables.", min=0.0)
+    min_answer_length: float = opt(2.0, "Anomaly when the mean answer length in tokens (dropped "
+                                   "answers count 0) stays below this (capped at half of "
+                                   "--max-answer-seq-len); 0 disables.", min=0.0)
+    reward_collapse_drop: float = opt(2.0, "Anomaly when the EMA reward stays more than this many "
+                                      "baseline reward spreads (std of the batch rewards over the "
+                                      "first 3 PPO steps) below its best; 0 disables.", min=0.0)
+    reward_collapse_spread: float = opt(0.05, "Anomaly when the spread (std) of the batch rewards "
+                                        "stays below this fraction of its baseline (every prompt "
+                                        "gets an alike answer); 0 disables.", min=0.0, max=1.0)
+    anomaly_patience: int = opt(3, "Consecutive PPO steps the KL, answer-length and reward rules "
+                                "must hold before they count (NaN/inf count at once).", min=1)
+
+
+@dataclass(frozen=True)
 class PPOConfig:
     actor: ModelOptions = section(ModelOptions, prefix="actor-", panel="Actor")
     actor_lora: LoraOptions = section(LoraOptions, prefix="actor-", panel="Actor")
     critic: ModelOptions = section(ModelOptions, prefix="critic-", panel="Critic and reward")
     critic_lora: LoraOptions = section(LoraOptions, prefix="critic-", panel="Critic and reward")
-    reward_model: str | None = opt(None, "Frozen reward model folder (default: --critic-model).")
+    reward_model: str | None = opt(None, "Frozen reward model folder (default: --critic-model; "
+                                   "--critic-trust-remote-code covers it too).")
     data: PromptDataOptions = section(PromptDataOptions, panel="Data")
     train: PPOTrainOptions = section(PPOTrainOptions, panel="Training")
     ppo: PPOAlgoOptions = section(PPOAlgoOptions, panel="PPO")
     generation: PPOGenerationOptions = section(PPOGenerationOptions, panel="Generation")
     deepspeed: PPODeepSpeedOptions = section(PPODeepSpeedOptions, panel="DeepSpeed")
     launch: LaunchOptions = section(LaunchOptions, panel="Launch")
+    health: PPOHealthOptions = section(PPOHealthOptions, panel="Health")
+    checkpoint: CheckpointOptions = section(CheckpointOptions, panel="Checkpoints")
     output_dir: str | None = opt(None, "Folder for actor/, critic/ (and actor_ema/), run config, "
                                  "DeepSpeed JSONs, logs and metrics.")
     overwrite: bool = opt(False, "Allow writing into a non-empty --output-dir.")
@@ -173,6 +212,10 @@ class PPOConfig:
         if self.data.unsupervised_dataset_config_name and not self.data.unsupervised_dataset_name:
             raise ConfigError("--unsupervised-dataset-config-name",
                               "needs --unsupervised-dataset-name")
+        g = self.generation
+        if g.old_logprobs == "generation" and g.generation_engine != "fast":
+            raise ConfigError("--old-logprobs generation", "needs --generation-engine fast (the hf "
+                              "engine does not return logprobs)")
         t = self.train
         per_rollout = t.per_device_generation_batch_size * t.generation_batches
         if per_rollout % t.per_device_training_batch_size:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dschat_cli.config.schema import opt, section
-from dschat_cli.config.sections import (DataOptions, DeepSpeedOptions, LaunchOptions, LoraOptions,
-                                        ModelOptions, OptimOptions, check_single_model_run)
+from dschat_cli.config.sections import (CheckpointOptions, DataOptions, DeepSpeedOptions,
+                                        HealthOptions, LaunchOptions, LoraOptions, ModelOptions,
+                                        OptimOptions, check_single_model_run)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class RewardConfig:
     optim: RewardOptimOptions = section(RewardOptimOptions, panel="Optimisation")
     deepspeed: DeepSpeedOptions = section(DeepSpeedOptions, panel="DeepSpeed")
     launch: LaunchOptions = section(LaunchOptions, panel="Launch")
+    health: HealthOptions = section(HealthOptions, panel="Health")
+    checkpoint: CheckpointOptions = section(CheckpointOptions, panel="Checkpoints")
     output_dir: str | None = opt(None, "Folder for the reward model, run config, DeepSpeed JSON, logs "
                                  "and metrics.")
     overwrite: bool = opt(False, "Allow writing into a non-empty --output-dir.")

@@ -30,8 +30,11 @@ class ModelOptions:
                                 min=0.0, max=1.0)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: less "
                                        "memory, about 30% more compute.")
-    trust_remote_code: bool = opt(False, "Allow model code from the hub (transformers' "
-                                  "trust_remote_code).")
+    trust_remote_code: bool = opt(False, "Run the Python code a model folder or hub repo ships "
+                                  "for an architecture transformers lacks (config.json auto_map; "
+                                  "transformers' trust_remote_code). A security risk: that code "
+                                  "runs with your permissions; give it only for models you trust. "
+                                  "Without it such a model is refused before launch.")
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,32 @@ class LaunchOptions:
     launcher: str = opt("deepspeed", "deepspeed: launch workers with deepspeed.launcher; none: run "
                         "one worker in this process (world size 1, for debugging).",
                         choices=("deepspeed", "none"))
+
+
+@dataclass(frozen=True)
+class HealthOptions:
+    """The health monitor of a training step (steps/health.py has the rules)."""
+    on_anomaly: str = opt("stop", "What to do when a logged step's health check finds an anomaly "
+                          "(a NaN/inf loss or gradient norm; in step 3 also runaway KL, collapsing "
+                          "answers or reward): stop (exit code 1, the anomaly recorded in "
+                          "metrics.jsonl and train_summary.json, nothing saved after it, so the last "
+                          "checkpoint stays intact) or warn (a yellow line; training continues).",
+                          choices=("stop", "warn"))
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    """Resumable checkpoints (see steps/checkpoint.py): OUTPUT_DIR/checkpoints/step_NNNNNN/."""
+    save_interval: int = opt(0, "Write a resumable checkpoint (DeepSpeed engine state with optimizer "
+                             "and scheduler, RNG states, data position) to OUTPUT_DIR/checkpoints "
+                             "every N optimizer steps (dschat ppo: every N PPO steps, at the next "
+                             "PPO update) and at the end of training; 0: no checkpoints.", min=0)
+    resume: str | None = opt(None, "Continue a stopped run: 'auto' resumes from OUTPUT_DIR's latest "
+                             "complete checkpoint (or starts fresh if there is none); a path resumes "
+                             "from that checkpoint folder (OUTPUT_DIR/checkpoints/step_NNNNNN). The "
+                             "run's options must match the checkpoint's.")
+    keep_last: int = opt(2, "Keep the N newest checkpoints; older ones are deleted once a newer one "
+                         "is complete.", min=1)
 
 
 def check_single_model_run(cfg, example_model: str) -> None:

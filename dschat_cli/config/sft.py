@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dschat_cli.config.schema import opt, section
-from dschat_cli.config.sections import (DataOptions, DeepSpeedOptions, LaunchOptions, LoraOptions,
-                                        ModelOptions, OptimOptions, check_single_model_run)
+from dschat_cli.config.sections import (CheckpointOptions, DataOptions, DeepSpeedOptions,
+                                        HealthOptions, LaunchOptions, LoraOptions, ModelOptions,
+                                        OptimOptions, check_single_model_run)
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,8 @@ class SFTConfig:
     optim: OptimOptions = section(OptimOptions, panel="Optimisation")
     deepspeed: DeepSpeedOptions = section(DeepSpeedOptions, panel="DeepSpeed")
     launch: LaunchOptions = section(LaunchOptions, panel="Launch")
+    health: HealthOptions = section(HealthOptions, panel="Health")
+    checkpoint: CheckpointOptions = section(CheckpointOptions, panel="Checkpoints")
     output_dir: str | None = opt(None, "Folder for the trained model, run config, DeepSpeed JSON, "
                                  "logs and metrics.")
     overwrite: bool = opt(False, "Allow writing into a non-empty --output-dir.")

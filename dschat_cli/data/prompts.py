@@ -51,7 +51,8 @@ from dschat_cli.data.split import permutation
 
 __all__ = ["tokenize_prompts", "collate_prompts", "prompt_datasets", "prompt_cache_key",
            "prompt_drop_counts", "unsupervised_dataset", "unsupervised_cache_key",
-           "unsupervised_counts", "collate_lm_blocks", "UNSUPERVISED_EXTENSIONS"]
+           "unsupervised_counts", "collate_lm_blocks", "UNSUPERVISED_EXTENSIONS",
+           "check_unsupervised_source"]
 
 _COUNTS_TAG = "dschat-prompt-counts:"
 _UNSUP_TAG = "dschat-unsupervised-counts:"
@@ -352,6 +353,14 @@ def _text_batches(name: str, config_name: str | None) -> Iterable[list]:
                               "save it as UTF-8") from None
         return _list_batches(lines)
     return _list_batches(_json_texts(path))
+
+
+def check_unsupervised_source(name: str, config_name: str | None) -> None:
+    """User side, before launch: the unsupervised source exists, reads as text and has a document
+    (stops at the first one; the workers tokenise it)."""
+    if not any(t and t.strip() for batch in _text_batches(name, config_name) for t in batch):
+        raise ConfigError(_UNSUP_FLAG, f"'{name}' holds no text; unsupervised data needs "
+                          "documents in a 'text' column (or lines of a .txt file)")
 
 
 def _token_stream(batches: Iterable[list], tokenizer, need: int) -> tuple[Any, int]:

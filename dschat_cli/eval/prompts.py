@@ -60,6 +60,25 @@ def read_prompts(path: str | None) -> list[str]:
     return prompts
 
 
+def check_output_file(path: str | None, flag: str = "--output-file") -> None:
+    """Before any model loads: the results file can be written (failing after minutes of
+    generation would lose the results). The file itself is written only at the end."""
+    if not path:
+        return
+    import os
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(flag, f"{path} is a folder; give a file name, e.g. {p / 'results.jsonl'}")
+    parent = next((q for q in p.parents if q.exists()), Path("."))
+    if not parent.is_dir():
+        raise ConfigError(flag, f"{parent} is a file, so {path} cannot be created; give another "
+                          "path")
+    target = p if p.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise ConfigError(flag, f"{target} is not writable; give another path")
+
+
 def run_eval(cfg: EvalConfig) -> dict:
     import torch
     from rich.table import Table
@@ -74,6 +93,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     quiet_libraries()
 
     prompts = read_prompts(cfg.prompts)
+    check_output_file(cfg.output_file)
     device = pick_device(cfg.inference.device)
     dtype = pick_dtype(cfg.inference.dtype, device)
     models = [(label, path, flag) for label, path, flag in
@@ -81,13 +101,15 @@ def run_eval(cfg: EvalConfig) -> dict:
               if path]
     from dschat_cli.models.inference import check_causal_lm_dir
 
+    trust = cfg.inference.trust_remote_code
     for _, path, flag in models:  # fail before loading anything
-        check_causal_lm_dir(path, flag)
+        check_causal_lm_dir(path, flag, trust_remote_code=trust)
     answers: dict[str, list[str]] = {}
     for label, path, flag in models:
         torch.manual_seed(cfg.inference.seed)
         with console.status(f"{label}: loading {path} and generating {len(prompts)} answers"):
-            model, tok = load_for_inference(path, device=device, dtype=dtype, flag=flag)
+            model, tok = load_for_inference(path, device=device, dtype=dtype, flag=flag,
+                                            trust_remote_code=trust)
             answers[label] = generate_answers(model, tok, prompts, cfg.generation,
                                               cfg.inference.batch_size)
             del model

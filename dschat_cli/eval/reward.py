@@ -114,7 +114,14 @@ def run_eval_reward(cfg: EvalRewardConfig) -> dict:
 
     quiet_libraries()
 
+    from dschat_cli.config.sections import ModelOptions
+    from dschat_cli.eval.prompts import check_output_file
+    from dschat_cli.models.loading import check_model_source
+
     check_reward_dir(cfg.path, "--path")
+    trust = cfg.inference.trust_remote_code
+    check_model_source(ModelOptions(model=cfg.path, trust_remote_code=trust), "--path")
+    check_output_file(cfg.output_file)
     device = pick_device(cfg.inference.device)
     dtype = pick_dtype(cfg.inference.dtype, device)
     single = bool(cfg.answer)
@@ -131,10 +138,11 @@ def run_eval_reward(cfg: EvalRewardConfig) -> dict:
     max_len = cfg.max_seq_len or max_len
 
     with console.status(f"loading {cfg.path}"):
-        tokenizer = AutoTokenizer.from_pretrained(cfg.path)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=trust)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = load_reward_model(cfg.path, dtype=dtype).to(device).eval()
+        model = load_reward_model(cfg.path, dtype=dtype,
+                                  trust_remote_code=trust).to(device).eval()
     bs = cfg.inference.batch_size
     prompts = [p for p, _, _ in pairs]
     with console.status(f"scoring {len(pairs)} {'answers' if single else 'pairs'}"):

@@ -12,18 +12,22 @@ from dschat_cli.config.sft import SFTConfig
 
 def validate_sft(cfg: SFTConfig) -> None:
     from dschat_cli.data.prepare import load_phase_rows
-    from dschat_cli.models.loading import check_lora_targets, check_model_source
+    from dschat_cli.models.loading import (check_lora_targets, check_model_source,
+                                           check_tokenizer_source)
 
     check_model_source(cfg.model)
+    check_tokenizer_source(cfg.model)
     check_lora_targets(cfg.model, cfg.lora)
     load_phase_rows(cfg.data, phase=1, seed=cfg.seed)
 
 
 def validate_reward(cfg: RewardConfig) -> None:
     from dschat_cli.data.prepare import load_phase_rows
-    from dschat_cli.models.loading import check_lora_targets, check_model_source
+    from dschat_cli.models.loading import (check_lora_targets, check_model_source,
+                                           check_tokenizer_source)
 
     check_model_source(cfg.model)
+    check_tokenizer_source(cfg.model)
     check_lora_targets(cfg.model, cfg.lora, backbone_only=True)
     train, _ = load_phase_rows(cfg.data, phase=2, seed=cfg.seed)
     if all(r is None or not str(r).strip() for r in train["rejected"]):
@@ -34,23 +38,38 @@ def validate_reward(cfg: RewardConfig) -> None:
 def validate_ppo(cfg: PPOConfig) -> None:
     from dschat_cli.config.sections import ModelOptions
     from dschat_cli.data.prepare import load_phase_rows
-    from dschat_cli.models.loading import check_lora_targets, check_model_source, load_tokenizer
-    from dschat_cli.models.reward import check_reward_dir, check_same_tokenizer, is_random_preset
+    from dschat_cli.models.loading import (check_lora_targets, check_model_source,
+                                           check_tokenizer_source, load_tokenizer)
+    from dschat_cli.models.reward import (check_reward_dir, check_same_tokenizer, is_random_preset,
+                                          is_reward_dir)
 
     check_model_source(cfg.actor, flag="--actor-model")
+    if is_reward_dir(str(cfg.actor.model)):  # it would load as a causal LM and train, silently
+        raise ConfigError("--actor-model", f"{cfg.actor.model} is a dschat reward model, not a "
+                          "causal LM; give the step-1 (dschat sft) output folder")
+    check_tokenizer_source(cfg.actor, flag="--actor-tokenizer")
     critics = [("--critic-model", cfg.critic)]
-    if cfg.reward_model:
-        critics.append(("--reward-model", ModelOptions(model=cfg.reward_model)))
+    if cfg.reward_model:  # the frozen reward model follows the critic's trust-remote-code
+        critics.append(("--reward-model", ModelOptions(
+            model=cfg.reward_model, trust_remote_code=cfg.critic.trust_remote_code)))
     actor_tok = load_tokenizer(cfg.actor)
     for flag, opts in critics:
         if is_random_preset(opts):  # an untrained architecture preset (benchmarks)
             check_model_source(opts, flag=flag)
         else:
             check_reward_dir(str(opts.model), flag)
+            check_model_source(opts, flag=flag)  # its own model code needs the trust flag
+        if flag == "--critic-model":
+            check_tokenizer_source(opts, flag="--critic-tokenizer")
         check_same_tokenizer(actor_tok, load_tokenizer(opts), flag=flag, other_path=str(opts.model))
     check_lora_targets(cfg.actor, cfg.actor_lora, flag_prefix="actor-")
     check_lora_targets(cfg.critic, cfg.critic_lora, backbone_only=True, flag_prefix="critic-")
     load_phase_rows(cfg.data.as_data_options(), phase=3, seed=cfg.seed)
+    if cfg.data.unsupervised_dataset_name:
+        from dschat_cli.data.prompts import check_unsupervised_source
+
+        check_unsupervised_source(cfg.data.unsupervised_dataset_name,
+                                  cfg.data.unsupervised_dataset_config_name)
 
 
 def ppo_planned_configs(cfg: PPOConfig, plan, hw) -> dict[str, dict]:

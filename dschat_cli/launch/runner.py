@@ -31,13 +31,49 @@ class Hardware:
     cpu_cores: int
 
 
+def query_gpus() -> list[tuple[int, float]]:
+    """[(MiB, compute capability)] of the GPUs CUDA_VISIBLE_DEVICES leaves visible; [] without
+    nvidia-smi. Asking the driver directly keeps torch (and a CUDA context, ~0.5 GiB on GPU 0 for
+    the whole run) out of the launching process."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=memory.total,compute_cap",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        try:
+            mib, cap = (x.strip() for x in line.split(","))
+            gpus.append((int(float(mib)), float(cap)))
+        except ValueError:
+            continue
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and gpus:
+        try:
+            gpus = [gpus[int(i)] for i in visible.split(",") if i.strip()]
+        except (ValueError, IndexError):  # UUIDs or MIG slices: keep what the driver listed
+            pass
+    return gpus
+
+
 def detect_hardware() -> Hardware:
-    """Imports torch lazily (not at CLI import time)."""
+    """GPUs from nvidia-smi; without it, torch (imported lazily, not at CLI import time)."""
+    gpus = query_gpus()
+    if gpus:
+        return Hardware(gpus=len(gpus), bf16=all(cap >= 8.0 for _, cap in gpus),
+                        cpu_cores=os.cpu_count() or 1)
     import torch
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    bf16 = bool(gpus and torch.cuda.is_bf16_supported())
-    return Hardware(gpus=gpus, bf16=bf16, cpu_cores=os.cpu_count() or 1)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    bf16 = bool(n and torch.cuda.is_bf16_supported())
+    return Hardware(gpus=n, bf16=bf16, cpu_cores=os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -59,6 +95,9 @@ class LaunchPlan:
 def parse_hostfile(path: str) -> dict[str, int]:
     """'host slots=N' per line (comments with #) -> {host: slots}."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError("--hostfile", f"{path} is a folder; give the hostfile itself (lines like "
+                          "'worker-1 slots=8')")
     if not p.is_file():
         raise ConfigError("--hostfile", f"file not found: {path}")
     hosts: dict[str, int] = {}
@@ -86,6 +125,9 @@ def _count_include(include: str) -> int:
             total += len([x for x in part.split(":", 1)[1].split(",") if x.strip()])
         else:
             raise ConfigError("--include", f"'{part}' must name devices, like localhost:0,1")
+    if total == 0:
+        raise ConfigError("--include", f"'{include}' selects no device; name them, like "
+                          "localhost:0,1")
     return total
 
 
@@ -106,6 +148,9 @@ def plan_launch(opts: LaunchOptions, step: str, config_path: str | Path, *, hw: 
         return LaunchPlan(argv=[], env={"DS_ACCELERATOR": "cpu"} if on_cpu else {}, world_size=1,
                           device=device, warning=warning)
 
+    if opts.include and opts.num_gpus is not None:
+        # deepspeed.launcher refuses the pair too, but only after the run folder is written
+        raise ConfigError("--include", "selects the devices itself; drop --num-gpus (or --include)")
     if opts.hostfile and opts.deployment_type != "multi_node":
         raise ConfigError("--hostfile", "is for --deployment-type multi_node")
     nodes = 1
@@ -152,6 +197,39 @@ def plan_launch(opts: LaunchOptions, step: str, config_path: str | Path, *, hw: 
                       warning=warning)
 
 
+# Words that mark an environment variable as a credential: HF_TOKEN, WANDB_API_KEY,
+# AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_PASSWORD, ... (whole parts between underscores, so that
+# TOKENIZERS_PARALLELISM is not one).
+_SECRET_PARTS = {"TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "APIKEY", "CREDENTIAL",
+                 "CREDENTIALS"}
+_ASSIGNMENT = re.compile(rb"\b([A-Za-z_][A-Za-z0-9_]*)=([^\s;'\"]+)")
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(_SECRET_PARTS & set(name.upper().split("_")))
+
+
+def secret_redactor(env: dict[str, str]) -> Callable[[bytes], bytes]:
+    """line -> line with credentials replaced by ***: the value of every secret-named variable of
+    `env`, and any `NAME=value` of a secret-looking NAME. DeepSpeed's multi-node runner logs its
+    whole pdsh/mpirun command, including `export NAME=value` for MLFLOW*/NCCL* variables and every
+    line of .deepspeed_env (where users put HF_TOKEN for the other nodes); that log is train.log."""
+    values = sorted({v.encode() for k, v in env.items() if is_secret_name(k) and len(v) >= 6},
+                    key=len, reverse=True)
+
+    def assignment(m: re.Match) -> bytes:
+        return m.group(1) + b"=***" if is_secret_name(m.group(1).decode()) else m.group(0)
+
+    def redact(line: bytes) -> bytes:
+        if b"=" in line:
+            line = _ASSIGNMENT.sub(assignment, line)
+        for v in values:
+            line = line.replace(v, b"***")
+        return line
+
+    return redact
+
+
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Za-z0-9]|\r")
 _LAUNCHER_NOISE = re.compile(rb"^\[(?:\d{4}-\d\d-\d\d [\d:,]+\] \[)?(?:INFO|WARNING)\]")
 
@@ -172,6 +250,7 @@ def run_launch(plan: LaunchPlan, *, log_path: str | Path | None = None,
             pass
     proc = popen(plan.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                  start_new_session=False)
+    redact = secret_redactor(env)
     log = open(log_path, "ab") if log_path else None
     pending = b""
     try:
@@ -183,13 +262,13 @@ def run_launch(plan: LaunchPlan, *, log_path: str | Path | None = None,
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for line in lines:
-                _emit(line + b"\n", out, log, verbose)
+                _emit(redact(line + b"\n"), out, log, verbose)
             if pending and (b"\r" in pending or b"\x1b" in pending):  # live redraws: pass through
-                out.write(pending)
+                out.write(redact(pending))
                 out.flush()
                 pending = b""
         if pending:
-            _emit(pending, out, log, verbose)
+            _emit(redact(pending), out, log, verbose)
         return proc.wait()
     except KeyboardInterrupt:
         proc.terminate()

@@ -34,9 +34,10 @@ def pick_dtype(dtype: str, device: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
 
-def check_causal_lm_dir(path: str, flag: str) -> None:
-    """A folder we can chat with: config.json of a causal LM, not a dschat reward model."""
-    import json
+def check_causal_lm_dir(path: str, flag: str, *, trust_remote_code: bool = False) -> None:
+    """A folder we can chat with: config.json of a causal LM, not a dschat reward model, and no
+    model code of its own unless --trust-remote-code."""
+    from dschat_cli.models.loading import check_remote_code, read_config_json
 
     p = Path(path).expanduser()
     if not p.exists():
@@ -46,25 +47,32 @@ def check_causal_lm_dir(path: str, flag: str) -> None:
     if not (p / "config.json").is_file():
         raise ConfigError(flag, f"{path} has no config.json; give a model folder saved by dschat or "
                           "save_pretrained")
-    cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    cfg = read_config_json(p, flag)
     if cfg.get("dschat_role") == "reward":
         raise ConfigError(flag, f"{path} is a dschat reward model, not a causal LM; use `dschat "
                           "eval-reward --path` for it, or give an actor folder")
     archs = cfg.get("architectures") or []
     if archs and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
         raise ConfigError(flag, f"{path} holds a {archs[0]}, not a causal language model")
+    check_remote_code(cfg, path, trust=trust_remote_code, flag=flag)
 
 
-def load_for_inference(path: str, *, device: str, dtype, flag: str):
+def load_for_inference(path: str, *, device: str, dtype, flag: str,
+                       trust_remote_code: bool = False):
     """-> (model in eval mode on device, tokenizer with left padding)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_causal_lm_dir(path, flag)
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as e:
-        raise ConfigError(flag, f"cannot load '{path}': {str(e).splitlines()[0]}") from None
+    check_causal_lm_dir(path, flag, trust_remote_code=trust_remote_code)
+    try:  # trust_remote_code always explicit: None would make transformers ask on stdin
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # ValueError: e.g. a hub model that needs its own code
+        lines = str(e).strip().splitlines()
+        hint = " (pass --trust-remote-code if you trust its code)" \
+            if "trust_remote_code" in str(e) else ""
+        raise ConfigError(flag, f"cannot load '{path}': {lines[0] if lines else type(e).__name__}"
+                          f"{hint}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -45,6 +45,44 @@ def resolve_model_name(opts: ModelOptions) -> tuple[str, str | None]:
     return name, None
 
 
+def trust_flag_for(flag: str) -> str:
+    """The flag that allows a model's own code: --actor-model -> --actor-trust-remote-code,
+    --critic-model and --reward-model -> --critic-trust-remote-code, others --trust-remote-code."""
+    if flag == "--reward-model":
+        return "--critic-trust-remote-code"
+    if flag.endswith("-model") and flag != "--model":
+        return flag[:-len("model")] + "trust-remote-code"
+    return "--trust-remote-code"
+
+
+def check_remote_code(config: dict, name: str, *, trust: bool, flag: str) -> None:
+    """Refuse, before anything loads, a model whose config.json needs the folder's (or hub repo's)
+    own Python ("auto_map" for an architecture transformers does not ship) unless its
+    trust-remote-code flag was given: that code runs with the user's permissions. Without the flag
+    transformers would fail deep in a worker, or stop to ask on stdin."""
+    if trust or not config.get("auto_map"):
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if config.get("model_type") in CONFIG_MAPPING:
+        return  # transformers uses its own implementation and ignores the folder's code
+    raise ConfigError(flag, f"{name} needs its own model code (auto_map in config.json; model type "
+                      f"'{config.get('model_type')}' is not part of transformers); pass "
+                      f"{trust_flag_for(flag)} to run it, only for a model you trust (the code "
+                      "runs with your permissions)")
+
+
+def read_config_json(path: Path, flag: str) -> dict:
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(flag, f"{path / 'config.json'} is not valid JSON ({e}); re-save the "
+                          "model with save_pretrained") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(flag, f"{path / 'config.json'} is not a model config (a JSON object)")
+    return raw
+
+
 def check_model_source(opts: ModelOptions, flag: str = "--model") -> None:
     """Fail fast, before launch, when the model cannot be loaded (user side)."""
     name = str(opts.model)
@@ -53,6 +91,8 @@ def check_model_source(opts: ModelOptions, flag: str = "--model") -> None:
         if not (path / "config.json").is_file():
             raise ConfigError(flag, f"{name} is a folder without config.json; give a Hugging Face "
                               "model folder (saved with save_pretrained)")
+        check_remote_code(read_config_json(path, flag), name, trust=opts.trust_remote_code,
+                          flag=flag)
         return
     if path.exists():
         raise ConfigError(flag, f"{name} is a file; give a model folder, hub id or preset")
@@ -62,12 +102,14 @@ def check_model_source(opts: ModelOptions, flag: str = "--model") -> None:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ConfigError(flag, f"folder {name} not found")
     try:  # a hub id: fine if it is in the local cache, else it needs the network
-        from transformers import AutoConfig
+        from transformers import PretrainedConfig
 
-        AutoConfig.from_pretrained(source, local_files_only=True)
-        return
+        raw, _ = PretrainedConfig.get_config_dict(source, local_files_only=True)
     except Exception:
-        pass
+        raw = None
+    if raw is not None:
+        check_remote_code(raw, name, trust=opts.trust_remote_code, flag=flag)
+        return
     if not _hub_reachable():
         hint = f", or `{flag} {preset} --random-init` for an untrained model of that architecture" \
             if preset else ""
@@ -89,7 +131,8 @@ def load_tokenizer(opts: ModelOptions):
     except Exception as e:
         if preset is None or opts.tokenizer:
             raise ConfigError("--tokenizer" if opts.tokenizer else "--model",
-                              f"cannot load a tokenizer from '{name}' ({type(e).__name__})") from None
+                              f"cannot load a tokenizer from '{name}' ({_first_line(e)}); give a "
+                              "folder saved with save_pretrained or a hub id") from None
         from dschat_cli.models.local_tokenizer import build_local_tokenizer
 
         warnings.warn(f"no tokenizer for {source} is available offline: using a locally built "
@@ -99,6 +142,29 @@ def load_tokenizer(opts: ModelOptions):
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = "right"
     return tok
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def check_tokenizer_source(opts: ModelOptions, flag: str = "--tokenizer") -> None:
+    """User side, before launch: a --tokenizer given explicitly must exist and load (the model's
+    own tokenizer is the model folder's, checked with it)."""
+    if not opts.tokenizer:
+        return
+    name = str(opts.tokenizer)
+    p = Path(name).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(flag, f"{name} is a file; give a tokenizer folder (saved with "
+                          "save_pretrained) or a hub id")
+    if not p.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise ConfigError(flag, f"folder {name} not found")
+    try:
+        load_tokenizer(opts)
+    except ConfigError as e:
+        raise ConfigError(flag, e.message) from None
 
 
 def _apply_dropout(config: Any, p: float) -> list[str]:
@@ -158,20 +224,24 @@ def load_causal_lm(opts: ModelOptions, tokenizer, *, dtype: str, ds_config: dict
             setattr(config, key, tid)
 
     hf_ds_config = None
-    if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3 and not opts.random_init:
+    if ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds_config = HfDeepSpeedConfig(ds_config)
     if opts.random_init:
         warnings.warn(f"{opts.model}: randomly initialised weights; the model is untrained "
                       "(benchmarks and smoke runs only)", stacklevel=2)
-        # Random init of billions of weights is minutes on CPU, seconds on the GPU; ZeRO-3 keeps
-        # the CPU (the model may not fit one GPU before partitioning).
-        zero3 = bool(ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3)
-        init_device = device if (device and not zero3) else "cpu"
-        with zero3_init_disabled(), torch.device(init_device):
+        # Random init of billions of weights is minutes on CPU, seconds on the GPU. Under ZeRO-3
+        # transformers builds the model inside deepspeed.zero.Init (the HfDeepSpeedConfig above):
+        # each weight is partitioned over the ranks as it is created, so a model that does not fit
+        # one GPU (or one host's memory, once per rank) still builds.
+        if hf_ds_config is not None:
             model = auto_class.from_config(config, dtype=torch_dtype,
                                            trust_remote_code=opts.trust_remote_code)
+        else:
+            with zero3_init_disabled(), torch.device(device or "cpu"):
+                model = auto_class.from_config(config, dtype=torch_dtype,
+                                               trust_remote_code=opts.trust_remote_code)
     else:
         # Another model's ZeRO-3 config may be alive (PPO loads four models): load this one
         # partitioned only if it is itself ZeRO-3.

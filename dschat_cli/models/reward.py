@@ -93,13 +93,15 @@ def save_reward_model(model: RewardModel, tokenizer, out_dir: str | Path, *, zer
     tokenizer.save_pretrained(out)
 
 
-def load_reward_model(path: str | Path, *, dtype=None, flag: str = "--path") -> RewardModel:
+def load_reward_model(path: str | Path, *, dtype=None, flag: str = "--path",
+                      trust_remote_code: bool = False) -> RewardModel:
     """Rebuild the module saved by save_reward_model (plain, unpartitioned)."""
     from safetensors.torch import load_file
     from transformers import AutoModel
 
     check_reward_dir(str(path), flag)
-    backbone = AutoModel.from_pretrained(str(path), dtype=dtype)
+    backbone = AutoModel.from_pretrained(str(path), dtype=dtype,
+                                         trust_remote_code=trust_remote_code)
     model = RewardModel(backbone)
     head = load_file(str(Path(path) / HEAD_FILE))["v_head.weight"]
     with torch.no_grad():
@@ -134,11 +136,16 @@ def build_reward_model(opts, tokenizer, *, dtype: str, ds_config: dict | None, d
 
 
 def is_random_preset(opts) -> bool:
-    """--critic-model opt-350m --critic-random-init: a preset architecture with random weights."""
+    """--critic-model opt-350m --critic-random-init: an architecture with random weights (and a
+    random value head): a preset, or any model folder's config.json (benchmarks, tests)."""
     from dschat_cli.models.presets import resolve_preset
 
-    return bool(opts.random_init and not Path(str(opts.model)).expanduser().exists()
-                and resolve_preset(str(opts.model)))
+    if not opts.random_init:
+        return False
+    path = Path(str(opts.model)).expanduser()
+    if path.exists():
+        return (path / "config.json").is_file()
+    return bool(resolve_preset(str(opts.model)))
 
 
 def check_same_tokenizer(actor_tokenizer, other_tokenizer, *, flag: str, other_path: str) -> None:

@@ -123,20 +123,23 @@ def make_loaders(train_data, eval_data, collate, optim, dist: Dist, seed: int):
     the same number of batches (ZeRO-3 needs all ranks in every forward)."""
     from torch.utils.data import DataLoader, DistributedSampler
 
+    from dschat_cli.steps.checkpoint import own_generator
+
     sampler = DistributedSampler(train_data, num_replicas=dist.world_size, rank=dist.rank,
                                  shuffle=True, seed=seed)
     loader = DataLoader(train_data, batch_size=optim.per_device_train_batch_size, sampler=sampler,
-                        collate_fn=collate)
+                        collate_fn=collate, generator=own_generator())
     eval_loader = DataLoader(eval_data, batch_size=optim.per_device_eval_batch_size,
                              sampler=DistributedSampler(eval_data, num_replicas=dist.world_size,
                                                         rank=dist.rank, shuffle=False),
-                             collate_fn=collate)
+                             collate_fn=collate, generator=own_generator())
     return loader, sampler, eval_loader
 
 
 def total_optimizer_steps(n_batches: int, optim) -> int:
-    steps = max(1, math.ceil(n_batches / optim.gradient_accumulation_steps)) * optim.num_train_epochs
-    return min(steps, optim.max_steps) if optim.max_steps else steps
+    from dschat_cli.config.schedule import optimizer_steps  # shared with `dschat plan`
+
+    return optimizer_steps(n_batches, optim)
 
 
 def init_engine(model, groups: list[dict], ds_config: dict, optim, total_steps: int):
@@ -154,9 +157,53 @@ def init_engine(model, groups: list[dict], ds_config: dict, optim, total_steps: 
     return engine
 
 
+def peak_memory_gib(dist: Dist) -> float | None:
+    """The largest torch.cuda.max_memory_allocated() over the ranks, in GiB; None on CPU. Every
+    rank must call it. `dschat plan` estimates this figure (benchmarks/plan_vs_peak.py compares)."""
+    if not str(dist.device).startswith("cuda"):
+        return None
+    return dist.all_reduce_max(torch.cuda.max_memory_allocated(dist.device) / 2**30)
+
+
 def write_summary_json(out, result: dict) -> None:
     """NaN (no eval set) is written as null: the file stays valid JSON."""
     import json
 
     clean = json.loads(json.dumps(result), parse_constant=lambda _: None)
     (out / "train_summary.json").write_text(json.dumps(clean, indent=2) + "\n")
+
+
+class PhaseTimer:
+    """Wall seconds per named phase: `with timer("generation"): ...`. Enabled, it synchronises the
+    GPU at both ends of a phase (the cost of honest numbers: it stops overlap between phases);
+    disabled, it does nothing. `dschat bench` turns it on."""
+
+    def __init__(self, enabled: bool = False):
+        self.enabled = enabled
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        import contextlib
+        import time
+
+        if not self.enabled:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def phase():
+            _sync()
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                _sync()
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        return phase()
+
+    def reset(self) -> None:
+        self.seconds = {}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

@@ -27,6 +27,8 @@ import torch
 from dschat_cli.config.ds_config import resolve_dtype
 from dschat_cli.config.ppo import PPOConfig
 from dschat_cli.dist import Dist
+from dschat_cli.generation.fast import FastGenerator, Generated, check_parity
+from dschat_cli.generation.rollout import rollout_context
 from dschat_cli.models.loading import (apply_lora, gathered_state_dict, load_causal_lm,
                                        load_tokenizer, materialize, optimizer_groups, save_hf_model)
 from dschat_cli.models.reward import (build_reward_model, check_same_tokenizer, positions_from_mask,
@@ -36,9 +38,12 @@ from dschat_cli.rlhf.ppo import (PPOStats, Rollout, answer_logprobs, answer_posi
                                  masked_whiten, policy_loss, sequence_kl, value_loss)
 from dschat_cli.rlhf.reward import sequence_scores
 from dschat_cli.config.ppo_ds import ppo_ds_configs
-from dschat_cli.steps.common import count_params, move_batch, print_summary, seed_everything
+from dschat_cli.config.schedule import ppo_schedule
+from dschat_cli.steps.common import (PhaseTimer, count_params, move_batch, peak_memory_gib,
+                                     print_summary, seed_everything)
+from dschat_cli.steps.checkpoint import CheckpointManager, Cycle, own_generator, skip_batches
+from dschat_cli.steps.health import GradNorms, HealthMonitor, resolve_max_kl
 from dschat_cli.ui.console import console
-from dschat_cli.ui.metrics import MetricsLog
 from dschat_cli.ui.progress import fmt_metrics, train_progress
 
 
@@ -69,8 +74,9 @@ class PPOModels:
                                  torch_adam=cfg.train.torch_adam or not on_gpu,
                                  tensorboard_dir=tb_dir)
         tokenizer = load_tokenizer(cfg.actor)
-        reward_opts = ModelOptions(model=cfg.reward_model) if cfg.reward_model else \
-            _frozen(cfg.critic)
+        reward_opts = ModelOptions(model=cfg.reward_model,
+                                   trust_remote_code=cfg.critic.trust_remote_code) \
+            if cfg.reward_model else _frozen(cfg.critic)
         reward_tok = load_tokenizer(cfg.critic)
         check_same_tokenizer(tokenizer, reward_tok, flag="--critic-model",
                              other_path=str(cfg.critic.model))
@@ -147,23 +153,42 @@ class PPOTrainer:
         if cfg.ppo.enable_ema:
             self.ema = self._actor_params(to_cpu=self.actor_zero3)
         self.last_generation_s = 0.0
+        self.rollouts = 0  # rollouts generated so far (numbers the parity checks)
+        self.last_parity: tuple[float, float] | None = None  # (mean, max) logprob gap
+        self._generator: FastGenerator | None = None
+        self.ignore_eos = False  # benchmarks: answers of exactly --max-answer-seq-len tokens
+        self.timer = PhaseTimer(enabled=False)  # per-phase seconds (dschat bench enables it)
+        # the global gradient norm of each optimizer step, for the health monitor
+        self.grad_norms = {"actor": GradNorms(models.actor), "critic": GradNorms(models.critic)}
         # Models are built (identically on every rank); from here each rank samples its own
         # answers, so the sampling seed differs per rank.
         torch.manual_seed(cfg.seed + dist.rank)
 
     # 1. generate -------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Sample answers for left-padded prompts: (B, P) -> (B, P + A). Under actor ZeRO-3 the
-        parameters are gathered once for the whole rollout, not once per token."""
-        import deepspeed
-
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Generated:
+        """Sample answers for left-padded prompts: (B, P) -> Generated(seq (B, P + A), logprobs
+        (B, A) or None with the hf engine). Under actor ZeRO-3 the parameters are gathered once
+        for the whole rollout, not once per token."""
         g = self.cfg.generation
         tok = self.m.tokenizer
         module = self.m.actor.module
+        if g.generation_engine == "fast":
+            if self._generator is None:
+                self._generator = FastGenerator(
+                    module, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                    max_new_tokens=g.max_answer_seq_len, do_sample=g.do_sample,
+                    temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                    ignore_eos=self.ignore_eos, max_prompt_len=self.cfg.data.max_prompt_seq_len)
+            with rollout_context(module, zero3=self.actor_zero3):
+                return self._generator.generate(input_ids, attention_mask)
+        import deepspeed
+
         kwargs = dict(max_new_tokens=g.max_answer_seq_len, do_sample=g.do_sample,
                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       use_cache=True)
+        if self.ignore_eos:
+            kwargs["min_new_tokens"] = g.max_answer_seq_len
         if g.do_sample:
             kwargs.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k or None)
         else:
@@ -174,7 +199,8 @@ class PPOTrainer:
                   if self.actor_zero3 else contextlib.nullcontext())
         module.eval()
         with gather:
-            return module.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            seq = module.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return Generated(seq=seq, logprobs=None)
 
     @torch.no_grad()
     def generate_experience(self, batch: dict) -> Rollout:
@@ -185,11 +211,14 @@ class PPOTrainer:
         dev = self.m.actor.device
         prompts = batch["input_ids"].to(dev)
         prompt_mask = batch["attention_mask"].to(dev)
+        self.rollouts += 1
         t0 = time.perf_counter()
-        seq = self.generate(prompts, prompt_mask)
+        with self.timer("generation"):
+            gen = self.generate(prompts, prompt_mask)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.last_generation_s = time.perf_counter() - t0
+        seq = gen.seq
         P = prompts.shape[1]
         answer = seq[:, P:]
         # an answer ends at its first eos (kept); what follows is padding
@@ -202,13 +231,31 @@ class PPOTrainer:
         pos = positions_from_mask(attention_mask)
 
         # 2. score
-        logprobs = answer_logprobs(self.m.actor(input_ids=seq, attention_mask=attention_mask,
-                                                position_ids=pos, use_cache=False).logits, seq, P)
-        ref_logprobs = answer_logprobs(self.m.ref(input_ids=seq, attention_mask=attention_mask,
-                                                  position_ids=pos, use_cache=False).logits, seq, P)
-        values = answer_positions(self.m.critic(seq, attention_mask, position_ids=pos), P)
-        scores = sequence_scores(self.m.reward(seq, attention_mask, position_ids=pos),
-                                 attention_mask)
+        g = self.cfg.generation
+        from_generation = g.old_logprobs == "generation" and gen.logprobs is not None
+        check = gen.logprobs is not None and (
+            not from_generation or (self.rollouts - 1) % g.parity_check_interval == 0)
+        if from_generation and not check:
+            logprobs = gen.logprobs
+        else:
+            with self.timer("actor_forward"):
+                logprobs = answer_logprobs(self.m.actor(input_ids=seq, attention_mask=attention_mask,
+                                                        position_ids=pos, use_cache=False).logits,
+                                           seq, P)
+            if check:  # the engine's own logprobs must agree with the actor's forward pass
+                self.last_parity = check_parity(gen.logprobs, logprobs, real.long(),
+                                                tolerance=g.parity_tolerance, step=self.rollouts)
+                if from_generation:
+                    logprobs = gen.logprobs
+        with self.timer("ref_forward"):
+            ref_logprobs = answer_logprobs(self.m.ref(input_ids=seq, attention_mask=attention_mask,
+                                                      position_ids=pos, use_cache=False).logits,
+                                           seq, P)
+        with self.timer("critic_forward"):
+            values = answer_positions(self.m.critic(seq, attention_mask, position_ids=pos), P)
+        with self.timer("reward_forward"):
+            scores = sequence_scores(self.m.reward(seq, attention_mask, position_ids=pos),
+                                     attention_mask)
         return Rollout(prompts=prompts, seq=seq, attention_mask=attention_mask,
                        action_mask=action_mask, logprobs=logprobs.float(),
                        ref_logprobs=ref_logprobs.float(), values=values.float().detach(),
@@ -238,24 +285,29 @@ class PPOTrainer:
                     s = slice(i, i + mb)
                     seq, att, am = r.seq[s], r.attention_mask[s], r.action_mask[s]
                     pos = positions_from_mask(att)
-                    logits = self.m.actor(input_ids=seq, attention_mask=att, position_ids=pos,
-                                          use_cache=False).logits
-                    lp = answer_logprobs(logits, seq, P)
-                    a_loss, clipfrac, approx_kl = policy_loss(lp, r.logprobs[s], adv[s], am,
-                                                              cliprange=c.cliprange)
-                    self.m.actor.backward(a_loss)
-                    self.m.actor.step()
+                    with self.timer("actor_train"):
+                        logits = self.m.actor(input_ids=seq, attention_mask=att,
+                                              position_ids=pos, use_cache=False).logits
+                        lp = answer_logprobs(logits, seq, P)
+                        a_loss, clipfrac, approx_kl = policy_loss(lp, r.logprobs[s], adv[s], am,
+                                                                  cliprange=c.cliprange)
+                        self.m.actor.backward(a_loss)
+                        self.m.actor.step()
+                    self.grad_norms["actor"].poll()
                     u_loss = torch.zeros(())
                     if self.unsup_iter is not None:
                         ub = move_batch(next(self.unsup_iter), self.m.actor.device)
                         u_loss = self.m.actor(**ub, use_cache=False).loss
                         self.m.actor.backward(u_loss * self.cfg.data.unsup_coef)
                         self.m.actor.step()
-                    values = answer_positions(self.m.critic(seq, att, position_ids=pos), P)
-                    c_loss, vclip = value_loss(values.float(), r.values[s], ret[s], am,
-                                               cliprange_value=c.cliprange_value)
-                    self.m.critic.backward(c_loss)
-                    self.m.critic.step()
+                        self.grad_norms["actor"].poll()
+                    with self.timer("critic_train"):
+                        values = answer_positions(self.m.critic(seq, att, position_ids=pos), P)
+                        c_loss, vclip = value_loss(values.float(), r.values[s], ret[s], am,
+                                                   cliprange_value=c.cliprange_value)
+                        self.m.critic.backward(c_loss)
+                        self.m.critic.step()
+                    self.grad_norms["critic"].poll()
                     if self.cfg.ppo.enable_ema:
                         self._update_ema()
                     for k, v in (("actor_loss", a_loss), ("critic_loss", c_loss),
@@ -354,25 +406,22 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
     sampler = DistributedSampler(train_prompts, num_replicas=dist.world_size, rank=dist.rank,
                                  shuffle=True, seed=cfg.seed, drop_last=True)
     loader = DataLoader(train_prompts, batch_size=t.per_device_generation_batch_size,
-                        sampler=sampler, collate_fn=collate, drop_last=True)
+                        sampler=sampler, collate_fn=collate, drop_last=True,
+                        generator=own_generator())
     eval_loader = DataLoader(eval_prompts, batch_size=t.per_device_generation_batch_size,
                              sampler=DistributedSampler(eval_prompts, num_replicas=dist.world_size,
                                                         rank=dist.rank, shuffle=False),
-                             collate_fn=collate) if len(eval_prompts) else None
+                             collate_fn=collate, generator=own_generator()) \
+        if len(eval_prompts) else None
     if len(loader) == 0:
         from dschat_cli.config.schema import ConfigError
 
         raise ConfigError("--per-device-generation-batch-size",
                           f"{t.per_device_generation_batch_size} x {dist.world_size} GPU(s) is more "
                           f"than the {len(train_prompts)} step-3 prompts; use a smaller batch")
-    ppo_steps = len(loader) * t.num_train_epochs
-    if t.test_stop_step:
-        ppo_steps = min(ppo_steps, t.test_stop_step)
-    mini_batches = t.per_device_generation_batch_size // t.per_device_training_batch_size
-    updates = math.ceil(ppo_steps / t.generation_batches) * t.generation_batches * t.ppo_epochs \
-        * mini_batches
-    optimizer_steps = max(1, updates // t.gradient_accumulation_steps)
-    actor_steps = optimizer_steps * (2 if cfg.data.unsupervised_dataset_name else 1)
+    schedule = ppo_schedule(len(loader), t, unsupervised=bool(cfg.data.unsupervised_dataset_name))
+    ppo_steps, optimizer_steps, actor_steps = (schedule.ppo_steps, schedule.optimizer_steps,
+                                               schedule.actor_steps)
 
     with console.status("loading actor, reference, critic and reward models"):
         models = PPOModels.build(cfg, dist, actor_steps, optimizer_steps)
@@ -393,11 +442,35 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
                                   sampler=DistributedSampler(blocks, num_replicas=dist.world_size,
                                                              rank=dist.rank, shuffle=True,
                                                              seed=cfg.seed),
-                                  collate_fn=collate_lm_blocks, drop_last=True)
-        unsup_iter = _forever(unsup_loader)
+                                  collate_fn=collate_lm_blocks, drop_last=True,
+                                  generator=own_generator())
+        unsup_iter = Cycle(unsup_loader)
     trainer = PPOTrainer(models, cfg, dist, unsup_iter=unsup_iter)
-    metrics = MetricsLog(out / "metrics.jsonl" if dist.is_main else None,
-                         str(out / "tensorboard") if cfg.deepspeed.enable_tensorboard else None)
+    ckpt = CheckpointManager(cfg, dist, out)
+    engines = {"actor": models.actor, "critic": models.critic}  # ref and reward stay frozen
+    # resuming: the engines, and the RNG streams (after the trainer seeded its own) the loop
+    # continues; the EMA and the unsupervised data position
+    state, ema = ckpt.load(engines)
+    if state is not None and unsup_iter is not None:
+        unsup_iter = trainer.unsup_iter = Cycle(unsup_loader, *state["unsup"])
+    if ema is not None and trainer.ema is not None:
+        trainer.ema = {k: ema[k].to(v.device) for k, v in trainer.ema.items()}
+    if state is not None:  # numbers the parity checks: which rollouts get one
+        trainer.rollouts = state["rollouts"]
+    metrics = ckpt.metrics_log(out / "metrics.jsonl" if dist.is_main else None,
+                               str(out / "tensorboard") if cfg.deepspeed.enable_tensorboard
+                               else None, state)
+    max_kl = resolve_max_kl(cfg.health.max_kl, cfg.ppo.kl_ctl, cfg.ppo.clip_reward_value)
+    health = HealthMonitor(
+        "ppo", cfg.health, dtype=models.dtype, summary_path=out / "train_summary.json"
+        if dist.is_main else None, last_checkpoint=ckpt.latest, max_kl=max_kl,
+        max_answer_len=cfg.generation.max_answer_seq_len,
+        max_kl_note="" if cfg.health.max_kl is not None else
+        "the default, 2 x --clip-reward-value / --kl-ctl",
+        lr_flags={"actor loss": "--actor-learning-rate", "unsupervised loss": "--unsup-coef",
+                  "actor gradient norm": "--actor-learning-rate",
+                  "critic loss": "--critic-learning-rate",
+                  "critic gradient norm": "--critic-learning-rate"})
     console.print(
         f"[bold]ppo[/bold]: actor {count_params(models.actor.module) / 1e6:.1f}M, critic "
         f"{count_params(models.critic.module) / 1e6:.1f}M parameters; {len(train_prompts)} train / "
@@ -406,21 +479,42 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
         f"{cfg.deepspeed.critic_zero_stage}; {ppo_steps} PPO steps of "
         f"{t.per_device_generation_batch_size * dist.world_size} prompts")
 
-    reward_start = trainer.mean_reward(eval_loader) if eval_loader is not None else float("nan")
-    if eval_loader is not None:
-        console.print(f"held-out reward before PPO: {reward_start:.4f}")
+    if state is None:
+        reward_start = trainer.mean_reward(eval_loader) if eval_loader is not None \
+            else float("nan")
+        if eval_loader is not None:
+            console.print(f"held-out reward before PPO: {reward_start:.4f}")
+        step, epoch, batch_pos, ema_reward, history, gen_s, train_s, seconds = \
+            0, 1, 0, None, [], 0.0, 0.0, 0.0
+    else:  # continue after the update the checkpoint was written at (finished: after the loop)
+        step, epoch, batch_pos, ema_reward, history, gen_s, train_s, seconds, reward_start = (
+            state[k] for k in ("step", "epoch", "batch", "ema_reward", "history", "gen_s",
+                               "train_s", "seconds", "reward_start"))
+        console.print(f"resumed from {ckpt.resume_from}: PPO step {step}, epoch {epoch}",
+                      markup=False)
+    start_epoch = t.num_train_epochs + 1 if state and state["finished"] else epoch
+
+    def snapshot(epoch: int, batch: int, finished: bool = False) -> dict:
+        """What a checkpoint records besides engines, RNG and EMA: `batch` prompt batches of
+        `epoch` done, none of them waiting in the experience buffer."""
+        return {"epoch": epoch, "batch": batch, "finished": finished, "ema_reward": ema_reward,
+                "history": history, "gen_s": gen_s, "train_s": train_s,
+                "reward_start": reward_start, "seconds": time.perf_counter() - t_start,
+                "unsup": unsup_iter.position if unsup_iter is not None else None,
+                "rollouts": trainer.rollouts}
 
     # the PPO loop -------------------------------------------------------------------------------
-    step, ema_reward, buffer = 0, None, []
-    history: list[dict] = []
-    t_start = time.perf_counter()
-    gen_s = train_s = 0.0
+    buffer = []
+    t_start = time.perf_counter() - seconds
     t_step = time.perf_counter()
     with train_progress(dist.is_main) as progress:
-        task = progress.add_task("ppo", total=ppo_steps, metrics="")
-        for epoch in range(1, t.num_train_epochs + 1):
+        task = progress.add_task("ppo", total=ppo_steps, completed=step, metrics="")
+        for epoch in range(start_epoch, t.num_train_epochs + 1):
             sampler.set_epoch(epoch)
-            for batch in loader:
+            skip = batch_pos if epoch == start_epoch else 0
+            for batch_pos, batch in enumerate(skip_batches(loader, skip), start=skip + 1):
+                if step >= ppo_steps:  # resumed from a checkpoint of the last step
+                    break
                 # 1. generate + 2. score
                 rollout = trainer.generate_experience(batch)
                 gen_s += trainer.last_generation_s
@@ -431,33 +525,50 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
                 if len(buffer) == t.generation_batches or step == ppo_steps:
                     # 3. advantages + 4. update
                     t0 = time.perf_counter()
+                    reward_std = _reward_spread(buffer, dist)
                     stats = trainer.train(buffer)
                     train_s += time.perf_counter() - t0
                     buffer = []
                     e2e = time.perf_counter() - t_step
                     t_step = time.perf_counter()
-                    ema_reward = stats.reward if ema_reward is None else 0.9 * ema_reward + 0.1 * stats.reward
+                    if math.isfinite(stats.reward):  # nan: no answer kept (all <= 1 token)
+                        ema_reward = stats.reward if ema_reward is None else 0.9 * ema_reward + 0.1 * stats.reward
                     samples = t.per_device_generation_batch_size * dist.world_size * t.generation_batches
                     tokens = samples * (rollout.seq.shape[1])
-                    row = dict(epoch=epoch, **stats._asdict(), ema_reward=ema_reward,
-                               seconds=e2e, generation_share=trainer.last_generation_s * t.generation_batches / e2e,
+                    norms = {k: g.take() for k, g in trainer.grad_norms.items()}
+                    row = dict(epoch=epoch, **stats._asdict(),
+                               ema_reward=float("nan") if ema_reward is None else ema_reward,
+                               reward_std=reward_std, seconds=e2e, generation_share=trainer.last_generation_s * t.generation_batches / e2e,
                                samples_per_s=samples / e2e, tokens_per_s=tokens / e2e,
-                               lr_actor=models.actor.get_lr()[0])
+                               lr_actor=models.actor.get_lr()[0],
+                               **{f"{k}_grad_norm": g.reported for k, g in trainer.grad_norms.items()
+                                  if g.reported is not None})
+                    if trainer.last_parity is not None:  # fast engine vs forward, last check
+                        row["logprob_gap"] = trainer.last_parity[0]
                     history.append({"step": step, **row})
                     metrics.log(step, **row)
-                    for value, name in ((stats.actor_loss, "actor loss"), (stats.critic_loss, "critic loss")):
-                        if not math.isfinite(value):
-                            raise FloatingPointError(f"{name} is {value} at step {step}; lower the "
-                                                     "learning rates or use --dtype bf16")
+                    # before any save: a stop leaves what was saved earlier as it was
+                    losses = {"actor loss": stats.actor_loss, "critic loss": stats.critic_loss}
+                    if unsup_iter is not None:
+                        losses["unsupervised loss"] = stats.unsup_loss
+                    health.act(health.check(
+                        step, losses=losses, grad_norms={f"{k} gradient norm": v
+                                                         for k, v in norms.items()},
+                        kl=stats.kl, answer_length=stats.answer_length,
+                        ema_reward=ema_reward, reward_spread=reward_std),
+                        metrics=metrics, printer=progress.console)
                     progress.update(task, completed=step, metrics=fmt_metrics(
-                        reward=stats.reward, ema=ema_reward, kl=stats.kl, actor=stats.actor_loss,
+                        reward=stats.reward, ema=row["ema_reward"], kl=stats.kl, actor=stats.actor_loss,
                         critic=stats.critic_loss, clip=stats.clipfrac, len=stats.answer_length,
                         **{"gen": f"{row['generation_share']:.0%}",
                            "samples/s": f"{row['samples_per_s']:.1f}", "s/step": f"{e2e:.2f}"}))
+                    if ckpt.due(step, engines):  # the buffer is empty: an update boundary
+                        ckpt.save(step, engines, snapshot(epoch, batch_pos), tensors=trainer.ema)
                 if step >= ppo_steps:
                     break
             if step >= ppo_steps:
                 break
+    ckpt.save_final(step, engines, snapshot(epoch, batch_pos, finished=True), tensors=trainer.ema)
     elapsed = time.perf_counter() - t_start
 
     reward_end = trainer.mean_reward(eval_loader) if eval_loader is not None else float("nan")
@@ -476,7 +587,8 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
     result = {"steps": step, "seconds": elapsed, "generation_seconds": gen_s,
               "train_seconds": train_s, "reward_heldout_start": reward_start,
               "reward_heldout_end": reward_end, "first": first, "last": last,
-              "world_size": dist.world_size, "output_dir": str(out)}
+              "world_size": dist.world_size, "output_dir": str(out), "status": "completed",
+              "anomalies": health.history, "peak_memory_gib": peak_memory_gib(dist)}
     if dist.is_main:
         from dschat_cli.steps.common import write_summary_json
 
@@ -492,24 +604,27 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
         ("time", f"{elapsed:.1f} s (generation {gen_s:.1f} s, training {train_s:.1f} s)"),
         ("saved", f"{out / 'actor'}, {out / 'critic'}"
                   + (f", {out / 'actor_ema'}" if cfg.ppo.enable_ema else "")),
+        *health.summary_rows(),
     ])
     dist.barrier()
     return result
+
+
+def _reward_spread(experience: list[Rollout], dist: Dist) -> float:
+    """Standard deviation of the kept answers' reward scores over all ranks (nan with < 2)."""
+    scores = torch.cat([r.scores[r.action_mask.sum(1) > 0] for r in experience]).double()
+    n = dist.all_reduce_sum(float(len(scores)))
+    total = dist.all_reduce_sum(float(scores.sum()))
+    squares = dist.all_reduce_sum(float((scores ** 2).sum()))
+    if n < 2:
+        return float("nan")
+    return math.sqrt(max(squares - total * total / n, 0.0) / (n - 1))
 
 
 def _kept_mean(prepared) -> float:
     """Mean score of the answers that were kept (dropped ones, <= 1 token, do not count)."""
     scores = torch.cat([r.scores[r.action_mask.sum(1) > 0] for r, _, _ in prepared])
     return float(scores.mean()) if len(scores) else float("nan")
-
-
-def _forever(loader):
-    epoch = 0
-    while True:
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
 
 
 def _print_answer(printer, tokenizer, rollout: Rollout) -> None:

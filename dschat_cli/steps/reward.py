@@ -8,7 +8,6 @@ training, each epoch and every --eval-interval steps, and saves a reward folder 
 
 from __future__ import annotations
 
-import math
 import time
 from functools import partial
 from pathlib import Path
@@ -24,11 +23,12 @@ from dschat_cli.rlhf.reward import (pairwise_divergence_loss, pairwise_last_toke
                                     sequence_scores)
 from dschat_cli.steps.common import (count_params, init_engine, make_loaders, move_batch,
                                      print_summary, real_samples, seed_everything, total_optimizer_steps,
-                                     train_ds_setup, write_summary_json)
+                                     peak_memory_gib, train_ds_setup, write_summary_json)
+from dschat_cli.steps.checkpoint import CheckpointManager, skip_batches
+from dschat_cli.steps.health import GradNorms, HealthMonitor
 from rich.markup import escape
 
 from dschat_cli.ui.console import console
-from dschat_cli.ui.metrics import MetricsLog
 from dschat_cli.ui.progress import fmt_metrics, train_progress
 
 
@@ -95,7 +95,13 @@ def run(cfg: RewardConfig, dist: Dist) -> dict:
                                                 cfg.seed)
     total_steps = total_optimizer_steps(len(loader), cfg.optim)
     engine = init_engine(model, groups, ds_config, cfg.optim, total_steps)
-    metrics = MetricsLog(out / "metrics.jsonl" if dist.is_main else None, tb_dir)
+    ckpt = CheckpointManager(cfg, dist, out)
+    state, _ = ckpt.load({"model": engine})  # resuming: engine, RNG; the loop continues them
+    metrics = ckpt.metrics_log(out / "metrics.jsonl" if dist.is_main else None, tb_dir, state)
+    health = HealthMonitor("reward", cfg.health, dtype=dtype,
+                           summary_path=out / "train_summary.json" if dist.is_main else None,
+                           last_checkpoint=ckpt.latest)
+    grad_norms = GradNorms(engine)
     console.print(f"[bold]reward[/bold] {escape(cfg.model.model)}: {n_params / 1e6:.1f}M parameters, "
                   f"{len(train_data)} train / {len(eval_data)} eval pairs, {dist.world_size} "
                   f"rank(s) on {dist.device}, {dtype}, ZeRO-{cfg.deepspeed.zero_stage}, global batch "
@@ -115,29 +121,50 @@ def run(cfg: RewardConfig, dist: Dist) -> dict:
                       f"accuracy {ev['accuracy']:.3f} ({ev['pairs']} pairs)")
         return ev
 
-    first = record_eval(0, 0, "before training", console) if has_eval else None
+    if state is None:
+        first = record_eval(0, 0, "before training", console) if has_eval else None
+        step, epoch, batch_pos, pairs_seen, tokens_seen, seconds = 0, 1, 0, 0, 0, 0.0
+        losses: list[float] = []
+    else:  # continue where the checkpoint was written (a finished run: after the loop)
+        history += state["history"]
+        first, step, epoch, batch_pos, pairs_seen, tokens_seen, seconds, losses = (
+            state[k] for k in ("first", "step", "epoch", "batch", "pairs_seen", "tokens_seen",
+                               "seconds", "losses"))
+        console.print(f"resumed from {escape(str(ckpt.resume_from))}: step {step}, epoch {epoch}")
+    start_epoch = cfg.optim.num_train_epochs + 1 if state and state["finished"] else epoch
+
+    def snapshot(epoch: int, batch: int, finished: bool = False) -> dict:
+        """What a checkpoint records besides engines and RNG: `batch` batches of `epoch` done."""
+        return {"epoch": epoch, "batch": batch, "finished": finished, "first": first,
+                "pairs_seen": pairs_seen, "tokens_seen": tokens_seen, "losses": losses,
+                "history": history, "seconds": time.perf_counter() - t0}
 
     # 2. train ---------------------------------------------------------------------------------
-    step, epoch, t0, pairs_seen, tokens_seen = 0, 0, time.perf_counter(), 0, 0
+    t0 = time.perf_counter() - seconds
     win_loss, win_correct, win_pairs, win_n, win_tokens = 0.0, 0, 0, 0, 0
     t_win = time.perf_counter()
-    losses: list[float] = []
     engine.train()
     with train_progress(dist.is_main) as progress:
-        task = progress.add_task("reward", total=total_steps, metrics="")
-        for epoch in range(1, cfg.optim.num_train_epochs + 1):
+        task = progress.add_task("reward", total=total_steps, completed=step, metrics="")
+        for epoch in range(start_epoch, cfg.optim.num_train_epochs + 1):
             sampler.set_epoch(epoch)
-            for batch in loader:
+            skip = batch_pos if epoch == start_epoch else 0
+            for batch_pos, batch in enumerate(skip_batches(loader, skip), start=skip + 1):
+                if step >= total_steps:  # resumed from a checkpoint of the last step
+                    break
                 batch = move_batch(batch, engine.device)
                 loss, correct = pair_loss(engine(**batch), batch, cfg.loss)
                 engine.backward(loss)
+                # asked before step(), which moves DeepSpeed's micro-step count on to the next one
+                boundary = engine.is_gradient_accumulation_boundary()
                 engine.step()
+                grad_norms.poll()
                 win_loss += loss.item()
                 win_n += 1
                 win_correct += int(correct.sum())
                 win_pairs += correct.numel()
                 win_tokens += int(batch["attention_mask"].sum())
-                if not engine.is_gradient_accumulation_boundary():
+                if not boundary:
                     continue
                 step += 1
                 mean_loss = dist.all_reduce_mean(win_loss / win_n)
@@ -149,23 +176,30 @@ def run(cfg: RewardConfig, dist: Dist) -> dict:
                 tokens_seen += int(tokens)
                 lr = engine.get_lr()[0]
                 losses.append(mean_loss)
+                norms = grad_norms.take()
                 metrics.log(step, epoch=epoch, loss=mean_loss, train_accuracy=acc, lr=lr,
-                            pairs_per_s=pairs / dt, tokens_per_s=tokens / dt)
+                            pairs_per_s=pairs / dt, tokens_per_s=tokens / dt,
+                            **({"grad_norm": grad_norms.reported}
+                               if grad_norms.reported is not None else {}))
                 progress.update(task, advance=1, metrics=fmt_metrics(
                     epoch=epoch, loss=mean_loss, acc=acc, lr=lr, **{"pairs/s": f"{pairs / dt:,.1f}"}))
                 win_loss, win_correct, win_pairs, win_n, win_tokens = 0.0, 0, 0, 0, 0
                 t_win = time.perf_counter()
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"loss is {mean_loss} at step {step}; lower "
-                                             "--learning-rate or use --dtype bf16")
+                # before any eval or save of this step: a stop leaves earlier saves as they were
+                health.act(health.check(step, losses={"loss": mean_loss},
+                                        grad_norms={"gradient norm": norms}),
+                           metrics=metrics, printer=progress.console)
                 if has_eval and cfg.eval_interval and step % cfg.eval_interval == 0:
                     record_eval(epoch, step, f"step {step}", progress.console)
+                if ckpt.due(step, {"model": engine}):
+                    ckpt.save(step, {"model": engine}, snapshot(epoch, batch_pos))
                 if step >= total_steps:
                     break
             if has_eval and not (cfg.eval_interval and step % cfg.eval_interval == 0):
                 record_eval(epoch, step, f"epoch {epoch}", progress.console)
             if step >= total_steps:
                 break
+    ckpt.save_final(step, {"model": engine}, snapshot(epoch, batch_pos, finished=True))
     elapsed = time.perf_counter() - t0
 
     # 3. save ----------------------------------------------------------------------------------
@@ -180,7 +214,8 @@ def run(cfg: RewardConfig, dist: Dist) -> dict:
         "pairs_per_s": pairs_seen / elapsed if elapsed > 0 else 0.0,
         "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0,
         "eval_start": first, "eval_end": last, "evals": history, "params": n_params,
-        "output_dir": str(out),
+        "output_dir": str(out), "status": "completed", "anomalies": health.history,
+        "peak_memory_gib": peak_memory_gib(dist),
     }
     if dist.is_main:
         write_summary_json(out, result)
@@ -199,6 +234,7 @@ def run(cfg: RewardConfig, dist: Dist) -> dict:
                        "tokens/s"),
         ("time", f"{elapsed:.1f} s"),
         ("saved", str(out)),
+        *health.summary_rows(),
     ])
     dist.barrier()
     return result

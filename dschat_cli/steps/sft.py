@@ -7,7 +7,6 @@ a Hugging Face folder with LoRA merged. Runs on every rank; rank 0 prints and wr
 
 from __future__ import annotations
 
-import math
 import time
 from functools import partial
 from pathlib import Path
@@ -19,11 +18,13 @@ from dschat_cli.models.loading import (apply_lora, load_causal_lm, load_tokenize
                                        save_hf_model)
 from dschat_cli.steps.common import (count_params, eval_loss, flops_per_token, init_engine,
                                      make_loaders, move_batch, print_summary, seed_everything,
-                                     total_optimizer_steps, train_ds_setup, write_summary_json)
+                                     peak_memory_gib, total_optimizer_steps, train_ds_setup,
+                                     write_summary_json)
+from dschat_cli.steps.checkpoint import CheckpointManager, skip_batches
+from dschat_cli.steps.health import GradNorms, HealthMonitor
 from rich.markup import escape
 
 from dschat_cli.ui.console import console
-from dschat_cli.ui.metrics import MetricsLog
 from dschat_cli.ui.progress import fmt_metrics, train_progress
 
 
@@ -49,7 +50,13 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
                                                 cfg.seed)
     total_steps = total_optimizer_steps(len(loader), cfg.optim)
     engine = init_engine(model, groups, ds_config, cfg.optim, total_steps)
-    metrics = MetricsLog(out / "metrics.jsonl" if dist.is_main else None, tb_dir)
+    ckpt = CheckpointManager(cfg, dist, out)
+    state, _ = ckpt.load({"model": engine})  # resuming: engine, RNG; the loop continues them
+    metrics = ckpt.metrics_log(out / "metrics.jsonl" if dist.is_main else None, tb_dir, state)
+    health = HealthMonitor("sft", cfg.health, dtype=dtype,
+                           summary_path=out / "train_summary.json" if dist.is_main else None,
+                           last_checkpoint=ckpt.latest)
+    grad_norms = GradNorms(engine)
     flops_tok = flops_per_token(engine.module, n_params, cfg.data.max_seq_len,
                                 cfg.model.gradient_checkpointing)
     console.print(f"[bold]sft[/bold] {escape(cfg.model.model)}: {n_params / 1e6:.1f}M parameters, "
@@ -73,30 +80,51 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
         metrics.log(step, eval_loss=ev["loss"], eval_ppl=ev["ppl"])
         progress.console.print(f"{label}: eval loss {ev['loss']:.4f}, perplexity {ev['ppl']:.2f}")
 
-    first = evaluate()
-    history.append({"epoch": 0, "step": 0, **first})
-    metrics.log(0, eval_loss=first["loss"], eval_ppl=first["ppl"])
-    if has_eval:
-        console.print(f"before training: eval loss {first['loss']:.4f}, perplexity "
-                      f"{first['ppl']:.2f}")
+    if state is None:
+        first = evaluate()
+        history.append({"epoch": 0, "step": 0, **first})
+        metrics.log(0, eval_loss=first["loss"], eval_ppl=first["ppl"])
+        if has_eval:
+            console.print(f"before training: eval loss {first['loss']:.4f}, perplexity "
+                          f"{first['ppl']:.2f}")
+        step, epoch, batch_pos, tokens_seen, losses, seconds = 0, 1, 0, 0, [], 0.0
+    else:  # continue where the checkpoint was written (a finished run: after the loop)
+        history += state["history"]
+        first = history[0]
+        step, epoch, batch_pos, tokens_seen, losses, seconds = (
+            state[k] for k in ("step", "epoch", "batch", "tokens_seen", "losses", "seconds"))
+        console.print(f"resumed from {escape(str(ckpt.resume_from))}: step {step}, epoch {epoch}")
+    start_epoch = cfg.optim.num_train_epochs + 1 if state and state["finished"] else epoch
 
-    step, t0, tokens_seen = 0, time.perf_counter(), 0
-    window_loss, window_n, losses = 0.0, 0, []
+    def snapshot(epoch: int, batch: int, finished: bool = False) -> dict:
+        """What a checkpoint records besides engines and RNG: `batch` batches of `epoch` done."""
+        return {"epoch": epoch, "batch": batch, "finished": finished, "step": step,
+                "tokens_seen": tokens_seen, "losses": losses, "history": history,
+                "seconds": time.perf_counter() - t0}
+
+    t0 = time.perf_counter() - seconds
+    window_loss, window_n = 0.0, 0
     t_window, tok_window = time.perf_counter(), 0
     engine.train()
     with train_progress(dist.is_main) as progress:
-        task = progress.add_task("sft", total=total_steps, metrics="")
-        for epoch in range(1, cfg.optim.num_train_epochs + 1):
+        task = progress.add_task("sft", total=total_steps, completed=step, metrics="")
+        for epoch in range(start_epoch, cfg.optim.num_train_epochs + 1):
             sampler.set_epoch(epoch)
-            for batch in loader:
+            skip = batch_pos if epoch == start_epoch else 0
+            for batch_pos, batch in enumerate(skip_batches(loader, skip), start=skip + 1):
+                if step >= total_steps:  # resumed from a checkpoint of the last step
+                    break
                 batch = move_batch(batch, engine.device)
                 loss = engine(**batch, use_cache=False).loss
                 engine.backward(loss)
+                # asked before step(), which moves DeepSpeed's micro-step count on to the next one
+                boundary = engine.is_gradient_accumulation_boundary()
                 engine.step()
+                grad_norms.poll()
                 window_loss += loss.item()
                 window_n += 1
                 tok_window += int(batch["attention_mask"].sum())
-                if not engine.is_gradient_accumulation_boundary():
+                if not boundary:
                     continue
                 step += 1
                 mean_loss = dist.all_reduce_mean(window_loss / window_n)
@@ -107,22 +135,28 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
                 tflops = tps * flops_tok / dist.world_size / 1e12
                 lr = engine.get_lr()[0]
                 losses.append(mean_loss)
+                norms = grad_norms.take()
                 metrics.log(step, epoch=epoch, loss=mean_loss, lr=lr, tokens_per_s=tps,
-                            tflops_per_gpu=tflops)
+                            tflops_per_gpu=tflops, **({"grad_norm": grad_norms.reported}
+                                                      if grad_norms.reported is not None else {}))
                 progress.update(task, advance=1, metrics=fmt_metrics(
                     epoch=epoch, loss=mean_loss, lr=lr, **{"tok/s": f"{tps:,.0f}"}))
                 window_loss, window_n, tok_window, t_window = 0.0, 0, 0, time.perf_counter()
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"loss is {mean_loss} at step {step}; lower "
-                                             "--learning-rate or use --dtype bf16")
+                # before any eval or save of this step: a stop leaves earlier saves as they were
+                health.act(health.check(step, losses={"loss": mean_loss},
+                                        grad_norms={"gradient norm": norms}),
+                           metrics=metrics, printer=progress.console)
                 if has_eval and cfg.eval_interval and step % cfg.eval_interval == 0:
                     record_eval(epoch, step, f"step {step}", progress)
+                if ckpt.due(step, {"model": engine}):
+                    ckpt.save(step, {"model": engine}, snapshot(epoch, batch_pos))
                 if step >= total_steps:
                     break
             if has_eval and not (cfg.eval_interval and step % cfg.eval_interval == 0):
                 record_eval(epoch, step, f"epoch {epoch}", progress)
             if step >= total_steps:
                 break
+    ckpt.save_final(step, {"model": engine}, snapshot(epoch, batch_pos, finished=True))
     elapsed = time.perf_counter() - t0
 
     # 3. save ----------------------------------------------------------------------------------
@@ -137,7 +171,8 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
         "eval_ppl_end": history[-1]["ppl"], "tokens_per_s": tps,
         "tflops_per_gpu": tps * flops_tok / dist.world_size / 1e12, "seconds": elapsed,
         "world_size": dist.world_size, "params": n_params, "output_dir": str(out),
-        "evals": history,
+        "evals": history, "status": "completed", "anomalies": health.history,
+        "peak_memory_gib": peak_memory_gib(dist),
     }
     if dist.is_main:
         write_summary_json(out, result)
@@ -151,6 +186,7 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
         ("throughput", f"{tps:,.0f} tokens/s, {result['tflops_per_gpu']:.1f} TFLOP/s per GPU"),
         ("time", f"{elapsed:.1f} s"),
         ("saved", str(out)),
+        *health.summary_rows(),
     ])
     dist.barrier()
     return result

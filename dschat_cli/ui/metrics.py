@@ -13,6 +13,7 @@ class MetricsLog:
     def __init__(self, path: str | Path | None, tensorboard_dir: str | Path | None = None,
                  mode: str = "w"):
         self.path = Path(path) if path else None
+        self.rows = 0  # lines written to the file (in a resumed run: including the kept ones)
         self._fh = open(self.path, mode, encoding="utf-8") if self.path else None
         self._tb = None
         if tensorboard_dir and self._fh is not None:
@@ -33,6 +34,7 @@ class MetricsLog:
             row[k] = v
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
+        self.rows += 1
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):

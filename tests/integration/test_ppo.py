@@ -272,11 +272,15 @@ def unsup_txt(tmp_path_factory) -> Path:
 # id -> (actor: ("sft"|"raw", family), critic family, actor stage, critic stage, actor LoRA,
 #        critic LoRA, steps, EMA, reference offload, training batch, extra flags)
 IN_PROCESS = {
-    "opt-z0-full-ema-refoffload": (("sft", "opt"), "opt", 0, 0, 0, 0, 3, True, True, 2, ()),
+    # the reference generation path (transformers' generate); the others use the fast engine
+    "opt-z0-full-ema-refoffload": (("sft", "opt"), "opt", 0, 0, 0, 0, 3, True, True, 2,
+                                   ("--generation-engine", "hf")),
     # one mini-batch per step and a model without dropout: the first (only) update of each step
     # starts from exactly the rollout policy, so the PPO ratio is 1 (approx_kl 0, no clipping)
     "llama-z2-lora": (("sft", "llama"), "llama", 2, 2, 4, 4, 2, False, False, 4, ()),
-    "gpt2raw-z3-full-ema": (("raw", "gpt2"), "opt", 3, 1, 0, 0, 2, True, False, 2, ()),
+    # old logprobs from the fast engine's sampling pass, checked against a forward every 2
+    "gpt2raw-z3-full-ema": (("raw", "gpt2"), "opt", 3, 1, 0, 0, 3, True, False, 2,
+                            ("--old-logprobs", "generation", "--parity-check-interval", "2")),
     # regression: OPT has dropout 0.1; rollouts must be scored with dropout off (eval mode), so
     # with LoRA (identical to the reference at step 1) the step-1 KL is exactly 0 (the PPO update
     # itself runs in train mode, with dropout, as the reference does)
@@ -307,9 +311,35 @@ def test_ppo_in_process(case, tmp_path, actor_dir, reward_dir, tiny_model_dir, p
                      ema=ema, ref_offload=ref_off, train_batch=tb,
                      dropout_free=True)  # rollouts are scored in eval mode: no dropout noise
     assert any(cache.iterdir()), "tokenised prompts not cached in --data-cache-dir"
+    if "--old-logprobs" in extra:  # checked on rollouts 1 and 3: fp32 on CPU, same numbers
+        rows = read_jsonl(out / "metrics.jsonl")
+        assert all(0.0 <= row["logprob_gap"] < 1e-4 for row in rows), rows
     if tb == GEN_BATCH and fam == "llama":  # no dropout anywhere: the PPO ratio is exactly 1
         rows = read_jsonl(out / "metrics.jsonl")
         assert all(r["approx_kl"] == 0.0 and r["clipfrac"] == 0.0 for r in rows), rows
+
+
+def test_ppo_stops_when_fast_generation_disagrees_with_forward(tmp_path, actor_dir, reward_dir,
+                                                                pairs_dir, invoke_dschat,
+                                                                monkeypatch):
+    """The parity gate: logprobs from a broken engine stop the run before any update."""
+    from dschat_cli.generation.fast import FastGenerator, Generated
+
+    real_generate = FastGenerator.generate
+
+    def broken(self, input_ids, attention_mask):
+        out = real_generate(self, input_ids, attention_mask)
+        return Generated(out.seq, out.logprobs - 0.5)  # off by half a nat everywhere
+
+    monkeypatch.setattr(FastGenerator, "generate", broken)
+    out = tmp_path / "out"
+    r = invoke_dschat(*ppo_args(actor_dir("opt"), reward_dir("opt"), out, tmp_path / "cache",
+                                pairs_dir, actor_stage=0, critic_stage=0, steps=2,
+                                extra=("--launcher", "none")))
+    assert r.code == 1, r.explain()
+    assert "fast generation disagrees with the actor's forward pass at rollout" in r.output
+    assert "--generation-engine hf" in r.output
+    assert not (out / "actor").exists()
 
 
 def test_ppo_unsupervised_txt(tmp_path, actor_dir, reward_dir, pairs_dir, unsup_txt,

@@ -97,9 +97,17 @@ def test_sft_launcher_opt_zero3_lora(tmp_path, tiny_opt, pairs_dir, run_dschat, 
     assert any(cache.iterdir()), "tokenised data was not cached in --data-cache-dir"
 
 
+# Credentials the launcher hands to the workers with the rest of the environment (they need
+# HF_TOKEN for gated models) but that no record of the run may hold.
+SECRETS = {"HF_TOKEN": "hf_secretXyz0123456789", "HUGGING_FACE_HUB_TOKEN": "hf_secretAbc98765",
+           "WANDB_API_KEY": "wandb-secret-4242", "MLFLOW_TRACKING_PASSWORD": "mlflow-secret-77"}
+
+
 @pytest.mark.slow
 def test_sft_launcher_llama_zero2_two_workers(tmp_path, tiny_llama, pairs_dir, run_dschat,
-                                              sft_args, check_sft_output):
+                                              sft_args, check_sft_output, monkeypatch):
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
     result, out, _ = _launch(run_dschat, sft_args, tiny_llama, tmp_path, pairs_dir, zero_stage=2,
                              extra=("--deployment-type", "single_node", "--num-gpus", "2"))
     assert "2 rank(s)" in result.output
@@ -107,6 +115,10 @@ def test_sft_launcher_llama_zero2_two_workers(tmp_path, tiny_llama, pairs_dir, r
                                base_model=tiny_llama, data_dir=pairs_dir)
     assert summary["steps"] == 16  # 256 rows / (8 per rank x 2 ranks)
     assert "--num_gpus 2" in (out / "launch.sh").read_text()
+    # no credential in train.log, launch.sh, run_config.yaml, metrics.jsonl, ... nor on screen
+    leaks = [f"{p.name}: {name}" for p in out.rglob("*") if p.is_file()
+             for name, value in SECRETS.items() if value.encode() in p.read_bytes()]
+    assert leaks == [] and not [n for n, v in SECRETS.items() if v in result.output], leaks
 
 
 @pytest.mark.slow

@@ -1,6 +1,5 @@
 """The command line: fast help, version, dry-run output, and one-line errors with exit code 2."""
 
-import json
 import subprocess
 import sys
 import time

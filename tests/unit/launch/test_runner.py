@@ -102,3 +102,22 @@ def test_run_launch_streams_logs_and_returns_exit_code(tmp_path):
     assert "rank0 line" in shown and "boom" in shown and "launcher noise" not in shown
     log = (tmp_path / "log").read_text()
     assert "launcher noise" in log and "rank0 line" in log and "\x1b" not in log
+
+
+def test_detect_hardware_asks_nvidia_smi_not_torch(tmp_path, monkeypatch):
+    """GPUs come from the driver's nvidia-smi (no CUDA context in the launching process), and
+    CUDA_VISIBLE_DEVICES narrows them."""
+    import os
+
+    from dschat_cli.launch.runner import detect_hardware
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '143771, 9.0'\necho '81559, 7.5'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    hw = detect_hardware()
+    assert (hw.gpus, hw.bf16) == (2, False)  # a compute-7.5 GPU has no bf16
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    hw = detect_hardware()
+    assert (hw.gpus, hw.bf16) == (1, True)
