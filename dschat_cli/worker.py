@@ -92,6 +92,9 @@ def run_step(step: str, cfg) -> int:
     except TrainingAnomaly as e:  # the health monitor stopped the run: a training failure
         if rank == 0:
             kept = f"; last checkpoint, intact: {e.last_checkpoint}" if e.last_checkpoint else ""
+            if kept and e.anomaly.lr_flag:  # the one fix a resume accepts (config/checkpoints.py)
+                kept += (f"; to continue from it, run the same command with --resume auto and a "
+                         f"lower {e.anomaly.lr_flag}")
             error_line(e.anomaly.where, f"{e.anomaly.detail}; stopped without saving{kept} "
                        "(--on-anomaly warn keeps training)")
         return 1

@@ -39,6 +39,14 @@ FREE_OPTIONS = ("output_dir", "overwrite", "checkpoint.", "launch.", "health.",
                 "data.data_cache_dir", "deepspeed.enable_tensorboard", "generation.print_answers",
                 "eval_interval")
 RESTART = "drop --resume and pass --overwrite (or use a new --output-dir) to start over"
+# Peak learning rates may differ too: lowering one and resuming from the last good checkpoint is
+# the health monitor's advice after a divergence. steps/checkpoint.py then scales the restored
+# schedule of each parameter group it controls by new/old. A LoRA rate only counts with LoRA on.
+# Not with reduce_lr_on_plateau, which keeps no schedule to scale (its rate is only its state).
+LR_OPTIONS = {"optim.learning_rate": None, "train.actor_learning_rate": None,
+              "train.critic_learning_rate": None, "lora.lora_learning_rate": "lora.lora_dim",
+              "actor_lora.lora_learning_rate": "actor_lora.lora_dim",
+              "critic_lora.lora_learning_rate": "critic_lora.lora_dim"}
 
 
 def step_name(step: int) -> str:
@@ -164,8 +172,11 @@ def check_compatible(folder: Path, cfg, world_size: int, restart: str = RESTART)
     then, now = _flat(state.get("config", {})), _flat(to_dict(cfg))
     flags = {s.dotted: s.flag for s in flag_specs(type(cfg))}
     order = {k: i for i, k in enumerate(flags)}
+    scaled = now.get("optim.lr_scheduler_type", now.get("train.lr_scheduler_type")) \
+        != "reduce_lr_on_plateau"
     for key in sorted(set(then) | set(now), key=lambda k: order.get(k, len(order))):
-        if key.startswith(FREE_OPTIONS) or then.get(key) == now.get(key):
+        if key.startswith(FREE_OPTIONS) or (key in LR_OPTIONS and scaled) \
+                or then.get(key) == now.get(key):
             continue
         raise ConfigError(flags.get(key, key),
                           f"is {_show(now.get(key))} but checkpoint {folder} was written with "
@@ -176,6 +187,20 @@ def check_compatible(folder: Path, cfg, world_size: int, restart: str = RESTART)
                           f"by {state.get('world_size')}; launch as many workers to resume it, or "
                           f"{restart}")
     return state
+
+
+def learning_rate_changes(state: dict, cfg) -> list[dict]:
+    """The peak learning rates `cfg` changes against the checkpoint's trainer state `state`:
+    [{"flag", "from", "to"}], in flag order (LoRA rates only where LoRA is on)."""
+    then, now = _flat(state.get("config", {})), _flat(to_dict(cfg))
+    changes = []
+    for s in flag_specs(type(cfg)):
+        if s.dotted not in LR_OPTIONS or then.get(s.dotted) == now.get(s.dotted):
+            continue
+        needs = LR_OPTIONS[s.dotted]
+        if needs is None or now.get(needs):
+            changes.append({"flag": s.flag, "from": then.get(s.dotted), "to": now.get(s.dotted)})
+    return changes
 
 
 def _show(v) -> str:

@@ -165,7 +165,8 @@ class CheckpointOptions:
     resume: str | None = opt(None, "Continue a stopped run: 'auto' resumes from OUTPUT_DIR's latest "
                              "complete checkpoint (or starts fresh if there is none); a path resumes "
                              "from that checkpoint folder (OUTPUT_DIR/checkpoints/step_NNNNNN). The "
-                             "run's options must match the checkpoint's.")
+                             "run's options must match the checkpoint's, except the peak learning "
+                             "rates: a changed one scales the restored schedule by new/old.")
     keep_last: int = opt(2, "Keep the N newest checkpoints; older ones are deleted once a newer one "
                          "is complete.", min=1)
 

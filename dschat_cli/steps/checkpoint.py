@@ -6,11 +6,14 @@ What a checkpoint holds (layout in config/checkpoints.py):
   - each rank's RNG states (python, numpy, torch CPU, CUDA), saved as tensors and loaded with
     torch.load(weights_only=True);
   - the step's "trainer state" (JSON): global step, data position (epoch, batches consumed in it),
-    the metric history the summary is built from, the run's config and world size;
+    the metric history the summary is built from, the health monitor's state, the run's config
+    and world size, and the learning-rate changes of earlier resumes;
   - optional extra tensors (PPO: the actor's EMA) as safetensors.
 
 A run resumed from it continues exactly: same batches in the same order, same dropout masks and
-samples, same optimizer updates (bit-identical in fp32 on CPU; the tests check it).
+samples, same optimizer updates (bit-identical in fp32 on CPU; the tests check it). The one option
+that may change is a peak learning rate (config/checkpoints.py LR_OPTIONS): the restored schedule
+then continues as if the run had had the new peak from its start (continue_schedule).
 
 Writes are atomic: every rank writes its part, a barrier, then rank 0 writes complete.json and only
 then points `latest` at the folder (temp file + os.replace), and only then prunes folders beyond
@@ -38,8 +41,9 @@ from pathlib import Path
 import torch
 
 from dschat_cli.config.checkpoints import (CHECKPOINTS, LATEST, MARKER, RESTART, STATE,
-                                           checkpoint_problem, latest_name, resolve_resume,
-                                           step_folders, step_name, step_of)
+                                           checkpoint_problem, latest_name,
+                                           learning_rate_changes, resolve_resume, step_folders,
+                                           step_name, step_of)
 from dschat_cli.config.schema import ConfigError, to_dict
 from dschat_cli.dist import Dist
 from dschat_cli.ui.metrics import MetricsLog
@@ -53,12 +57,16 @@ class CheckpointManager:
 
     def __init__(self, cfg, dist: Dist, out: Path):
         self.opts = cfg.checkpoint
+        self.cfg = cfg
         self.dist = dist
         self.root = Path(out) / CHECKPOINTS
         self.config = to_dict(cfg)
         self.resume_from: Path | None = resolve_resume(cfg, dist.world_size)
         self.last_step = step_of(self.resume_from) if self.resume_from is not None else 0
         self.metrics: MetricsLog | None = None
+        # peak learning rates changed on resume, this one's and earlier ones' (saved along):
+        # [{"flag", "from", "to", "step"}]
+        self.lr_changes: list[dict] = []
         if dist.is_main and self.root.is_dir():
             # `latest` names where this run's history is: the checkpoint it resumes, or nothing for
             # a fresh run (so `--resume auto` never picks up a replaced run's checkpoints)
@@ -106,7 +114,8 @@ class CheckpointManager:
         if self.dist.is_main:
             record = {**state, "step": step, "world_size": self.dist.world_size,
                       "metrics_rows": self.metrics.rows if self.metrics is not None else 0,
-                      "engines": list(engines), "config": self.config}
+                      "engines": list(engines), "config": self.config,
+                      "lr_changes": self.lr_changes}
             (folder / STATE).write_text(json.dumps(record) + "\n", encoding="utf-8")
             if tensors:
                 from safetensors.torch import save_file
@@ -170,6 +179,10 @@ class CheckpointManager:
             raise ConfigError("--resume", f"checkpoint {folder} has no {missing[0]} engine state; "
                               f"{RESTART}")
         for tag, engine in engines.items():
+            # this run's peak learning rate of each param group, before the checkpoint's
+            # scheduler state replaces them with the ones it was written with
+            scheduler = getattr(engine, "lr_scheduler", None)
+            peaks = list(scheduler.base_lrs) if hasattr(scheduler, "lr_lambdas") else None
             try:
                 path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
                                                  load_lr_scheduler_states=True)
@@ -178,6 +191,16 @@ class CheckpointManager:
                                                           f"{str(e).splitlines()[0][:200]}"))
             if path is None:
                 raise ConfigError("--resume", _unreadable(folder, f"{tag}/ has no engine state"))
+            continue_schedule(scheduler, peaks)
+        changes = [{**c, "step": state["step"]} for c in learning_rate_changes(state, self.cfg)]
+        self.lr_changes = [*state.get("lr_changes", []), *changes]
+        for c in changes:
+            from dschat_cli.ui.console import console
+
+            scaled = (f" (the schedule's values from step {c['step']} on x "
+                      f"{c['to'] / c['from']:.4g})") if c["from"] else ""
+            console.print(f"{c['flag']} changed from {c['from']:g} to {c['to']:g} on resume"
+                          f"{scaled}", markup=False)
         tensors = None
         if self.dist.is_main and (folder / TENSORS).is_file():
             from safetensors.torch import load_file
@@ -201,12 +224,40 @@ class CheckpointManager:
         _write_atomic(path, "".join(lines[:keep]))
         self.metrics = MetricsLog(path, tensorboard_dir, mode="a")
         self.metrics.rows = min(keep, len(lines))
+        for c in self.lr_changes[len(state.get("lr_changes", [])):]:  # this resume's
+            self.metrics.log(c["step"], lr_change={k: c[k] for k in ("flag", "from", "to")})
         return self.metrics
+
+    def summary_rows(self) -> list[tuple[str, str]]:
+        """The summary table's line for learning rates changed on resume (none: no line)."""
+        if not self.lr_changes:
+            return []
+        return [("learning rate changed on resume", "; ".join(
+            f"{c['flag']} {c['from']:g} -> {c['to']:g} at step {c['step']}"
+            for c in self.lr_changes))]
 
 
 def _unreadable(folder: Path, what: str) -> str:
     return (f"checkpoint {folder} could not be loaded ({what}); point --resume at an older "
             f"step_* folder, or {RESTART}")
+
+
+def continue_schedule(scheduler, peaks: list[float] | None) -> None:
+    """After load_checkpoint restored `scheduler` (transformers' schedulers are LambdaLR: lr =
+    base_lr x factor(step), one base_lr per param group) and its optimizer: every group whose
+    peak in `peaks` (this run's, taken before the load) differs from the restored base_lr gets the
+    schedule it would have had with that peak from the start. Its base_lr becomes the new peak
+    (scaled by new/old) and its current lr new peak x factor(restored step), so the very next
+    optimizer step already uses it (DeepSpeed steps the optimizer, then the scheduler). Groups
+    differ: weight decay or not share --learning-rate, LoRA adapters have --lora-learning-rate.
+    (reduce_lr_on_plateau, no LambdaLR, refuses a changed rate: config/checkpoints.py.)"""
+    if not peaks or peaks == scheduler.base_lrs:  # unchanged: the restored state bit for bit
+        return
+    groups = scheduler.optimizer.param_groups
+    for i, (group, new) in enumerate(zip(groups, peaks)):
+        scheduler.base_lrs[i] = group["initial_lr"] = new
+        group["lr"] = new * scheduler.lr_lambdas[i](scheduler.last_epoch)  # LambdaLR's formula
+    scheduler._last_lr = [g["lr"] for g in groups]
 
 
 def own_generator() -> torch.Generator:

@@ -36,8 +36,9 @@ The rules (figures are global: every rank computes the same values and decides a
     baseline spread of 0 (one answer per step, or a constant reward model) both are off.
 
 In warn mode an anomaly is reported when it starts and again only after its condition cleared,
-not at every step it persists. A run resumed from a checkpoint starts the monitor afresh (streaks,
-baseline spread, best EMA reward and the list of warned anomalies are not checkpointed).
+not at every step it persists. The monitor's state (streaks, baseline spreads, best EMA reward,
+the anomalies recorded) is part of every checkpoint (state_dict / load_state_dict), so a resumed
+run judges its steps exactly as the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class Anomaly:
     value: float
     threshold: str  # the limit and where it comes from, in words
     advice: str
+    # the learning-rate flag the advice lowers, if any: the one fix `--resume` accepts, so the
+    # stop message offers to continue from the last checkpoint with it
+    lr_flag: str | None = None
 
     @property
     def where(self) -> str:
@@ -152,13 +156,13 @@ class HealthMonitor:
         grad_norms: {label: norms of the optimizer steps since the last check}."""
         found: list[Anomaly] = []
 
-        def new(kind, figure, value, threshold, advice) -> None:
+        def new(kind, figure, value, threshold, advice, lr_flag) -> None:
             found.append(Anomaly(self.step_name, step, kind, figure, float(value), threshold,
-                                 advice))
+                                 advice, lr_flag))
 
         for label, value in losses.items():
             if self._streak(f"loss:{label}").update(not math.isfinite(value), 1):
-                new("loss", label, value, "must be finite", self._nan_advice(label))
+                new("loss", label, value, "must be finite", *self._nan_advice(label))
         for label, norms in (grad_norms or {}).items():
             s = self._streak(f"grad:{label}")
             limit = FP16_OVERFLOW_STREAK if self.dtype == "fp16" else 1
@@ -167,7 +171,7 @@ class HealthMonitor:
                     threshold = ("must be finite" if limit == 1 else
                                  f"inf/NaN for {limit} optimizer steps in a row: more overflows "
                                  "than fp16 loss scaling can absorb")
-                    new("grad_norm", label, norm, threshold, self._nan_advice(label))
+                    new("grad_norm", label, norm, threshold, *self._nan_advice(label))
         if self.step_name == "ppo":
             self._check_ppo(new, kl, answer_length, ema_reward, reward_spread)
         return found
@@ -182,7 +186,7 @@ class HealthMonitor:
             new("kl", "KL to the reference", kl,
                 f"above --max-kl {_fmt(self.max_kl)}{after}"
                 + (f"; {self.max_kl_note}" if self.max_kl_note else ""),
-                "raise --kl-ctl or lower --actor-learning-rate")
+                "raise --kl-ctl or lower --actor-learning-rate", "--actor-learning-rate")
         min_len = o.min_answer_length
         if self.max_answer_len:
             min_len = min(min_len, self.max_answer_len / 2)
@@ -190,7 +194,8 @@ class HealthMonitor:
                 self._streak("length").update(answer_length < min_len, need):
             new("answer_length", "mean answer length (tokens)", answer_length,
                 f"below --min-answer-length {_fmt(min_len)}{after}",
-                f"{tame}; check that the reward model does not favour short answers")
+                f"{tame}; check that the reward model does not favour short answers",
+                "--actor-learning-rate")
 
         if reward_spread is not None and math.isfinite(reward_spread) and \
                 len(self._baseline) < BASELINE_STEPS:
@@ -205,7 +210,8 @@ class HealthMonitor:
                 new("reward_drop", "EMA reward", ema_reward,
                     f"{_fmt(drop)} below its best {_fmt(self._best_ema)}, more than "
                     f"--reward-collapse-drop {_fmt(o.reward_collapse_drop)} x the baseline reward "
-                    f"spread {_fmt(base)}{after}", f"reward collapse: {tame}")
+                    f"spread {_fmt(base)}{after}", f"reward collapse: {tame}",
+                    "--actor-learning-rate")
         if reward_spread is not None and math.isfinite(reward_spread):
             armed = o.reward_collapse_spread > 0 and len(self._baseline) == BASELINE_STEPS \
                 and base > 0
@@ -214,16 +220,33 @@ class HealthMonitor:
                 new("reward_spread", "reward spread (std across answers)", reward_spread,
                     f"below --reward-collapse-spread {_fmt(o.reward_collapse_spread)} x its "
                     f"baseline {_fmt(base)}{after}: every prompt gets an alike answer",
-                    f"reward collapse: {tame}")
+                    f"reward collapse: {tame}", "--actor-learning-rate")
 
     def _streak(self, key: str) -> _Streak:
         return self._streaks.setdefault(key, _Streak())
 
-    def _nan_advice(self, label: str) -> str:
+    def _nan_advice(self, label: str) -> tuple[str, str | None]:
+        """(advice, the learning-rate flag it lowers or None)."""
         lr = self.lr_flags.get(label, "--learning-rate")
+        lr_flag = lr if lr.endswith("learning-rate") else None  # not --unsup-coef
         if self.dtype == "fp16":
-            return f"use --dtype bf16 (fp16 overflows) or lower {lr}"
-        return f"lower {lr} (and keep --gradient-clipping on)"
+            return f"use --dtype bf16 (fp16 overflows) or lower {lr}", lr_flag
+        return f"lower {lr} (and keep --gradient-clipping on)", lr_flag
+
+    # checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything `check` and `act` carry from step to step, as plain JSON."""
+        return {"streaks": {k: [s.count, s.reported] for k, s in self._streaks.items()},
+                "baseline_reward_spreads": list(self._baseline),
+                "best_ema_reward": self._best_ema if math.isfinite(self._best_ema) else None,
+                "anomalies": [dict(a) for a in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._streaks = {k: _Streak(int(c), bool(r)) for k, (c, r) in state["streaks"].items()}
+        self._baseline = [float(x) for x in state["baseline_reward_spreads"]]
+        best = state["best_ema_reward"]
+        self._best_ema = -math.inf if best is None else float(best)
+        self.history = [dict(a) for a in state["anomalies"]]
 
     # what to do --------------------------------------------------------------------------------
     def act(self, anomalies: list[Anomaly], *, metrics, printer) -> None:

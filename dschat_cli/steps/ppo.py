@@ -471,6 +471,9 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
                   "actor gradient norm": "--actor-learning-rate",
                   "critic loss": "--critic-learning-rate",
                   "critic gradient norm": "--critic-learning-rate"})
+    # streaks, baseline reward spread, best EMA reward, anomalies (older checkpoints have none)
+    if state is not None and "health" in state:
+        health.load_state_dict(state["health"])
     console.print(
         f"[bold]ppo[/bold]: actor {count_params(models.actor.module) / 1e6:.1f}M, critic "
         f"{count_params(models.critic.module) / 1e6:.1f}M parameters; {len(train_prompts)} train / "
@@ -501,7 +504,7 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
                 "history": history, "gen_s": gen_s, "train_s": train_s,
                 "reward_start": reward_start, "seconds": time.perf_counter() - t_start,
                 "unsup": unsup_iter.position if unsup_iter is not None else None,
-                "rollouts": trainer.rollouts}
+                "rollouts": trainer.rollouts, "health": health.state_dict()}
 
     # the PPO loop -------------------------------------------------------------------------------
     buffer = []
@@ -588,7 +591,8 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
               "train_seconds": train_s, "reward_heldout_start": reward_start,
               "reward_heldout_end": reward_end, "first": first, "last": last,
               "world_size": dist.world_size, "output_dir": str(out), "status": "completed",
-              "anomalies": health.history, "peak_memory_gib": peak_memory_gib(dist)}
+              "anomalies": health.history, "health": health.state_dict(),
+              "lr_changes": ckpt.lr_changes, "peak_memory_gib": peak_memory_gib(dist)}
     if dist.is_main:
         from dschat_cli.steps.common import write_summary_json
 
@@ -604,6 +608,7 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
         ("time", f"{elapsed:.1f} s (generation {gen_s:.1f} s, training {train_s:.1f} s)"),
         ("saved", f"{out / 'actor'}, {out / 'critic'}"
                   + (f", {out / 'actor_ema'}" if cfg.ppo.enable_ema else "")),
+        *ckpt.summary_rows(),
         *health.summary_rows(),
     ])
     dist.barrier()

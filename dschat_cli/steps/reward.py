@@ -101,6 +101,8 @@ def run(cfg: RewardConfig, dist: Dist) -> dict:
     health = HealthMonitor("reward", cfg.health, dtype=dtype,
                            summary_path=out / "train_summary.json" if dist.is_main else None,
                            last_checkpoint=ckpt.latest)
+    if state is not None and "health" in state:  # older checkpoints have none: start afresh
+        health.load_state_dict(state["health"])
     grad_norms = GradNorms(engine)
     console.print(f"[bold]reward[/bold] {escape(cfg.model.model)}: {n_params / 1e6:.1f}M parameters, "
                   f"{len(train_data)} train / {len(eval_data)} eval pairs, {dist.world_size} "
@@ -137,7 +139,8 @@ def run(cfg: RewardConfig, dist: Dist) -> dict:
         """What a checkpoint records besides engines and RNG: `batch` batches of `epoch` done."""
         return {"epoch": epoch, "batch": batch, "finished": finished, "first": first,
                 "pairs_seen": pairs_seen, "tokens_seen": tokens_seen, "losses": losses,
-                "history": history, "seconds": time.perf_counter() - t0}
+                "history": history, "health": health.state_dict(),
+                "seconds": time.perf_counter() - t0}
 
     # 2. train ---------------------------------------------------------------------------------
     t0 = time.perf_counter() - seconds
@@ -215,6 +218,7 @@ def run(cfg: RewardConfig, dist: Dist) -> dict:
         "tokens_per_s": tokens_seen / elapsed if elapsed > 0 else 0.0,
         "eval_start": first, "eval_end": last, "evals": history, "params": n_params,
         "output_dir": str(out), "status": "completed", "anomalies": health.history,
+        "health": health.state_dict(), "lr_changes": ckpt.lr_changes,
         "peak_memory_gib": peak_memory_gib(dist),
     }
     if dist.is_main:
@@ -234,6 +238,7 @@ def run(cfg: RewardConfig, dist: Dist) -> dict:
                        "tokens/s"),
         ("time", f"{elapsed:.1f} s"),
         ("saved", str(out)),
+        *ckpt.summary_rows(),
         *health.summary_rows(),
     ])
     dist.barrier()

@@ -56,6 +56,8 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
     health = HealthMonitor("sft", cfg.health, dtype=dtype,
                            summary_path=out / "train_summary.json" if dist.is_main else None,
                            last_checkpoint=ckpt.latest)
+    if state is not None and "health" in state:  # older checkpoints have none: start afresh
+        health.load_state_dict(state["health"])
     grad_norms = GradNorms(engine)
     flops_tok = flops_per_token(engine.module, n_params, cfg.data.max_seq_len,
                                 cfg.model.gradient_checkpointing)
@@ -100,7 +102,7 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
         """What a checkpoint records besides engines and RNG: `batch` batches of `epoch` done."""
         return {"epoch": epoch, "batch": batch, "finished": finished, "step": step,
                 "tokens_seen": tokens_seen, "losses": losses, "history": history,
-                "seconds": time.perf_counter() - t0}
+                "health": health.state_dict(), "seconds": time.perf_counter() - t0}
 
     t0 = time.perf_counter() - seconds
     window_loss, window_n = 0.0, 0
@@ -172,6 +174,7 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
         "tflops_per_gpu": tps * flops_tok / dist.world_size / 1e12, "seconds": elapsed,
         "world_size": dist.world_size, "params": n_params, "output_dir": str(out),
         "evals": history, "status": "completed", "anomalies": health.history,
+        "health": health.state_dict(), "lr_changes": ckpt.lr_changes,
         "peak_memory_gib": peak_memory_gib(dist),
     }
     if dist.is_main:
@@ -186,6 +189,7 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
         ("throughput", f"{tps:,.0f} tokens/s, {result['tflops_per_gpu']:.1f} TFLOP/s per GPU"),
         ("time", f"{elapsed:.1f} s"),
         ("saved", str(out)),
+        *ckpt.summary_rows(),
         *health.summary_rows(),
     ])
     dist.barrier()

@@ -281,8 +281,8 @@ CASES: list[Case] = [
     ("plan-pipeline-demo", lambda c: ["plan", "pipeline", "--demo"], "--demo", None),
     # --- resuming from a checkpoint (another run's checkpoints must survive a refused resume)
     ("resume-truncated-checkpoint", lambda c: resume_from(c, _truncate), "--resume", "damaged"),
-    ("resume-other-options", lambda c: resume_from(c, None, "--learning-rate", "1"),
-     "--learning-rate", "--resume"),
+    ("resume-other-options", lambda c: resume_from(c, None, "--weight-decay", "0.5"),
+     "--weight-decay", "--resume"),
     ("resume-path-not-a-checkpoint", lambda c: c.sft(*CHECKPOINT_FLAGS, "--resume", c.pairs),
      "--resume", None),
 ]

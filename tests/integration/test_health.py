@@ -98,9 +98,9 @@ def test_nan_after_a_checkpoint_leaves_it_intact_and_resumable(monkeypatch, tmp_
                                                                 sft_args):
     """The issue's acceptance test: a checkpoint at step 2, a NaN at step 4, itself a checkpoint
     step. The run stops with the message naming the step-2 checkpoint, which is still `latest`
-    and complete (no step-4 one, nor a final one), and `--resume auto` continues from it to a
-    finished, finite model. At ZeRO-0 the NaN gradient of step 4 is applied to the weights in
-    memory: only the checkpoint holds good ones."""
+    and complete (no step-4 one, nor a final one), and following its advice (`--resume auto` and
+    a lower --learning-rate) continues from it to a finished, finite model. At ZeRO-0 the NaN
+    gradient of step 4 is applied to the weights in memory: only the checkpoint holds good ones."""
     from dschat_cli.config.checkpoints import checkpoint_problem, latest_name
     import dschat_cli.steps.sft as sft
 
@@ -114,7 +114,8 @@ def test_nan_after_a_checkpoint_leaves_it_intact_and_resumable(monkeypatch, tmp_
     kept = out / "checkpoints" / "step_000002"
     assert error_lines(r.output) == [
         "error: sft step 4: loss is nan (must be finite); lower --learning-rate (and keep "
-        f"--gradient-clipping on); stopped without saving; last checkpoint, intact: {kept} "
+        f"--gradient-clipping on); stopped without saving; last checkpoint, intact: {kept}; to "
+        "continue from it, run the same command with --resume auto and a lower --learning-rate "
         "(--on-anomaly warn keeps training)"], r.explain()
     summary = check_stopped(out, step_name="sft", step=4, figure="loss")
     assert summary["last_checkpoint"] == str(kept)
@@ -124,9 +125,10 @@ def test_nan_after_a_checkpoint_leaves_it_intact_and_resumable(monkeypatch, tmp_
                   if p.name.startswith("step_")) == ["step_000002"]
     assert not (out / "model.safetensors").exists()
 
-    again = invoke_dschat(*args, "--resume", "auto")
+    again = invoke_dschat(*args, "--resume", "auto", "--learning-rate", "5e-4")
     assert again.code == 0, again.explain()
     assert f"resumed from {kept}: step 2" in again.output, again.explain()
+    assert "--learning-rate changed from 0.001 to 0.0005 on resume" in again.output
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 5, summary
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
@@ -146,9 +148,10 @@ def test_sft_warn_continues_and_deepspeed_skips_the_nan_step(monkeypatch, tmp_pa
 
     inject_nan(monkeypatch, sft, at=2)
     out = tmp_path / "out"
-    r = invoke_dschat(*sft_args(tiny_opt, out, tmp_path / "cache", pairs_dir, zero_stage=2,
-                                extra=("--launcher", "none", "--max-steps", "5",
-                                       "--on-anomaly", "warn")))
+    args = sft_args(tiny_opt, out, tmp_path / "cache", pairs_dir, zero_stage=2,
+                    extra=("--launcher", "none", "--max-steps", "5", "--on-anomaly", "warn",
+                           "--save-interval", "4"))
+    r = invoke_dschat(*args)
     assert r.code == 0, r.explain()
     warnings = [ln.strip() for ln in r.output.splitlines() if "warning: sft step" in ln]
     assert [re.sub(r" is .*", "", w) for w in warnings] == [
@@ -166,6 +169,15 @@ def test_sft_warn_continues_and_deepspeed_skips_the_nan_step(monkeypatch, tmp_pa
 
     weights = load_file(str(out / "model.safetensors"))
     assert all(bool(w.float().isfinite().all()) for w in weights.values())
+
+    # resumed from checkpoint 4 (in another folder), the monitor remembers step 2's anomalies:
+    # the same summary as the uninterrupted run's, warned anomalies and monitor state included
+    again = invoke_dschat(*args, "--resume", out / "checkpoints" / "step_000004",
+                          "--output-dir", tmp_path / "again")
+    assert again.code == 0, again.explain()
+    resumed = json.loads((tmp_path / "again" / "train_summary.json").read_text())
+    assert resumed["anomalies"] == summary["anomalies"]
+    assert resumed["health"] == summary["health"]
 
 
 @pytest.fixture(scope="module")

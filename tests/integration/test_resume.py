@@ -166,6 +166,34 @@ def test_sft_killed_while_writing_a_checkpoint_resumes_exactly_from_the_previous
     assert checkpoints(ref) == checkpoints(out)
 
 
+def test_resume_with_half_the_learning_rate_continues_at_half_the_schedule(sft_runs, tmp_path,
+                                                                          tiny_opt, pairs_dir,
+                                                                          invoke_dschat):
+    """The health monitor's advice after a divergence: resume the last good checkpoint with a
+    lower learning rate. Checkpoint 8 of the sft run (lr 1e-3, cosine over 10 steps), resumed
+    into another folder with --learning-rate 5e-4: steps 9 and 10 log exactly half the
+    uninterrupted run's lr, and the change is printed and recorded."""
+    ref, out, _, _ = sft_runs
+    new = tmp_path / "half"
+    r = invoke_dschat(*sft_args(tiny_opt, pairs_dir, new, tmp_path / "cache"), "--resume",
+                      out / "checkpoints" / "step_000008", "--learning-rate", "5e-4")
+    assert r.code == 0, r.explain()
+    assert "--learning-rate changed from 0.001 to 0.0005 on resume" in r.output, r.explain()
+
+    def lrs(folder: Path) -> dict[int, float]:
+        rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        return {row["step"]: row["lr"] for row in rows if "lr" in row}
+
+    want = {s: lr / 2 for s, lr in lrs(ref).items() if s > 8}
+    assert lrs(new) == want and want[9] > 0, (lrs(new), lrs(ref))
+    change = {"flag": "--learning-rate", "from": 0.001, "to": 0.0005}
+    rows = [json.loads(x) for x in (new / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["lr_change"]) for row in rows if "lr_change" in row] == \
+        [(8, change)]
+    summary = json.loads((new / "train_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["lr_changes"] == [{**change, "step": 8}]
+
+
 # --- step 2 ---------------------------------------------------------------------------------------
 
 def reward_args(model: Path, data: Path, out: Path, cache: Path) -> list:
@@ -286,9 +314,10 @@ def test_resume_refuses_damaged_incomplete_or_mismatched_checkpoints(sft_runs, t
     line = one_error_line(invoke_dschat(*args, "--resume", damaged))
     assert "incomplete" in line and str(damaged) in line
 
-    # the run's own latest checkpoint, resumed with another learning rate
-    line = one_error_line(invoke_dschat(*args, "--resume", "auto", "--learning-rate", "2e-3"))
-    assert line.startswith("error: --learning-rate: is 0.002 but checkpoint "), line
+    # the run's own latest checkpoint, resumed with another weight decay (a learning rate may
+    # change: test_resume_with_half_the_learning_rate...)
+    line = one_error_line(invoke_dschat(*args, "--resume", "auto", "--weight-decay", "0.1"))
+    assert line.startswith("error: --weight-decay: is 0.1 but checkpoint "), line
     assert "step_000010" in line
 
     # a path that does not exist

@@ -124,3 +124,92 @@ def test_pipeline_passes_checkpoint_options_and_resumes_interrupted_steps(tmp_pa
     assert step.checkpoint.resume is None
     assert _resuming(step, rerun=False).checkpoint.resume == "auto"  # a step run again continues
     assert _resuming(step, rerun=True).checkpoint.resume is None  # --rerun: from its start
+
+
+def test_a_changed_peak_learning_rate_continues_the_restored_schedule_scaled():
+    """What load() does after DeepSpeed restored an optimizer and its transformers scheduler
+    written with --learning-rate 1e-3 (two groups: decayed weights, biases) and
+    --lora-learning-rate 4e-3 (one group), resumed with --learning-rate 5e-4 and the LoRA rate
+    unchanged: from the restored step on, the first two groups follow exactly half the old
+    schedule (the very next update included), the LoRA group exactly the old one."""
+    import copy
+
+    import torch
+    from transformers import get_scheduler
+
+    from dschat_cli.steps.checkpoint import continue_schedule
+
+    def setup(lr: float):
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({"w": torch.nn.Linear(4, 4), "lora": torch.nn.Linear(4, 2)})
+        groups = [{"params": [model["w"].weight], "weight_decay": 0.1},
+                  {"params": [model["w"].bias], "weight_decay": 0.0},
+                  {"params": list(model["lora"].parameters()), "weight_decay": 0.0, "lr": 4e-3}]
+        opt = torch.optim.AdamW(groups, lr=lr)
+        return model, opt, get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=10)
+
+    def step(model, opt, sched, seed: int) -> None:
+        torch.manual_seed(seed)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        sched.step()
+
+    model, opt, sched = setup(1e-3)
+    for k in range(4):
+        step(model, opt, sched, k)
+    # a copy, as if read from disk (a state_dict shares the optimizer's moment tensors)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), sched.state_dict()))
+    lrs_old = [g["lr"] for g in opt.param_groups]
+
+    model2, opt2, sched2 = setup(5e-4)
+    peaks = list(sched2.base_lrs)  # this run's peaks, before the checkpoint replaces them
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    sched2.load_state_dict(saved[2])
+    continue_schedule(sched2, peaks)
+    assert [g["lr"] for g in opt2.param_groups] == [lrs_old[0] / 2, lrs_old[1] / 2, lrs_old[2]]
+    assert sched2.get_last_lr() == [g["lr"] for g in opt2.param_groups]
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step(model, opt, sched, 4)
+    step(model2, opt2, sched2, 4)
+    for name, p in model.state_dict().items():  # AdamW's update is proportional to the lr
+        moved, moved2 = p - before[name], model2.state_dict()[name] - before[name]
+        torch.testing.assert_close(moved2, moved if name.startswith("lora") else moved / 2)
+    assert [g["lr"] for g in opt2.param_groups] == \
+        [opt.param_groups[0]["lr"] / 2, opt.param_groups[1]["lr"] / 2, opt.param_groups[2]["lr"]]
+    # unchanged peaks leave the restored state alone
+    model3, opt3, sched3 = setup(1e-3)
+    opt3.load_state_dict(saved[1])
+    sched3.load_state_dict(saved[2])
+    continue_schedule(sched3, list(sched3.base_lrs))
+    assert [g["lr"] for g in opt3.param_groups] == lrs_old
+
+
+def test_resume_accepts_another_peak_learning_rate_but_no_other_change(tmp_path):
+    """Only the peak learning rates may change (not with reduce_lr_on_plateau: no schedule to
+    scale); a LoRA rate counts as a change only where LoRA is on."""
+    from dschat_cli.config.checkpoints import learning_rate_changes
+
+    def run(**flags):
+        return cfg(tmp_path, save_interval=2, lora_dim=4, **flags)
+
+    CheckpointManager(run(), DIST, tmp_path).save(2, {"model": Engine()}, {})
+    step2 = str(tmp_path / "checkpoints" / "step_000002")
+    state = json.loads((tmp_path / "checkpoints/step_000002/trainer_state.json").read_text())
+    ok = run(resume=step2, learning_rate=1e-4, lora_learning_rate=1e-3)
+    assert resolve_resume(ok, 1) == Path(step2)
+    assert learning_rate_changes(state, ok) == [
+        {"flag": "--lora-learning-rate", "from": 5e-4, "to": 1e-3},
+        {"flag": "--learning-rate", "from": 9.65e-6, "to": 1e-4}]
+    with pytest.raises(ConfigError) as e:
+        resolve_resume(run(resume=step2, weight_decay=0.1), 1)
+    assert e.value.where == "--weight-decay"
+    plateau = dict(resume=step2, lr_scheduler_type="reduce_lr_on_plateau")
+    CheckpointManager(run(lr_scheduler_type="reduce_lr_on_plateau", overwrite=True), DIST,
+                      tmp_path).save(2, {"model": Engine()}, {})
+    assert resolve_resume(run(**plateau), 1) == Path(step2)
+    with pytest.raises(ConfigError) as e:
+        resolve_resume(run(**plateau, learning_rate=1e-4), 1)
+    assert e.value.where == "--learning-rate" and "resume with the same value" in e.value.message

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -230,3 +231,42 @@ def test_warn_prints_once_per_episode_and_continues(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [2, 6]
     assert not (tmp_path / "train_summary.json").exists()
     assert m.summary_rows() == [("anomalies (warned)", "loss at step 2; loss at step 6")]
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+def test_a_monitor_restored_from_its_state_continues_like_the_uninterrupted_one():
+    """state_dict() goes through JSON into a checkpoint (after step 5 here); the resumed run's
+    monitor must judge the following steps as the uninterrupted one does. The EMA reward peaked
+    (3.0) and the baseline spread (0.5) was measured before the checkpoint, and the drop streak
+    had begun: only with all three restored is step 6 a collapse. A fresh monitor would take the
+    falling EMA for its best and 2.0 for the baseline spread, and would forget the KL anomaly
+    warned at step 2."""
+    figures = [dict(kl=150.0, ema_reward=1.0, reward_spread=0.5),
+               dict(kl=150.0, ema_reward=2.0, reward_spread=0.5),
+               dict(ema_reward=3.0, reward_spread=0.5), dict(ema_reward=3.0, reward_spread=0.5)] \
+        + [dict(ema_reward=1.5 - 0.1 * t, reward_spread=2.0) for t in range(6)]
+    quiet = dict(metrics=MetricsLog(None), printer=Console(file=io.StringIO()))
+
+    def run(m: HealthMonitor, first: int, last: int) -> list[tuple[int, str]]:
+        found = []
+        for t in range(first, last + 1):
+            anomalies = ppo_step(m, t, **figures[t - 1])
+            m.act(anomalies, **quiet)
+            found += [(t, a.kind) for a in anomalies]
+        return found
+
+    def monitor() -> HealthMonitor:
+        return ppo_monitor(anomaly_patience=2, on_anomaly="warn")
+
+    whole = monitor()
+    assert run(whole, 1, 10) == [(2, "kl"), (6, "reward_drop")]
+    before = monitor()
+    run(before, 1, 5)
+    saved = json.loads(json.dumps(before.state_dict(), allow_nan=False))  # plain JSON
+    resumed, fresh = monitor(), monitor()
+    resumed.load_state_dict(saved)
+    assert run(resumed, 6, 10) == [(6, "reward_drop")]
+    assert resumed.state_dict() == whole.state_dict()
+    assert [a["kind"] for a in resumed.history] == ["kl", "reward_drop"]
+    assert run(fresh, 6, 10) == []
