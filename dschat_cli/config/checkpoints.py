@@ -42,7 +42,6 @@ RESTART = "drop --resume and pass --overwrite (or use a new --output-dir) to sta
 # Peak learning rates may differ too: lowering one and resuming from the last good checkpoint is
 # the health monitor's advice after a divergence. steps/checkpoint.py then scales the restored
 # schedule of each parameter group it controls by new/old. A LoRA rate only counts with LoRA on.
-# Not with reduce_lr_on_plateau, which keeps no schedule to scale (its rate is only its state).
 LR_OPTIONS = {"optim.learning_rate": None, "train.actor_learning_rate": None,
               "train.critic_learning_rate": None, "lora.lora_learning_rate": "lora.lora_dim",
               "actor_lora.lora_learning_rate": "actor_lora.lora_dim",
@@ -172,10 +171,8 @@ def check_compatible(folder: Path, cfg, world_size: int, restart: str = RESTART)
     then, now = _flat(state.get("config", {})), _flat(to_dict(cfg))
     flags = {s.dotted: s.flag for s in flag_specs(type(cfg))}
     order = {k: i for i, k in enumerate(flags)}
-    scaled = now.get("optim.lr_scheduler_type", now.get("train.lr_scheduler_type")) \
-        != "reduce_lr_on_plateau"
     for key in sorted(set(then) | set(now), key=lambda k: order.get(k, len(order))):
-        if key.startswith(FREE_OPTIONS) or (key in LR_OPTIONS and scaled) \
+        if key.startswith(FREE_OPTIONS) or key in LR_OPTIONS \
                 or then.get(key) == now.get(key):
             continue
         raise ConfigError(flags.get(key, key),

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 from dschat_cli.config.schema import ConfigError, opt
 
+# transformers' schedules that are a function of the step. Not reduce_lr_on_plateau: DeepSpeed
+# steps the scheduler without a metric (it falls back to passing the batch size), so the rate
+# would be cut every few steps whatever the loss does.
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-              "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
-              "warmup_stable_decay")
+              "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEPLOYMENTS = ("single_gpu", "single_node", "multi_node")
 

@@ -249,8 +249,7 @@ def continue_schedule(scheduler, peaks: list[float] | None) -> None:
     schedule it would have had with that peak from the start. Its base_lr becomes the new peak
     (scaled by new/old) and its current lr new peak x factor(restored step), so the very next
     optimizer step already uses it (DeepSpeed steps the optimizer, then the scheduler). Groups
-    differ: weight decay or not share --learning-rate, LoRA adapters have --lora-learning-rate.
-    (reduce_lr_on_plateau, no LambdaLR, refuses a changed rate: config/checkpoints.py.)"""
+    differ: weight decay or not share --learning-rate, LoRA adapters have --lora-learning-rate."""
     if not peaks or peaks == scheduler.base_lrs:  # unchanged: the restored state bit for bit
         return
     groups = scheduler.optimizer.param_groups

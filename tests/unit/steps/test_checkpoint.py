@@ -188,8 +188,8 @@ def test_a_changed_peak_learning_rate_continues_the_restored_schedule_scaled():
 
 
 def test_resume_accepts_another_peak_learning_rate_but_no_other_change(tmp_path):
-    """Only the peak learning rates may change (not with reduce_lr_on_plateau: no schedule to
-    scale); a LoRA rate counts as a change only where LoRA is on."""
+    """Only the peak learning rates may change; a LoRA rate counts as a change only where LoRA is
+    on."""
     from dschat_cli.config.checkpoints import learning_rate_changes
 
     def run(**flags):
@@ -206,10 +206,3 @@ def test_resume_accepts_another_peak_learning_rate_but_no_other_change(tmp_path)
     with pytest.raises(ConfigError) as e:
         resolve_resume(run(resume=step2, weight_decay=0.1), 1)
     assert e.value.where == "--weight-decay"
-    plateau = dict(resume=step2, lr_scheduler_type="reduce_lr_on_plateau")
-    CheckpointManager(run(lr_scheduler_type="reduce_lr_on_plateau", overwrite=True), DIST,
-                      tmp_path).save(2, {"model": Engine()}, {})
-    assert resolve_resume(run(**plateau), 1) == Path(step2)
-    with pytest.raises(ConfigError) as e:
-        resolve_resume(run(**plateau, learning_rate=1e-4), 1)
-    assert e.value.where == "--learning-rate" and "resume with the same value" in e.value.message
