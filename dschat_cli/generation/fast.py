@@ -165,8 +165,10 @@ class FastGenerator:
                              None)
         attn = getattr(base.config, "_attn_implementation", None) or "eager"
         if attn not in ("sdpa", "eager"):
-            raise ValueError(f"the fast generation engine needs sdpa or eager attention (the model "
-                             f"uses {attn}); use --generation-engine hf")
+            from dschat_cli.config.schema import ConfigError
+
+            raise ConfigError("--generation-engine fast", f"needs sdpa or eager attention (the "
+                              f"actor uses {attn}); use --generation-engine hf")
         self._float_mask = attn == "eager"
         self._state_key = None
         self._graphs: dict[int, object] = {}  # context bucket -> CUDA graph of one decode step

@@ -162,3 +162,13 @@ def test_failed_graph_capture_falls_back_to_eager_decoding(tiny_tokenizer, monke
     assert torch.allclose(out.logprobs, expected.logprobs)
     assert gen.use_cuda_graph is False and gen.captures == 0
     assert sum("CUDA graph capture" in str(w.message) for w in caught) == 1
+
+
+def test_attention_without_4d_masks_is_refused_with_the_flag(tiny_tokenizer):
+    from dschat_cli.config.schema import ConfigError
+
+    model, _, _ = _model_and_prompts("llama", tiny_tokenizer)
+    model.config._attn_implementation = "flex_attention"  # takes no 4D boolean mask
+    with pytest.raises(ConfigError) as e:
+        FastGenerator(model, eos_token_id=2, pad_token_id=1, max_new_tokens=4)
+    assert e.value.where == "--generation-engine fast" and "--generation-engine hf" in e.value.message
