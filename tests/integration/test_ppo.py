@@ -400,12 +400,12 @@ def test_ppo_launcher_two_workers_zero3_lora(tmp_path, actor_dir, reward_dir, pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("actor_stage,critic_stage", [(2, 0), (0, 2)])
+@pytest.mark.parametrize("actor_stage,critic_stage", [(2, 0)])
 def test_ppo_launcher_one_worker_full(actor_stage, critic_stage, tmp_path, actor_dir, reward_dir,
                                       pairs_dir, run_dschat):
     """One worker through deepspeed.launcher, full fine-tuning, --test-stop-step 3: a ZeRO-2 actor
-    next to a ZeRO-0 critic and the other way round (with the two-worker ZeRO-3 run above, the
-    actor runs at ZeRO 0, 2 and 3 through the launcher)."""
+    next to a ZeRO-0 critic (with the two-worker ZeRO-3 run above, the actor runs at ZeRO 2 and 3
+    through the launcher; the other stage combinations run in process)."""
     actor, critic = actor_dir("llama"), reward_dir("llama")
     out, cache = tmp_path / "out", tmp_path / "data-cache"
     r = run_dschat(*ppo_args(actor, critic, out, cache, pairs_dir, actor_stage=actor_stage,
