@@ -24,7 +24,7 @@ in the trained weights).
 from __future__ import annotations
 
 import inspect
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -129,14 +129,14 @@ class FastGenerator:
         out = gen.generate(input_ids, attention_mask)   # Generated(seq, logprobs)
 
     The model must be in eval mode with its parameters materialised (under ZeRO-3: inside the
-    gather, see rollout_context). `all_done(flag) -> bool` makes the early-stop decision
-    collective (every rank must run the same number of steps under synced ZeRO-3).
+    gather, see rollout_context). Each rank decodes on its own (no collective inside a step, even
+    under ZeRO-3: the parameters are already gathered), so ranks may stop at different lengths.
     """
 
     def __init__(self, model, *, eos_token_id: int, pad_token_id: int, max_new_tokens: int,
                  do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, ignore_eos: bool = False, use_cuda_graph: bool | None = None,
-                 check_every: int = 16, all_done: Callable[[bool], bool] | None = None,
+                 check_every: int = 16,
                  bucket: int = 32, attention_backend: str | None = None,
                  max_prompt_len: int = 0):
         self.model = model
@@ -156,7 +156,6 @@ class FastGenerator:
         self.bucket = bucket
         # SDPA backend of the decode steps (None: PyTorch's choice); benchmarks compare them
         self.attention_backend = attention_backend
-        self.all_done = all_done or (lambda flag: flag)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.n_layers = _num_layers(base)
         params = inspect.signature(base.forward).parameters
@@ -300,7 +299,7 @@ class FastGenerator:
         steps = 1
         while steps < self.max_new:
             if not self.ignore_eos and steps % self.check_every == 0 \
-                    and self.all_done(bool(self.finished.all())):
+                    and bool(self.finished.all()):
                 break
             if self.sampling["do_sample"]:
                 self.noise.exponential_()

@@ -40,8 +40,8 @@ def validate_ppo(cfg: PPOConfig) -> None:
     from dschat_cli.data.prepare import load_phase_rows
     from dschat_cli.models.loading import (check_lora_targets, check_model_source,
                                            check_tokenizer_source, load_tokenizer)
-    from dschat_cli.models.reward import (check_reward_dir, check_same_tokenizer, is_random_preset,
-                                          is_reward_dir)
+    from dschat_cli.models.reward import (check_reward_dir, check_same_tokenizer,
+                                          is_random_architecture, is_reward_dir)
 
     check_model_source(cfg.actor, flag="--actor-model")
     if is_reward_dir(str(cfg.actor.model)):  # it would load as a causal LM and train, silently
@@ -54,7 +54,7 @@ def validate_ppo(cfg: PPOConfig) -> None:
             model=cfg.reward_model, trust_remote_code=cfg.critic.trust_remote_code)))
     actor_tok = load_tokenizer(cfg.actor)
     for flag, opts in critics:
-        if is_random_preset(opts):  # an untrained architecture preset (benchmarks)
+        if is_random_architecture(opts):  # an untrained architecture (benchmarks)
             check_model_source(opts, flag=flag)
         else:
             check_reward_dir(str(opts.model), flag)

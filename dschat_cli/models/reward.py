@@ -119,7 +119,7 @@ def build_reward_model(opts, tokenizer, *, dtype: str, ds_config: dict | None, d
 
     from dschat_cli.models.loading import apply_lora, load_causal_lm
 
-    untrained = is_random_preset(opts)  # benchmarks: the architecture, random weights and head
+    untrained = is_random_architecture(opts)  # benchmarks: random weights and head
     if not untrained:
         check_reward_dir(str(opts.model), flag)
     backbone = load_causal_lm(opts, tokenizer, dtype=dtype, ds_config=ds_config, device=device,
@@ -135,7 +135,7 @@ def build_reward_model(opts, tokenizer, *, dtype: str, ds_config: dict | None, d
     return model
 
 
-def is_random_preset(opts) -> bool:
+def is_random_architecture(opts) -> bool:
     """--critic-model opt-350m --critic-random-init: an architecture with random weights (and a
     random value head): a preset, or any model folder's config.json (benchmarks, tests)."""
     from dschat_cli.models.presets import resolve_preset

@@ -32,7 +32,7 @@ PPO_PHASES = ("generation", "actor_forward", "ref_forward", "critic_forward", "r
               "actor_train", "critic_train")
 
 
-# device ceilings ------------------------------------------------------------------------------------
+# device ceilings ---------------------------------------------------------------------------------
 def measure_ceilings(device: str, dtype: torch.dtype) -> dict:
     """Measured matmul FLOP/s (square matmuls in the training dtype) and copy bandwidth (bytes
     read + written per second) of this device: the denominators of every floor."""
@@ -65,7 +65,7 @@ def _sync(on_gpu: bool) -> None:
         torch.cuda.synchronize()
 
 
-# model shapes and FLOPs ------------------------------------------------------------------------------
+# model shapes and FLOPs --------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Shape:
     params: int         # all parameters (what a decode step reads)
@@ -132,7 +132,7 @@ def ppo_floors(actor: Shape, critic: Shape, *, batch: int, prompt: int, answer: 
     return out
 
 
-# the two benchmarks ---------------------------------------------------------------------------------
+# the two benchmarks ------------------------------------------------------------------------------
 def run(cfg: BenchConfig, dist: Dist) -> dict:
     seed_everything(cfg.seed)
     result = _bench_sft(cfg, dist) if cfg.step == "sft" else _bench_ppo(cfg, dist)
@@ -188,8 +188,6 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist) -> dict:
                 trainer.timer.reset()
             batch = _random_prompts(cfg.batch_size, cfg.prompt_len, models.tokenizer,
                                     models.actor.device, gen)
-            if trainer._generator is not None:
-                trainer._generator.profile = True
             _sync(on_gpu)
             t0 = time.perf_counter()
             rollout = trainer.generate_experience(batch)
@@ -197,9 +195,9 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist) -> dict:
             _sync(on_gpu)
             if i >= cfg.warmup:
                 step_s.append(time.perf_counter() - t0)
-                if trainer._generator is not None:
-                    decode_s += trainer._generator.last_timings.get("decode_s", 0.0)
-                    decode_steps += trainer._generator.last_timings.get("decode_steps", 0)
+                if trainer.generator is not None:
+                    decode_s += trainer.generator.last_timings.get("decode_s", 0.0)
+                    decode_steps += trainer.generator.last_timings.get("decode_steps", 0)
             console.print(f"[dim]{engine} step {i + 1}/{total}"
                           f"{' (warm-up)' if i < cfg.warmup else ''}: "
                           f"{time.perf_counter() - t0:.2f} s[/dim]")
@@ -232,10 +230,10 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist) -> dict:
             "other_seconds": step - sum(phases.values()),
             "logprob_gap": trainer.last_parity[0] if trainer.last_parity else None,
             "peak_memory_gib": _peak_gib(dist, on_gpu),
-            "graph_captures": trainer._generator.captures if trainer._generator else None,
+            "graph_captures": trainer.generator.captures if trainer.generator else None,
         }
-        if trainer._generator is not None:
-            trainer._generator.release()
+        if trainer.generator is not None:
+            trainer.generator.release()
         del trainer
     return {"step": "ppo", "device": _device_name(dist), "world_size": dist.world_size,
             "dtype": models.dtype, "actor": cfg.actor, "critic": cfg.critic,
@@ -309,7 +307,7 @@ def _device_name(dist: Dist) -> str:
     return f"{dist.world_size} x {torch.cuda.get_device_name()}"
 
 
-# the report -----------------------------------------------------------------------------------------
+# the report --------------------------------------------------------------------------------------
 def _print(r: dict) -> None:
     from rich.table import Table
 
@@ -319,7 +317,8 @@ def _print(r: dict) -> None:
                   f"{c['copy_gbps']:.0f} GB/s")
     if r["step"] == "sft":
         t = Table(title=f"step 1: {r['actor']} ({r['actor_params'] / 1e6:.0f}M), batch "
-                        f"{r['batch_size']} x {r['seq_len']} tokens per GPU, ZeRO-{r['zero_stage']}",
+                        f"{r['batch_size']} x {r['seq_len']} tokens per GPU, "
+                        f"ZeRO-{r['zero_stage']}",
                   title_justify="left")
         for col in ("s/step", "tokens/s", "TFLOP/s per GPU", "x floor", "peak GiB"):
             t.add_column(col, justify="right")
@@ -366,8 +365,8 @@ def _print(r: dict) -> None:
     console.print("[dim]gen: generation's share of the step; decode ms: per decode step (fast) or "
                   "per generated token including the prefill (hf); floor ms: weights + KV cache at "
                   "the mean context over the measured copy bandwidth; lp gap: mean |logprob| "
-                  "difference, fast engine vs forward; tokens/s: prompt + answer tokens of all GPUs "
-                  "per second[/dim]")
+                  "difference, fast engine vs forward; tokens/s: prompt + answer tokens of all "
+                  "GPUs per second[/dim]")
 
 
 def _fmt(v, spec: str) -> str:

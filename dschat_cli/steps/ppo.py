@@ -155,7 +155,8 @@ class PPOTrainer:
         self.last_generation_s = 0.0
         self.rollouts = 0  # rollouts generated so far (numbers the parity checks)
         self.last_parity: tuple[float, float] | None = None  # (mean, max) logprob gap
-        self._generator: FastGenerator | None = None
+        # the fast engine, built at the first rollout (None with --generation-engine hf)
+        self.generator: FastGenerator | None = None
         self.ignore_eos = False  # benchmarks: answers of exactly --max-answer-seq-len tokens
         self.timer = PhaseTimer(enabled=False)  # per-phase seconds (dschat bench enables it)
         # the global gradient norm of each optimizer step, for the health monitor
@@ -174,14 +175,15 @@ class PPOTrainer:
         tok = self.m.tokenizer
         module = self.m.actor.module
         if g.generation_engine == "fast":
-            if self._generator is None:
-                self._generator = FastGenerator(
+            if self.generator is None:
+                self.generator = FastGenerator(
                     module, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                     max_new_tokens=g.max_answer_seq_len, do_sample=g.do_sample,
                     temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
                     ignore_eos=self.ignore_eos, max_prompt_len=self.cfg.data.max_prompt_seq_len)
+                self.generator.profile = self.timer.enabled  # split prefill/decode
             with rollout_context(module, zero3=self.actor_zero3):
-                return self._generator.generate(input_ids, attention_mask)
+                return self.generator.generate(input_ids, attention_mask)
         import deepspeed
 
         kwargs = dict(max_new_tokens=g.max_answer_seq_len, do_sample=g.do_sample,

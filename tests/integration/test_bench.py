@@ -31,6 +31,9 @@ def test_bench_ppo_both_engines(tmp_path, tiny_opt, invoke_dschat):
         # 4 prompts x (6 + 5) tokens per step
         assert e["tokens_per_s"] == pytest.approx(44 / e["step_seconds"])
         assert e["decode_x_floor"] > 1 and e["step_x_floor"] > 1
+    # the fast engine's timing splits prefill and decode steps; hf's is per generated token
+    assert res["engines"]["fast"]["decode_kind"] == "decode step"
+    assert res["engines"]["hf"]["decode_kind"].startswith("generated token")
     # the fast engine's logprobs were checked against the actor's forward (fp32: equal)
     assert res["engines"]["fast"]["logprob_gap"] < 1e-4
     assert res["engines"]["hf"]["logprob_gap"] is None
