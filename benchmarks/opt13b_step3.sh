@@ -1,27 +1,56 @@
 #!/usr/bin/env bash
 # Issue 8's scale run and GPU scaling of step 3, on one multi-GPU host:
-#   bash benchmarks/opt13b_step3.sh OUT_DIR [GPUS]
-# 1. `dschat plan` predicts the memory of the OPT-13B run (no GPU work);
-# 2. OPT-13B actor (ZeRO-3 across the GPUs, gradient checkpointing) + OPT-350M critic/reward,
-#    random weights, bf16, 256 + 256 tokens, 1 warm-up + 3 measured PPO steps;
-# 3. OPT-1.3B + OPT-350M on 1, 2, ... GPUS GPUs (batch 64 per GPU) for the scaling efficiency.
-# `dschat plan` says ~89 GiB per GPU for step 2 on 4 x H200 (batch 16 per GPU).
+#   bash benchmarks/opt13b_step3.sh OUT_DIR [GPUS] [PART]     PART: 13b, scale or all (default)
+# 13b:   `dschat plan` predicts the memory of the OPT-13B run (no GPU work), the pipeline's dry run
+#        shows the plan, then OPT-13B actor (ZeRO-3 across the GPUs, gradient checkpointing) +
+#        OPT-350M critic/reward, random weights, bf16, 256 + 256 tokens, 1 warm-up + 3 measured
+#        PPO steps; RUNS_13B="16:3 32:0" = batch per GPU : critic ZeRO stage of each run (16:3,
+#        DeepSpeed-Chat's stages, by default);
+# scale: OPT-1.3B + OPT-350M on 1, 2, ... GPUS GPUs (batch 64 per GPU, ZeRO-$ZERO_SCALE, default
+#        0) for the scaling efficiency.
+# torch's AdamW everywhere (--torch-adam): a fresh machine would otherwise spend ~1 min per
+# process group compiling DeepSpeed's FusedAdam. Every run has a time limit and its wall time is
+# written beside its output.
 set -u
-out=${1:?usage: opt13b_step3.sh OUT_DIR [GPUS]}
+out=${1:?usage: opt13b_step3.sh OUT_DIR [GPUS] [13b|scale|all]}
 gpus=${2:-4}
+part=${3:-all}
 mkdir -p "$out"
-common=(--generation-engine fast --old-logprobs generation --deployment-type single_node)
-dschat plan ppo --actor-model opt-13b --actor-random-init --critic-model opt-350m \
-  --critic-random-init --per-device-generation-batch-size 16 --per-device-training-batch-size 16 \
-  --actor-zero-stage 3 --critic-zero-stage 3 --actor-gradient-checkpointing --dtype bf16 \
-  --deployment-type single_node --num-gpus "$gpus" > "$out/plan_opt13b.txt"
-dschat bench "${common[@]}" --actor opt-13b --critic opt-350m --batch-size 16 --num-gpus "$gpus" \
-  --actor-zero-stage 3 --critic-zero-stage 3 --gradient-checkpointing --steps 3 --warmup 1 \
-  --json "$out/opt13b_n$gpus.json" > "$out/opt13b_n$gpus.txt" 2>&1
-n=1
-while [ "$n" -le "$gpus" ]; do
-  dschat bench "${common[@]}" --batch-size 64 --actor-zero-stage 0 --critic-zero-stage 0 \
-    --num-gpus "$n" --steps 3 --warmup 2 --json "$out/opt1.3b_n$n.json" > "$out/opt1.3b_n$n.txt" 2>&1
-  n=$((n * 2))
-done
+common=(--generation-engine fast --old-logprobs generation --deployment-type single_node --torch-adam)
+
+timed() {  # timed NAME LIMIT_S CMD...: run with a limit, output and wall time to OUT/NAME.txt
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout --kill-after=20 "$limit" "$@" > "$out/$name.txt" 2>&1
+  local rc=$?
+  echo "$name: exit $rc, wall $((SECONDS - t0)) s" | tee -a "$out/walls.txt"
+  if [ "$rc" -ne 0 ]; then  # leave no worker holding a GPU for the next run
+    pkill -9 -f dschat_cli.worker; pkill -9 -f deepspeed.launcher; sleep 2
+  fi
+}
+
+if [ "$part" = 13b ] || [ "$part" = all ]; then
+  timed plan_opt13b 60 dschat plan ppo --actor-model opt-13b --actor-random-init \
+    --critic-model opt-350m --critic-random-init --per-device-generation-batch-size 16 \
+    --per-device-training-batch-size 16 --actor-zero-stage 3 --critic-zero-stage 3 \
+    --actor-gradient-checkpointing --dtype bf16 --deployment-type single_node --num-gpus "$gpus"
+  timed pipeline_dry_run 60 dschat pipeline --actor opt-13b --deployment-type single_node --dry-run
+  for bc in ${RUNS_13B:-16:3}; do  # batch per GPU : critic ZeRO stage, e.g. RUNS_13B="16:3 32:0"
+    b=${bc%:*} cz=${bc#*:}
+    timed "opt13b_n${gpus}_b${b}_c$cz" "${LIMIT_13B:-420}" dschat bench "${common[@]}" \
+      --actor opt-13b --critic opt-350m --batch-size "$b" --num-gpus "$gpus" \
+      --actor-zero-stage 3 --critic-zero-stage "$cz" --gradient-checkpointing --steps 3 \
+      --warmup 1 --json "$out/opt13b_n${gpus}_b${b}_c$cz.json"
+  done
+  timed gpu_check_fast_engine 120 python3 benchmarks/gpu_check_fast_engine.py
+fi
+if [ "$part" = scale ] || [ "$part" = all ]; then
+  for n in ${SCALE_NS:-$(seq 1 "$gpus")}; do  # SCALE_NS="2 4": only these GPU counts
+    case $n in 1|2|4|8) ;; *) continue ;; esac
+    z=${ZERO_SCALE:-0}  # ZeRO stage of actor and critic in the scaling runs
+    timed "opt1.3b_z${z}_n$n" "${LIMIT_SCALE:-150}" dschat bench "${common[@]}" --batch-size 64 \
+      --actor-zero-stage "$z" --critic-zero-stage "$z" --num-gpus "$n" --steps 3 --warmup 2 \
+      --json "$out/opt1.3b_z${z}_n$n.json"
+  done
+fi
 grep -h "│  fast" "$out"/*.txt

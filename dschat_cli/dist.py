@@ -31,6 +31,16 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def placement(self) -> str:
+        """Where the ranks run, for the run's header line (printed by rank 0, whose own device
+        alone would read as if every rank shared it): '4 rank(s), one GPU each'."""
+        if self.device == "cpu":
+            return f"{self.world_size} rank(s) on cpu"
+        if self.world_size == 1:
+            return f"1 rank on {self.device}"
+        return f"{self.world_size} rank(s), one GPU each"
+
     @classmethod
     def init(cls) -> "Dist":
         """Initialise torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU).

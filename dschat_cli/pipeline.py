@@ -247,6 +247,16 @@ def prepare_demo(cfg: PipelineConfig) -> PipelineConfig:
                                  data_split="4,3,3"))
 
 
+def _plan_archs(cfg: PipelineConfig, p: StepPlan):
+    """Step 3's memory estimate reads the models steps 1 and 2 write; before they exist (a dry
+    run) it uses the architectures of the pipeline's --actor and --reward."""
+    if p.number != 3:
+        return None
+    from dschat_cli.plan.planner import pipeline_ppo_archs
+
+    return lambda: pipeline_ppo_archs(p.cfg, cfg.actor, cfg.reward)
+
+
 def run_pipeline(cfg: PipelineConfig, *, dry_run: bool) -> int:
     from dschat_cli.launch.checks import DS_CONFIGS, VALIDATORS
     from dschat_cli.launch.step import launch_training
@@ -265,7 +275,7 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool) -> int:
             if p.preset is not None:
                 console.print(f"size preset: {p.preset.name}")
             launch_training(p.name, p.cfg, dry_run=True, validate=VALIDATORS[p.name],
-                            ds_configs=DS_CONFIGS.get(p.name))
+                            ds_configs=DS_CONFIGS.get(p.name), plan_archs=_plan_archs(cfg, p))
         return 0
 
     checked = _validate_up_front(cfg, plans)
@@ -296,7 +306,8 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool) -> int:
                                      validate=_checked if p.number in checked
                                      else VALIDATORS[p.name], ds_configs=DS_CONFIGS.get(p.name),
                                      restart_hint="pass --rerun (with --steps "
-                                                  f"{p.number}) to run the step from its start")
+                                                  f"{p.number}) to run the step from its start",
+                                     plan_archs=_plan_archs(cfg, p))
             except ConfigError as e:
                 raise _pipeline_error(e, p.number) from None
             seconds = time.perf_counter() - t0

@@ -67,7 +67,7 @@ def planned_ds_config(cfg, plan: LaunchPlan, hw, job_name: str) -> dict:
 
 
 def _memory_estimate(step: str, cfg, configs: dict[str, dict], plan: LaunchPlan, *,
-                     dry_run: bool) -> None:
+                     dry_run: bool, plan_archs: Callable[[], dict] | None = None) -> None:
     """Before a GPU run: `dschat plan`'s estimate in a few lines, with a warning when it clearly
     does not fit (the run still starts). CPU runs get a pointer in --dry-run only."""
     if step not in ("sft", "reward", "ppo"):
@@ -79,16 +79,20 @@ def _memory_estimate(step: str, cfg, configs: dict[str, dict], plan: LaunchPlan,
         return
     from dschat_cli.plan.report import launch_estimate
 
-    launch_estimate(step, cfg, configs, world_size=plan.world_size, console=console)
+    launch_estimate(step, cfg, configs, world_size=plan.world_size, console=console,
+                    archs=plan_archs)
 
 
 def launch_training(step: str, cfg, *, dry_run: bool, validate: Callable[[object], None],
                     ds_configs: Callable[[object, LaunchPlan, object], dict[str, dict]] | None = None,
-                    restart_hint: str | None = None) -> int:
+                    restart_hint: str | None = None,
+                    plan_archs: Callable[[], dict] | None = None) -> int:
     """Validate `cfg`, then either print the plan (dry run) or record it and launch the workers.
     `validate(cfg)` runs the checks that touch files, data and models (skipped by --dry-run);
     `ds_configs(cfg, plan, hw)` gives {file name: DeepSpeed JSON} (default: one training config).
-    `restart_hint` says how to start over when --resume cannot continue (the caller's flags)."""
+    `restart_hint` says how to start over when --resume cannot continue (the caller's flags).
+    `plan_archs()` gives the models' architectures for the memory estimate when the step's model
+    paths do not exist yet (the pipeline's step 3 before steps 1 and 2 wrote them)."""
     hw = detect_hardware()
     out = Path(cfg.output_dir).expanduser().resolve()
     config_path = out / "run_config.yaml"
@@ -112,7 +116,7 @@ def launch_training(step: str, cfg, *, dry_run: bool, validate: Callable[[object
                           markup=False)
         if plan.warning:
             warn_line(plan.warning)
-        _memory_estimate(step, cfg, configs, plan, dry_run=True)
+        _memory_estimate(step, cfg, configs, plan, dry_run=True, plan_archs=plan_archs)
         return 0
 
     # resuming continues the outputs already there (it never deletes them): no --overwrite needed
@@ -128,7 +132,7 @@ def launch_training(step: str, cfg, *, dry_run: bool, validate: Callable[[object
     validate(cfg)
     if plan.warning:
         warn_line(plan.warning)
-    _memory_estimate(step, cfg, configs, plan, dry_run=False)
+    _memory_estimate(step, cfg, configs, plan, dry_run=False, plan_archs=plan_archs)
     out.mkdir(parents=True, exist_ok=True)
     config_path.write_text(to_yaml(cfg), encoding="utf-8")
     for name, ds_config in configs.items():

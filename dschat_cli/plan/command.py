@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 from dschat_cli.config.schema import ConfigError
-from dschat_cli.plan.arch import PlanUnavailable, load_arch
-from dschat_cli.plan.planner import StepPlan, detect_target, plan_step
+from dschat_cli.plan.arch import PlanUnavailable
+from dschat_cli.plan.planner import StepPlan, detect_target, pipeline_ppo_archs, plan_step
 
 
 def _checked(cfg):
@@ -38,18 +37,10 @@ def _pipeline_plans(cfg, target) -> list[StepPlan]:
     for p in plan_pipeline(cfg):
         archs = None
         if p.number == 3:
-            def arch(path: str, fallback: str, dropout=None):
-                where = path if (Path(path) / "config.json").is_file() else fallback
-                return load_arch(where, dropout)
             try:
-                actor = arch(str(p.cfg.actor.model), cfg.actor, p.cfg.actor.dropout)
-                critic = arch(str(p.cfg.critic.model), cfg.reward, p.cfg.critic.dropout)
-                archs = {"actor": actor, "critic": critic, "ref": arch(str(p.cfg.actor.model),
-                                                                       cfg.actor),
-                         "reward": arch(str(p.cfg.reward_path), cfg.reward)}
+                archs = pipeline_ppo_archs(p.cfg, cfg.actor, cfg.reward)
             except PlanUnavailable as e:
-                flag = "--reward" if "reward-model" in e.flag or "critic" in e.flag else "--actor"
-                raise ConfigError(flag, f"cannot estimate memory: {e}") from None
+                raise ConfigError(e.flag, f"cannot estimate memory: {e}") from None
         title = f"step {p.number}: dschat {p.name}" + (f" (size preset {p.preset.name})"
                                                        if p.preset is not None else "")
         sp = plan_step(p.name, p.cfg, target, archs=archs, title=title)

@@ -123,6 +123,21 @@ def step_archs(step: str, cfg) -> dict[str, Arch]:
     return {"actor": actor, "critic": critic, "ref": load_arch(cfg.actor.model), "reward": reward}
 
 
+def pipeline_ppo_archs(cfg, actor_source: str, reward_source: str) -> dict[str, Arch]:
+    """Step 3's architectures inside `dschat pipeline`: the models steps 1 and 2 write, or, until
+    those exist (a dry run, a plan), the pipeline's --actor and --reward they are trained from."""
+    from pathlib import Path
+
+    def arch(path, fallback: str, flag: str, dropout=None) -> Arch:
+        where = str(path) if (Path(str(path)) / "config.json").is_file() else fallback
+        return load_arch(where, dropout, flag=flag)
+
+    return {"actor": arch(cfg.actor.model, actor_source, "--actor", cfg.actor.dropout),
+            "critic": arch(cfg.critic.model, reward_source, "--reward", cfg.critic.dropout),
+            "ref": arch(cfg.actor.model, actor_source, "--actor"),
+            "reward": arch(cfg.reward_path, reward_source, "--reward")}
+
+
 def estimate_step(step: str, cfg, configs: dict[str, dict], *, world_size: int,
                   archs: dict[str, Arch] | None = None) -> Estimate:
     """Memory of `step` run with `cfg` and these DeepSpeed configs (as launch_training builds

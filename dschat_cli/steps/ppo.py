@@ -479,7 +479,7 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
     console.print(
         f"[bold]ppo[/bold]: actor {count_params(models.actor.module) / 1e6:.1f}M, critic "
         f"{count_params(models.critic.module) / 1e6:.1f}M parameters; {len(train_prompts)} train / "
-        f"{len(eval_prompts)} held-out prompts; {dist.world_size} rank(s) on {dist.device}, "
+        f"{len(eval_prompts)} held-out prompts; {dist.placement}, "
         f"{models.dtype}; ZeRO actor {cfg.deepspeed.actor_zero_stage} / critic "
         f"{cfg.deepspeed.critic_zero_stage}; {ppo_steps} PPO steps of "
         f"{t.per_device_generation_batch_size * dist.world_size} prompts")

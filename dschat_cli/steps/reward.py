@@ -105,8 +105,8 @@ def run(cfg: RewardConfig, dist: Dist) -> dict:
         health.load_state_dict(state["health"])
     grad_norms = GradNorms(engine)
     console.print(f"[bold]reward[/bold] {escape(cfg.model.model)}: {n_params / 1e6:.1f}M parameters, "
-                  f"{len(train_data)} train / {len(eval_data)} eval pairs, {dist.world_size} "
-                  f"rank(s) on {dist.device}, {dtype}, ZeRO-{cfg.deepspeed.zero_stage}, global batch "
+                  f"{len(train_data)} train / {len(eval_data)} eval pairs, "
+                  f"{dist.placement}, {dtype}, ZeRO-{cfg.deepspeed.zero_stage}, global batch "
                   f"{ds_config['train_batch_size']} pairs, {total_steps} steps, {cfg.loss} loss")
 
     history: list[dict] = []

@@ -62,8 +62,8 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
     flops_tok = flops_per_token(engine.module, n_params, cfg.data.max_seq_len,
                                 cfg.model.gradient_checkpointing)
     console.print(f"[bold]sft[/bold] {escape(cfg.model.model)}: {n_params / 1e6:.1f}M parameters, "
-                  f"{len(train_data)} train / {len(eval_data)} eval samples, {dist.world_size} "
-                  f"rank(s) on {dist.device}, {dtype}, ZeRO-{cfg.deepspeed.zero_stage}, global batch "
+                  f"{len(train_data)} train / {len(eval_data)} eval samples, "
+                  f"{dist.placement}, {dtype}, ZeRO-{cfg.deepspeed.zero_stage}, global batch "
                   f"{ds_config['train_batch_size']}, {total_steps} steps")
 
     # 2. train ---------------------------------------------------------------------------------

@@ -148,3 +148,27 @@ def test_launch_prints_the_estimate_and_warns_when_it_does_not_fit(monkeypatch, 
     r = runner.invoke(app, base + ["--per-device-train-batch-size", "32"], terminal_width=200)
     assert r.exit_code == 0  # a warning, not a refusal: the estimate can be wrong
     assert "does not fit this GPU" in r.output and "to fit, try" in r.output
+
+
+def test_pipeline_dry_run_estimates_step3_before_steps_1_and_2_exist(monkeypatch, tmp_path):
+    """`dschat pipeline --actor opt-13b --dry-run` on a 4-GPU node shows step 3's memory from the
+    presets (its models are written by steps 1 and 2 later), the same peak as `dschat plan`."""
+    from dschat_cli.launch import step as launch_step
+    from dschat_cli.launch.runner import Hardware
+
+    monkeypatch.setattr(launch_step, "detect_hardware", lambda: Hardware(gpus=4, bf16=True,
+                                                                         cpu_cores=2))
+    monkeypatch.setattr(planner, "_nvidia_smi", lambda: [(143771, 9.0)] * 4)
+    common = ["--actor", "opt-13b", "--deployment-type", "single_node"]
+    r = runner.invoke(app, ["pipeline", *common, "--output-dir", str(tmp_path / "o"),
+                            "--dry-run"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    step3 = r.output.split("step 3: dschat ppo")[1]
+    assert "not available" not in step3, step3[-2000:]
+    peaks = [line for line in step3.splitlines() if line.strip().startswith("peak ")]
+    assert len(peaks) == 1 and "each): fits" in step3, step3[-2000:]
+    assert "actor" in step3 and "12.85B" in step3  # the 13B actor's memory line
+    doc = json.loads(plan("pipeline", *common, "--json").output)
+    ppo_peak = doc["steps"][2]["peak_gib"]
+    assert f"peak {ppo_peak:.1f} GiB per GPU" in peaks[0]
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing

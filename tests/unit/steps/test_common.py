@@ -20,3 +20,12 @@ def test_real_samples_marks_each_index_exactly_once(n, world):
         for i, k in zip(idx, keep):
             counts[i] += int(k)
     assert counts == [1] * n
+
+
+def test_placement_says_where_the_ranks_run():
+    """Rank 0 prints the run's header: its own cuda:0 must not read as if every rank shared it."""
+    from dschat_cli.dist import Dist
+
+    assert Dist(0, 0, 4, "cuda:0").placement == "4 rank(s), one GPU each"
+    assert Dist(0, 0, 1, "cuda:0").placement == "1 rank on cuda:0"
+    assert Dist(0, 0, 2, "cpu").placement == "2 rank(s) on cpu"
