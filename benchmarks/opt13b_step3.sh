@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Issue 8's scale run and GPU scaling of step 3, on one multi-GPU host:
 #   bash benchmarks/opt13b_step3.sh OUT_DIR [GPUS] [PART]     PART: 13b, scale or all (default)
-# 13b:   `dschat plan` predicts the memory of the OPT-13B run (no GPU work), the pipeline's dry run
-#        shows the plan, then OPT-13B actor (ZeRO-3 across the GPUs, gradient checkpointing) +
-#        OPT-350M critic/reward, random weights, bf16, 256 + 256 tokens, 1 warm-up + 3 measured
-#        PPO steps; RUNS_13B="16:3 32:0" = batch per GPU : critic ZeRO stage of each run (16:3,
-#        DeepSpeed-Chat's stages, by default);
+# 13b:   the pipeline's dry run shows its plan; then for each run of RUNS_13B (default "16:3",
+#        DeepSpeed-Chat's stages; e.g. "16:3 32:0 32:0:4" = batch per GPU : critic ZeRO stage
+#        [: --generation-tensor-parallel]) `dschat plan` predicts its memory (no GPU work) and
+#        the OPT-13B actor (ZeRO-3 across the GPUs, gradient checkpointing) + OPT-350M
+#        critic/reward run, random weights, bf16, 256 + 256 tokens, 1 warm-up + 3 measured PPO
+#        steps; then the fast engine's CUDA-graph check (EXTRAS=0 skips dry run and check);
 # scale: OPT-1.3B + OPT-350M on 1, 2, ... GPUS GPUs (batch 64 per GPU, ZeRO-$ZERO_SCALE, default
 #        0) for the scaling efficiency.
 # torch's AdamW everywhere (--torch-adam): a fresh machine would otherwise spend ~1 min per
@@ -30,19 +31,28 @@ timed() {  # timed NAME LIMIT_S CMD...: run with a limit, output and wall time t
 }
 
 if [ "$part" = 13b ] || [ "$part" = all ]; then
-  timed plan_opt13b 60 dschat plan ppo --actor-model opt-13b --actor-random-init \
-    --critic-model opt-350m --critic-random-init --per-device-generation-batch-size 16 \
-    --per-device-training-batch-size 16 --actor-zero-stage 3 --critic-zero-stage 3 \
-    --actor-gradient-checkpointing --dtype bf16 --deployment-type single_node --num-gpus "$gpus"
-  timed pipeline_dry_run 60 dschat pipeline --actor opt-13b --deployment-type single_node --dry-run
-  for bc in ${RUNS_13B:-16:3}; do  # batch per GPU : critic ZeRO stage, e.g. RUNS_13B="16:3 32:0"
-    b=${bc%:*} cz=${bc#*:}
-    timed "opt13b_n${gpus}_b${b}_c$cz" "${LIMIT_13B:-420}" dschat bench "${common[@]}" \
-      --actor opt-13b --critic opt-350m --batch-size "$b" --num-gpus "$gpus" \
-      --actor-zero-stage 3 --critic-zero-stage "$cz" --gradient-checkpointing --steps 3 \
-      --warmup 1 --json "$out/opt13b_n${gpus}_b${b}_c$cz.json"
+  if [ "${EXTRAS:-1}" = 1 ]; then
+    timed pipeline_dry_run 60 dschat pipeline --actor opt-13b --deployment-type single_node \
+      --dry-run
+  fi
+  # RUNS_13B="16:3 32:0:4": batch per GPU : critic ZeRO stage [: generation tensor parallel]
+  for run in ${RUNS_13B:-16:3}; do
+    IFS=: read -r b cz tp <<< "$run"
+    tp=${tp:-1}
+    name="opt13b_n${gpus}_b${b}_c${cz}_tp$tp"
+    timed "plan_$name" 60 dschat plan ppo --actor-model opt-13b --actor-random-init \
+      --critic-model opt-350m --critic-random-init --per-device-generation-batch-size "$b" \
+      --per-device-training-batch-size "$b" --actor-zero-stage 3 --critic-zero-stage "$cz" \
+      --actor-gradient-checkpointing --dtype bf16 --generation-tensor-parallel "$tp" \
+      --deployment-type single_node --num-gpus "$gpus"
+    timed "$name" "${LIMIT_13B:-420}" dschat bench "${common[@]}" --actor opt-13b \
+      --critic opt-350m --batch-size "$b" --num-gpus "$gpus" --actor-zero-stage 3 \
+      --critic-zero-stage "$cz" --gradient-checkpointing --generation-tensor-parallel "$tp" \
+      --steps 3 --warmup 1 --json "$out/$name.json"
   done
-  timed gpu_check_fast_engine 120 python3 benchmarks/gpu_check_fast_engine.py
+  if [ "${EXTRAS:-1}" = 1 ]; then
+    timed gpu_check_fast_engine 120 python3 benchmarks/gpu_check_fast_engine.py
+  fi
 fi
 if [ "$part" = scale ] || [ "$part" = all ]; then
   for n in ${SCALE_NS:-$(seq 1 "$gpus")}; do  # SCALE_NS="2 4": only these GPU counts

@@ -30,6 +30,8 @@ class BenchConfig:
     old_logprobs: str = opt("forward", "ppo: as `dschat ppo --old-logprobs` (generation skips the "
                             "actor's scoring forward; fast engine only).",
                             choices=("forward", "generation"))
+    generation_tensor_parallel: int = opt(1, "ppo: as `dschat ppo --generation-tensor-parallel` "
+                                          "(fast engine only).", min=1)
     actor_zero_stage: int = opt(2, "ZeRO stage of the actor (and reference).", choices=(0, 1, 2, 3))
     critic_zero_stage: int = opt(2, "ZeRO stage of the critic (and reward model).",
                                  choices=(0, 1, 2, 3))
@@ -49,6 +51,9 @@ class BenchConfig:
     def check(self) -> None:
         if self.generation_engine == "hf" and self.old_logprobs == "generation":
             raise ConfigError("--old-logprobs generation", "needs --generation-engine fast or both")
+        if self.generation_engine == "hf" and self.generation_tensor_parallel > 1:
+            raise ConfigError("--generation-tensor-parallel", "needs --generation-engine fast or "
+                              "both")
 
 
 def bench_ppo_config(cfg: BenchConfig):
@@ -73,7 +78,9 @@ def bench_ppo_config(cfg: BenchConfig):
         generation=PPOGenerationOptions(max_answer_seq_len=cfg.answer_len,
                                         generation_engine=engine,
                                         old_logprobs=cfg.old_logprobs if engine == "fast"
-                                        else "forward"),
+                                        else "forward",
+                                        generation_tensor_parallel=cfg.generation_tensor_parallel
+                                        if engine == "fast" else 1),
         deepspeed=PPODeepSpeedOptions(actor_zero_stage=cfg.actor_zero_stage,
                                       critic_zero_stage=cfg.critic_zero_stage, dtype=cfg.dtype),
         launch=cfg.launch, output_dir=cfg.output_dir, overwrite=True, seed=cfg.seed)

@@ -105,6 +105,12 @@ class PPOGenerationOptions:
                                   "answer tokens (bf16 rounding gives ~0.01).", min=0.0)
     parity_check_interval: int = opt(10, "With --old-logprobs generation: compare with a forward "
                                      "pass on the first rollout and every N rollouts.", min=1)
+    generation_tensor_parallel: int = opt(
+        1, "Split the actor N ways for generation: the N ranks of a group (consecutive ranks: one "
+        "node's GPUs) decode their prompts together, each holding 1/N of the attention and MLP "
+        "weights, so a decode step reads 1/N of the model per GPU. Helps large actors (13B+); "
+        "fast engine, OPT and Llama-family actors without LoRA. 1: every rank generates alone.",
+        min=1)
     print_answers: bool = opt(False, "Print a generated prompt and answer every "
                               "--print-answers-interval steps.")
     print_answers_interval: int = opt(1, "Steps between printed answers.", min=1)
@@ -216,6 +222,12 @@ class PPOConfig:
         if g.old_logprobs == "generation" and g.generation_engine != "fast":
             raise ConfigError("--old-logprobs generation", "needs --generation-engine fast (the hf "
                               "engine does not return logprobs)")
+        if g.generation_tensor_parallel > 1:
+            if g.generation_engine != "fast":
+                raise ConfigError("--generation-tensor-parallel", "needs --generation-engine fast")
+            if self.actor_lora.lora_dim > 0:
+                raise ConfigError("--generation-tensor-parallel", "does not split LoRA adapters: "
+                                  "use 1 with --actor-lora-dim")
         t = self.train
         per_rollout = t.per_device_generation_batch_size * t.generation_batches
         if per_rollout % t.per_device_training_batch_size:

@@ -138,7 +138,7 @@ class FastGenerator:
                  top_p: float = 1.0, ignore_eos: bool = False, use_cuda_graph: bool | None = None,
                  check_every: int = 16,
                  bucket: int = 32, attention_backend: str | None = None,
-                 max_prompt_len: int = 0):
+                 max_prompt_len: int = 0, rng: torch.Generator | None = None):
         self.model = model
         self.eos = int(eos_token_id)
         self.pad = int(pad_token_id)
@@ -146,6 +146,9 @@ class FastGenerator:
         self.sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k,
                              top_p=top_p, banned=self.eos if ignore_eos else None)
         self.ignore_eos = ignore_eos
+        # the sampling noise's generator (None: PyTorch's default one of the device); the ranks
+        # of a tensor-parallel group share a seed so that they draw the same tokens
+        self.rng = rng
         self.use_cuda_graph = use_cuda_graph
         self.check_every = check_every
         # the cache holds max_prompt_len + max_new_tokens slots from the first rollout on (wider
@@ -224,7 +227,7 @@ class FastGenerator:
             return None
         if self.noise is None or self.noise.shape != logits.shape:
             self.noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-        return self.noise.exponential_()
+        return self.noise.exponential_(generator=self.rng)
 
     def _emit(self, logits: torch.Tensor, noise) -> None:
         """Sample from (B, V) logits, record token and logprob at column `step`, advance."""
@@ -302,7 +305,7 @@ class FastGenerator:
                     and bool(self.finished.all()):
                 break
             if self.sampling["do_sample"]:
-                self.noise.exponential_()
+                self.noise.exponential_(generator=self.rng)
             # this step writes slot P + steps - 1 and attends to every slot up to it
             view = min(L, -(-(P + steps) // self.bucket) * self.bucket)
             if not graph or self.use_cuda_graph is False:

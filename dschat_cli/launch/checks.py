@@ -72,11 +72,36 @@ def validate_ppo(cfg: PPOConfig) -> None:
                                   cfg.data.unsupervised_dataset_config_name)
 
 
+def check_generation_tp(cfg: PPOConfig, world_size: int) -> None:
+    """--generation-tensor-parallel N: N divides the ranks, and the actor's architecture (when
+    it can be read here: a folder, a preset, a cached hub model) splits N ways."""
+    tp = cfg.generation.generation_tensor_parallel
+    if tp <= 1:
+        return
+    from dschat_cli.generation.tensor_parallel import FLAG, check_supported
+
+    if world_size % tp:
+        raise ConfigError(FLAG, f"{tp} must divide the run's {world_size} rank(s) (one per GPU) "
+                          "into equal groups")
+    from dschat_cli.plan.arch import PlanUnavailable, model_config
+
+    try:
+        config = model_config(str(cfg.actor.model))
+    except PlanUnavailable:
+        return  # the worker checks it once the model is loaded
+    try:
+        check_supported(config, tp)
+    except ValueError as e:
+        raise ConfigError(FLAG, f"{e}; use {FLAG} 1") from None
+
+
 def ppo_planned_configs(cfg: PPOConfig, plan, hw) -> dict[str, dict]:
-    """The four DeepSpeed JSONs of step 3, as the workers will build them."""
+    """The four DeepSpeed JSONs of step 3, as the workers will build them (after the checks that
+    need the run's world size)."""
     from dschat_cli.config.ds_config import resolve_dtype
     from dschat_cli.config.ppo_ds import ppo_ds_configs
 
+    check_generation_tp(cfg, plan.world_size)
     dtype = resolve_dtype(cfg.deepspeed.dtype, has_gpu=hw.gpus > 0, bf16_supported=hw.bf16)
     tb = f"{cfg.output_dir}/tensorboard" if cfg.deepspeed.enable_tensorboard else None
     configs = ppo_ds_configs(cfg, world_size=plan.world_size, dtype=dtype,

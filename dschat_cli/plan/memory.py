@@ -303,12 +303,14 @@ def estimate_ppo(archs: dict[str, Arch], configs: dict[str, dict], sources: dict
                  actor_checkpointing: bool, critic_checkpointing: bool,
                  actor_lora: tuple[int, str, bool], critic_lora: tuple[int, str, bool],
                  actor_dropout: float | None, critic_dropout: float | None,
-                 unsupervised: bool, ema: bool, generation_engine: str = "hf") -> Estimate:
+                 unsupervised: bool, ema: bool, generation_engine: str = "hf",
+                 generation_tp: int = 1) -> Estimate:
     """Step 3: actor and critic train; ref and reward are frozen. `archs` and `sources` are keyed
     actor / critic / ref / reward; `configs` are the four DeepSpeed configs by the same keys.
     `generation_engine`: "fast" keeps one static KV cache of the full length for the whole run
     (generation/fast.py reuses it for every rollout), "hf" grows a dynamic cache per rollout and
-    frees it."""
+    frees it. `generation_tp` > 1: the tensor-parallel replica of the actor (generation/
+    tensor_parallel.py) stays allocated, the group's prompts are decoded together."""
     eng = {k: Engine.from_ds(configs[k]) for k in ("actor", "critic", "ref", "reward")}
     D = world_size
     actor = trained_model(archs["actor"], eng["actor"], role="actor", source=sources["actor"],
@@ -337,22 +339,37 @@ def estimate_ppo(archs: dict[str, Arch], configs: dict[str, dict], sources: dict
     # cache, or HF's dynamic cache at its end, which grows by concatenation: one layer twice);
     # ZeRO-3 gathers the whole actor for the rollout
     kv = 2.0 * a.layers * Bg * S * a.kv_dim * e
+    T = max(1, generation_tp)
     if generation_engine == "fast":
         # the cache stays allocated between rollouts; sampling buffers of (B, vocab): the logits
-        # in fp32, the noise, the probabilities (captured in the CUDA graph's pool)
-        kv_resident, sampling = kv, 16.0 * Bg * V
+        # in fp32, the noise, the probabilities (captured in the CUDA graph's pool). With T-way
+        # tensor parallelism every GPU decodes T x B rows with 1/T of the heads: the same cache
+        kv_resident, sampling = kv, 16.0 * T * Bg * V
         notes.append(f"the fast generation engine keeps its static KV cache ({kv / GiB:.1f} GiB) "
                      "allocated through training, so it counts in every phase")
     else:
         kv_resident, sampling = 0.0, 0.0
         kv += 2.0 * Bg * S * a.kv_dim * e
     resident += kv_resident
-    gathered = e * actor.params if actor.stage == 3 else 0.0
+    if T > 1:
+        from dschat_cli.generation.tensor_parallel import LAYOUTS
+
+        layout = LAYOUTS.get(a.model_type)
+        names = (layout.column + layout.row) if layout else ()
+        split = sum(lin.fan_in * lin.fan_out for lin in a.linears
+                    if lin.name.rpartition(".")[2] in names)
+        replica = e * (a.params - split + split / T)
+        resident += replica
+        gathered = 0.0  # the replica is refreshed a chunk of parameters at a time
+        notes.append(f"--generation-tensor-parallel {T} keeps a copy of the actor with 1/{T} of "
+                     f"its attention and MLP weights on every GPU ({replica / GiB:.1f} GiB)")
+    else:
+        gathered = e * actor.params if actor.stage == 3 else 0.0
     if gathered:
         notes.append(f"under ZeRO-3 each rollout gathers the whole actor on every GPU "
                      f"({gathered / GiB:.1f} GiB)")
     generation = resident - kv_resident + kv + sampling + gathered \
-        + forward_bytes(a, Bg * prompt_len, e)
+        + forward_bytes(a, T * Bg * prompt_len, e)
     # 2. score: actor and ref logits over the whole sequence, answer slice in fp32
     score_logits = e * Bg * S * V + 8.0 * Bg * A * V
     scoring = resident + score_logits + forward_bytes(a, Bg * S, e)

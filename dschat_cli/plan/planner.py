@@ -169,7 +169,8 @@ def estimate_step(step: str, cfg, configs: dict[str, dict], *, world_size: int,
                      cfg.critic_lora.only_optimize_lora),
         actor_dropout=cfg.actor.dropout, critic_dropout=cfg.critic.dropout,
         unsupervised=bool(cfg.data.unsupervised_dataset_name), ema=cfg.ppo.enable_ema,
-        generation_engine=getattr(cfg.generation, "generation_engine", "hf"))
+        generation_engine=getattr(cfg.generation, "generation_engine", "hf"),
+        generation_tp=getattr(cfg.generation, "generation_tensor_parallel", 1))
 
 
 def _plan_configs(step: str, cfg, world_size: int, dtype: str) -> dict[str, dict]:

@@ -94,9 +94,14 @@ def model_shape(module) -> Shape:
 
 
 def ppo_floors(actor: Shape, critic: Shape, *, batch: int, prompt: int, answer: int,
-               bytes_per_param: int, ceilings: dict, gradient_checkpointing: bool) -> dict:
+               bytes_per_param: int, ceilings: dict, gradient_checkpointing: bool,
+               decode_params: int | None = None) -> dict:
     """{phase: (flops, bytes, floor seconds)} for one PPO step on one GPU, and the decode step's
-    bandwidth floor in seconds ('decode_step')."""
+    bandwidth floor in seconds ('decode_step'). `decode_params`: the parameters a decode step
+    reads on one GPU (default all of the actor's; tensor-parallel generation: its shard). Under
+    N-way tensor parallelism a GPU decodes N x batch rows with 1/N of the heads: the same KV
+    cache bytes and about the same FLOPs."""
+    weights = (actor.params if decode_params is None else decode_params) * bytes_per_param
     mm = ceilings["matmul_tflops"] * 1e12
     bw = ceilings["copy_gbps"] * 1e9
     S = prompt + answer
@@ -111,7 +116,7 @@ def ppo_floors(actor: Shape, critic: Shape, *, batch: int, prompt: int, answer: 
     for t in range(1, answer):
         ctx = prompt + t
         kv = 2 * actor.layers * batch * ctx * actor.hidden * bytes_per_param
-        step_bytes = actor.params * bytes_per_param + kv
+        step_bytes = weights + kv
         step_flops = actor.forward_flops(batch, ctx)
         gen_flops += step_flops
         gen_bytes += step_bytes
@@ -127,8 +132,8 @@ def ppo_floors(actor: Shape, critic: Shape, *, batch: int, prompt: int, answer: 
         b = 20.0 * shape.params
         out[name] = (f, b, f / mm + b / bw)
     mid = prompt + answer // 2
-    out["decode_step"] = (actor.params * bytes_per_param
-                          + 2 * actor.layers * batch * mid * actor.hidden * bytes_per_param) / bw
+    out["decode_step"] = (weights + 2 * actor.layers * batch * mid * actor.hidden
+                          * bytes_per_param) / bw
     return out
 
 
@@ -203,6 +208,12 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist) -> dict:
                           f"{time.perf_counter() - t0:.2f} s[/dim]")
         n = len(step_s)
         phases = {k: v / n for k, v in trainer.timer.seconds.items()}
+        tp = trainer.tp_rollout
+        e_floors = floors if tp is None else ppo_floors(
+            actor, critic, batch=cfg.batch_size, prompt=cfg.prompt_len, answer=cfg.answer_len,
+            bytes_per_param=dtype.itemsize, ceilings=ceilings,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            decode_params=sum(p.numel() for p in tp.replica.parameters()))
         step = statistics.mean(step_s)
         gen_s = phases.get("generation", 0.0)
         if decode_steps:
@@ -211,7 +222,7 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist) -> dict:
         else:  # hf: the rollout's time per generated token, prefill included
             decode_ms = gen_s / cfg.answer_len * 1e3
             decode_kind = "generated token (prefill included)"
-        used = {k: floors[k] for k in phases if k in floors}
+        used = {k: e_floors[k] for k in phases if k in e_floors}
         floor_step = sum(f[2] for f in used.values())
         flops = sum(f[0] for f in used.values())
         tokens = cfg.batch_size * (cfg.prompt_len + cfg.answer_len) * dist.world_size
@@ -219,18 +230,19 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist) -> dict:
             "step_seconds": step, "step_seconds_all": step_s,
             "tokens_per_s": tokens / step, "samples_per_s": cfg.batch_size * dist.world_size / step,
             "generation_share": gen_s / step, "decode_ms": decode_ms, "decode_kind": decode_kind,
-            "decode_floor_ms": floors["decode_step"] * 1e3,
-            "decode_x_floor": decode_ms / (floors["decode_step"] * 1e3),
+            "decode_floor_ms": e_floors["decode_step"] * 1e3,
+            "decode_x_floor": decode_ms / (e_floors["decode_step"] * 1e3),
             "floor_seconds": floor_step, "step_x_floor": step / floor_step,
             "tflops": flops / step / 1e12,
             "phases": {k: {"seconds": v, "share": v / step,
-                           "tflops": floors[k][0] / v / 1e12 if k in floors and v else None,
-                           "floor_seconds": floors[k][2] if k in floors else None}
+                           "tflops": e_floors[k][0] / v / 1e12 if k in e_floors and v else None,
+                           "floor_seconds": e_floors[k][2] if k in e_floors else None}
                        for k, v in phases.items()},
             "other_seconds": step - sum(phases.values()),
             "logprob_gap": trainer.last_parity[0] if trainer.last_parity else None,
             "peak_memory_gib": _peak_gib(dist, on_gpu),
             "graph_captures": trainer.generator.captures if trainer.generator else None,
+            "generation_tensor_parallel": tp.size if tp is not None else 1,
         }
         if trainer.generator is not None:
             trainer.generator.release()
@@ -241,7 +253,9 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist) -> dict:
             "batch_size": cfg.batch_size, "prompt_len": cfg.prompt_len,
             "answer_len": cfg.answer_len, "steps": cfg.steps, "warmup": cfg.warmup,
             "actor_zero_stage": cfg.actor_zero_stage, "critic_zero_stage": cfg.critic_zero_stage,
-            "old_logprobs": cfg.old_logprobs, "ceilings": ceilings, "engines": results}
+            "old_logprobs": cfg.old_logprobs,
+            "generation_tensor_parallel": cfg.generation_tensor_parallel, "ceilings": ceilings,
+            "engines": results}
 
 
 def _bench_sft(cfg: BenchConfig, dist: Dist) -> dict:

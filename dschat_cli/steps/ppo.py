@@ -157,6 +157,7 @@ class PPOTrainer:
         self.last_parity: tuple[float, float] | None = None  # (mean, max) logprob gap
         # the fast engine, built at the first rollout (None with --generation-engine hf)
         self.generator: FastGenerator | None = None
+        self.tp_rollout = None  # --generation-tensor-parallel > 1: the sharded actor copy
         self.ignore_eos = False  # benchmarks: answers of exactly --max-answer-seq-len tokens
         self.timer = PhaseTimer(enabled=False)  # per-phase seconds (dschat bench enables it)
         # the global gradient norm of each optimizer step, for the health monitor
@@ -175,12 +176,15 @@ class PPOTrainer:
         tok = self.m.tokenizer
         module = self.m.actor.module
         if g.generation_engine == "fast":
+            fast_kwargs = dict(
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                max_new_tokens=g.max_answer_seq_len, do_sample=g.do_sample,
+                temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                ignore_eos=self.ignore_eos, max_prompt_len=self.cfg.data.max_prompt_seq_len)
+            if g.generation_tensor_parallel > 1:
+                return self._generate_tensor_parallel(input_ids, attention_mask, fast_kwargs)
             if self.generator is None:
-                self.generator = FastGenerator(
-                    module, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                    max_new_tokens=g.max_answer_seq_len, do_sample=g.do_sample,
-                    temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                    ignore_eos=self.ignore_eos, max_prompt_len=self.cfg.data.max_prompt_seq_len)
+                self.generator = FastGenerator(module, **fast_kwargs)
                 self.generator.profile = self.timer.enabled  # split prefill/decode
             with rollout_context(module, zero3=self.actor_zero3):
                 return self.generator.generate(input_ids, attention_mask)
@@ -203,6 +207,26 @@ class PPOTrainer:
         with gather:
             seq = module.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return Generated(seq=seq, logprobs=None)
+
+    def _generate_tensor_parallel(self, input_ids, attention_mask, fast_kwargs) -> Generated:
+        """--generation-tensor-parallel N: the ranks of a group decode together on a sharded
+        copy of the actor, refreshed from the trained weights before every rollout."""
+        from dschat_cli.config.schema import ConfigError
+        from dschat_cli.generation.tensor_parallel import FLAG, TensorParallelRollout
+
+        module = self.m.actor.module
+        if self.tp_rollout is None:
+            try:
+                self.tp_rollout = TensorParallelRollout(
+                    module, size=self.cfg.generation.generation_tensor_parallel,
+                    device=input_ids.device, dtype=next(module.parameters()).dtype,
+                    fast_kwargs=fast_kwargs, seed=self.cfg.seed * 1009 + self.dist.rank)
+            except ValueError as e:
+                raise ConfigError(FLAG, str(e)) from None
+            self.generator = self.tp_rollout.fast
+            self.generator.profile = self.timer.enabled
+        self.tp_rollout.refresh(module, zero3=self.actor_zero3)
+        return self.tp_rollout.generate(input_ids, attention_mask)
 
     @torch.no_grad()
     def generate_experience(self, batch: dict) -> Rollout:
