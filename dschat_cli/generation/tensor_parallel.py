@@ -19,9 +19,9 @@ is gathered at a time, so the whole actor is never materialised on one GPU). The
 weights stay at the same addresses, so its CUDA graphs are recorded once, not per rollout.
 Generation never changes the trained weights.
 
-Ranks of a group sample with the same random numbers (one seed agreed at construction) and see
-bit-identical all-reduced activations, so they pick the same tokens; a checksum after every
-rollout stops the run (GenerationMismatch) if they ever do not.
+Ranks of a group sample with the same random numbers (a seed the group's first rank draws before
+each rollout) and see bit-identical all-reduced activations, so they pick the same tokens; a
+checksum after every rollout stops the run (GenerationMismatch) if they ever do not.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class TensorParallelRollout:
     """The sharded replica of the actor for one tensor-parallel group, and the fast engine that
     decodes on it. Every rank of the process group builds one (group creation is collective)."""
 
-    def __init__(self, model, *, size: int, device, dtype, fast_kwargs: dict, seed: int = 0):
+    def __init__(self, model, *, size: int, device, dtype, fast_kwargs: dict):
         import torch.distributed as dist
 
         from dschat_cli.models.loading import zero3_init_disabled
@@ -167,12 +167,9 @@ class TensorParallelRollout:
                 buf.copy_(src_buffers[name].to(device=device, dtype=buf.dtype))
         self.replica = replica
         self.device = torch.device(device)
-        # one sampling seed for the group: every rank must draw the same noise
-        s = torch.tensor([seed if self.rank == 0 else 0], dtype=torch.long,
-                         device=self.device if self.device.type == "cuda" else "cpu")
-        dist.broadcast(s, src=rank - self.rank, group=self.group)
+        self.leader = rank - self.rank  # the group's first rank (global number)
+        # the group's sampling noise: one generator, reseeded by the leader before each rollout
         self.rng = torch.Generator(device=self.device)
-        self.rng.manual_seed(int(s.item()))
         self.fast = FastGenerator(replica, rng=self.rng, **fast_kwargs)
 
     # weights -------------------------------------------------------------------------------------
@@ -229,6 +226,12 @@ class TensorParallelRollout:
         all_mask = [torch.empty_like(mask) for _ in range(self.size)]
         dist.all_gather(all_ids, ids, group=self.group)
         dist.all_gather(all_mask, mask, group=self.group)
+        # every rank must draw the same noise: the leader picks the seed from its own torch
+        # random state (saved in checkpoints, so a resumed run samples as an uninterrupted one)
+        seed = (torch.randint(0, 2 ** 62, (1,)) if self.rank == 0
+                else torch.zeros(1, dtype=torch.long)).to(dev)
+        dist.broadcast(seed, src=self.leader, group=self.group)
+        self.rng.manual_seed(int(seed.item()))
         out = self.fast.generate(torch.cat(all_ids), torch.cat(all_mask))
         self._check_agreement(out.seq)
         rows = slice(self.rank * b_max, self.rank * b_max + B)

@@ -220,7 +220,7 @@ class PPOTrainer:
                 self.tp_rollout = TensorParallelRollout(
                     module, size=self.cfg.generation.generation_tensor_parallel,
                     device=input_ids.device, dtype=next(module.parameters()).dtype,
-                    fast_kwargs=fast_kwargs, seed=self.cfg.seed * 1009 + self.dist.rank)
+                    fast_kwargs=fast_kwargs)
             except ValueError as e:
                 raise ConfigError(FLAG, str(e)) from None
             self.generator = self.tp_rollout.fast

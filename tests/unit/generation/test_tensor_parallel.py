@@ -55,7 +55,7 @@ def _worker(rank, world, port, model_dirs, results):
             model = AutoModelForCausalLM.from_pretrained(model_dir,
                                                          attn_implementation="sdpa").eval()
             tp = TensorParallelRollout(model, size=world, device="cpu", dtype=torch.float32,
-                                       fast_kwargs=_fast_kwargs(tok, sampled), seed=7 + rank)
+                                       fast_kwargs=_fast_kwargs(tok, sampled))
             tp.refresh(model, zero3=False)
             outs = []
             for _ in range(2):  # a second rollout reuses the replica and its buffers
