@@ -200,6 +200,10 @@ def plan_step(step: str, cfg, target: Target, *, archs: dict[str, Arch] | None =
     from dschat_cli.config.ds_config import resolve_dtype
 
     world = world_size_for(step, cfg, target)
+    if step == "ppo":  # a plan of a run the launcher would refuse is no plan
+        from dschat_cli.launch.checks import check_generation_tp
+
+        check_generation_tp(cfg, world)
     dtype = resolve_dtype(cfg.deepspeed.dtype, has_gpu=True, bf16_supported=target.bf16)
     configs = _plan_configs(step, cfg, world, dtype)
     try:

@@ -83,25 +83,12 @@ def two_ranks(tiny_opt, tiny_llama):
         return dirs, dict(results)
 
 
-def _forward_logprobs(model, seq, prompt_mask, eos):
-    from dschat_cli.rlhf.ppo import answer_logprobs
-
-    P = prompt_mask.shape[1]
-    answer = seq[:, P:]
-    is_eos = (answer == eos).long()
-    real = ((is_eos.cumsum(1) - is_eos) == 0).long()
-    att = torch.cat([prompt_mask, real], dim=1)
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        logits = model(input_ids=seq, attention_mask=att, position_ids=pos, use_cache=False).logits
-    return answer_logprobs(logits, seq, P), real
-
-
 @pytest.mark.parametrize("family", ["opt", "llama"])
 def test_two_ranks_greedy_equal_the_whole_model(family, two_ranks, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
     from dschat_cli.generation.fast import FastGenerator, logprob_gap
+    from tests.unit.generation.test_fast import _forward_logprobs
 
     dirs, results = two_ranks
     model = AutoModelForCausalLM.from_pretrained(dirs[family], attn_implementation="sdpa").eval()
@@ -113,7 +100,7 @@ def test_two_ranks_greedy_equal_the_whole_model(family, two_ranks, tiny_tokenize
             n = min(seq.shape[1], ref.seq.shape[1])  # the group may decode a few steps longer
             assert seq.shape[0] == ids.shape[0] and torch.equal(seq[:, :ids.shape[1]], ids)
             assert torch.equal(seq[:, :n], ref.seq[:, :n]), (rank, seq, ref.seq)
-            fwd, real = _forward_logprobs(model, seq, mask, tiny_tokenizer.eos_token_id)
+            fwd, real = _forward_logprobs(model, seq, mask)
             assert logprob_gap(lps, fwd, real)[1] < 1e-4
         # each rank holds half of every attention and MLP projection, the rest whole
         layers = model.config.num_hidden_layers
@@ -129,13 +116,14 @@ def test_two_ranks_sample_the_same_tokens_and_logprobs_match_the_forward(two_ran
     from transformers import AutoModelForCausalLM
 
     from dschat_cli.generation.fast import logprob_gap
+    from tests.unit.generation.test_fast import _forward_logprobs
 
     dirs, results = two_ranks
     model = AutoModelForCausalLM.from_pretrained(dirs["opt"], attn_implementation="sdpa").eval()
     for rank in (0, 1):
         (ids, mask, seq1, lp1), (_, _, seq2, _) = results[rank][("opt", True)][0]
         assert not torch.equal(seq1, seq2)  # fresh noise each rollout
-        fwd, real = _forward_logprobs(model, seq1, mask, tiny_tokenizer.eos_token_id)
+        fwd, real = _forward_logprobs(model, seq1, mask)
         assert logprob_gap(lp1, fwd, real)[1] < 1e-4
 
 

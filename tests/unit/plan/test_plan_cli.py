@@ -172,3 +172,19 @@ def test_pipeline_dry_run_estimates_step3_before_steps_1_and_2_exist(monkeypatch
     ppo_peak = doc["steps"][2]["peak_gib"]
     assert f"peak {ppo_peak:.1f} GiB per GPU" in peaks[0]
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
+
+
+def test_ppo_plan_counts_the_tensor_parallel_copy_and_refuses_what_the_launcher_would():
+    common = ("ppo", "--actor-model", "opt-13b", "--actor-random-init", "--critic-model",
+              "opt-350m", "--critic-random-init", "--actor-zero-stage", "3",
+              "--deployment-type", "single_node", "--num-gpus", "4", "--gpu-memory", "140",
+              "--json")
+    plain = json.loads(plan(*common).output)
+    tp = json.loads(plan(*common, "--generation-tensor-parallel", "4").output)
+    # no whole-actor gather at generation; a quarter-size copy of the layers stays allocated
+    assert tp["phases_gib"]["generation"] < plain["phases_gib"]["generation"]
+    copy = tp["phases_gib"]["critic step"] - plain["phases_gib"]["critic step"]
+    assert 6.0 < copy < 7.0, copy  # OPT-13B: 0.27B whole + 12.58B / 4 split, bf16 = 6.4 GiB
+    assert any("--generation-tensor-parallel 4" in n for n in tp["notes"])
+    r = plan(*common, "--generation-tensor-parallel", "3")
+    assert r.exit_code == 2 and "--generation-tensor-parallel" in r.output
