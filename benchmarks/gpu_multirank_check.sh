@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 8's multi-GPU checks beyond step 3's benchmark, on one multi-GPU host:
-#   bash benchmarks/gpu_multirank_check.sh OUT_DIR [GPUS]
+#   bash benchmarks/gpu_multirank_check.sh OUT_DIR [GPUS]      (from the repository root)
 # 1. all three steps through `dschat pipeline --demo` on GPUS GPUs (data parallel, actor ZeRO-3,
 #    reward/critic ZeRO-2): global batch = 16 x GPUS, one set of outputs and log lines (rank 0);
 # 2. one rank dies mid-training (rank 1 exits abruptly, as on a GPU fault): every rank stops, the
@@ -22,21 +22,10 @@ for d in actor-models reward-models step3-models; do
     [ -f "$f" ] && cp "$f" "$out/$d.$(basename "$f")"
   done
 done
-# rank 1 dies once rank 0 has logged a training step
-hook="$work/hook"; mkdir -p "$hook"
-cat > "$hook/sitecustomize.py" <<'PY'
-import os, threading, time
-cmdline = open("/proc/self/cmdline", "rb").read().replace(b"\0", b" ")
-if os.environ.get("RANK") == "1" and b"dschat_cli.worker" in cmdline:
-    target = os.environ["DSCHAT_DIE_WHEN"]
-    def _die():
-        while not os.path.exists(target):
-            time.sleep(0.05)
-        os._exit(3)
-    threading.Thread(target=_die, daemon=True).start()
-PY
+# rank 1 dies once rank 0 has logged a training step (tests/hooks/rank_dies explains the hook)
+hook="$PWD/tests/hooks/rank_dies"
 t0=$SECONDS
-DSCHAT_DIE_WHEN="$work/die/metrics.jsonl" PYTHONPATH="$hook:${PYTHONPATH:-}" \
+DSCHAT_TEST_DIE_WHEN="$work/die/metrics.jsonl" PYTHONPATH="$hook:${PYTHONPATH:-}" \
   timeout --kill-after=20 "${LIMIT_DIE:-300}" dschat sft --model "$work/demo/demo-base" --data-path local/jsonfile \
   --data-dir "$work/demo/demo-data" --data-split 10,0,0 --output-dir "$work/die" \
   --num-train-epochs 200 --per-device-train-batch-size 8 --max-seq-len 128 --zero-stage 3 \

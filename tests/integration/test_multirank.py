@@ -7,33 +7,19 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-# Runs at interpreter start in every process of the launch (PYTHONPATH). Only the worker of rank
-# 1 acts: once rank 0 has logged a training step (metrics.jsonl exists), it dies abruptly, as a
-# rank does on a GPU fault or an out-of-memory kill.
-SITECUSTOMIZE = r"""
-import os, threading, time
-cmdline = open("/proc/self/cmdline", "rb").read().replace(b"\0", b" ")  # argv: not set yet
-if os.environ.get("RANK") == "1" and b"dschat_cli.worker" in cmdline:
-    target = os.environ["DSCHAT_TEST_DIE_WHEN"]
-    def _die():
-        while not os.path.exists(target):
-            time.sleep(0.05)
-        os._exit(3)
-    threading.Thread(target=_die, daemon=True).start()
-"""
+# rank 1 dies once rank 0 has logged a training step (the hook explains itself)
+HOOK = Path(__file__).resolve().parents[1] / "hooks" / "rank_dies"
 
 
 @pytest.mark.slow
 def test_one_rank_dying_stops_all_ranks(tmp_path, tiny_opt, pairs_dir):
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
     out = tmp_path / "out"
     env = dict(os.environ, COLUMNS="200", DSCHAT_TEST_DIE_WHEN=str(out / "metrics.jsonl"),
-               PYTHONPATH=f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+               PYTHONPATH=f"{HOOK}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     args = ["sft", "--model", tiny_opt, "--data-path", "local/jsonfile", "--data-dir", pairs_dir,
             "--data-split", "10,0,0", "--output-dir", out, "--data-cache-dir", tmp_path / "cache",
             "--num-train-epochs", "50", "--per-device-train-batch-size", "8",
