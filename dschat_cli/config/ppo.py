@@ -108,8 +108,9 @@ class PPOGenerationOptions:
     generation_tensor_parallel: int = opt(
         1, "Split the actor N ways for generation: the N ranks of a group (consecutive ranks: one "
         "node's GPUs) decode their prompts together, each holding 1/N of the attention and MLP "
-        "weights, so a decode step reads 1/N of the model per GPU. Helps large actors (13B+); "
-        "fast engine, OPT and Llama-family actors without LoRA. 1: every rank generates alone.",
+        "weights, so a decode step reads 1/N of the model per GPU. Helps large actors (13B+) at "
+        "small batches; fast engine, OPT and Llama-family actors (LoRA adapters are merged into "
+        "the copy). 1: every rank generates alone.",
         min=1)
     print_answers: bool = opt(False, "Print a generated prompt and answer every "
                               "--print-answers-interval steps.")
@@ -225,9 +226,6 @@ class PPOConfig:
         if g.generation_tensor_parallel > 1:
             if g.generation_engine != "fast":
                 raise ConfigError("--generation-tensor-parallel", "needs --generation-engine fast")
-            if self.actor_lora.lora_dim > 0:
-                raise ConfigError("--generation-tensor-parallel", "does not split LoRA adapters: "
-                                  "use 1 with --actor-lora-dim")
         t = self.train
         per_rollout = t.per_device_generation_batch_size * t.generation_batches
         if per_rollout % t.per_device_training_batch_size:

@@ -112,11 +112,7 @@ class TensorParallelRollout:
 
         from dschat_cli.models.loading import zero3_init_disabled
 
-        base = _unwrap(model)
-        if base is not model and getattr(model, "peft_config", None):
-            raise ValueError("tensor-parallel generation does not split LoRA adapters; train "
-                             "without --actor-lora-dim or generate with "
-                             f"{FLAG} 1")
+        base = _unwrap(model)  # LoRA: the model with its adapter layers (merged at refresh)
         check_supported(base.config, size)
         world, rank = dist.get_world_size(), dist.get_rank()
         if world % size:
@@ -176,32 +172,60 @@ class TensorParallelRollout:
     @torch.no_grad()
     def refresh(self, model, *, zero3: bool, chunk_elements: int = 1 << 28) -> None:
         """Copy the trained weights of `model` (the actor; its parameters partitioned under
-        ZeRO-3) into the replica, this rank's slices only."""
-        dst = dict(self.replica.named_parameters())
-        src = [(n, p) for n, p in _unwrap(model).named_parameters() if n in dst]
+        ZeRO-3) into the replica, this rank's slices only. LoRA adapters are merged into the
+        copy (W + scale * B A); the trained weights themselves are left as they are."""
+        items = self._sources(_unwrap(model))
         chunks, cur, size = [], [], 0
-        for n, p in src:
-            numel = int(getattr(p, "ds_numel", p.numel()))
+        for item in items:
+            numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in item[1])
             if cur and size + numel > chunk_elements:
                 chunks.append(cur)
                 cur, size = [], 0
-            cur.append((n, p))
+            cur.append(item)
             size += numel
         if cur:
             chunks.append(cur)
+        dst = dict(self.replica.named_parameters())
         for chunk in chunks:
             ctx = contextlib.nullcontext()
             if zero3:
                 import deepspeed
 
-                ctx = deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=None)
+                ctx = deepspeed.zero.GatheredParameters([p for _, ps, _ in chunk for p in ps],
+                                                        modifier_rank=None)
             with ctx:
-                for n, p in chunk:
-                    where = self.slices.get(n)
-                    full = p.data
+                for name, params, lora in chunk:
+                    full = params[0].data
+                    if lora is not None:
+                        full = full + sum(lora.get_delta_weight(a).to(full.dtype)
+                                          for a in lora.active_adapters)
+                    where = self.slices.get(name)
                     part = full if where is None else full.narrow(
                         where[0], where[1].start, where[1].stop - where[1].start)
-                    dst[n].copy_(part)
+                    dst[name].copy_(part)
+
+    def _sources(self, src_model) -> list[tuple[str, list, object]]:
+        """(replica parameter, the trained parameters it is made of, the LoRA layer or None)."""
+        src = dict(src_model.named_parameters())
+        lora_layers = {n: m for n, m in src_model.named_modules()
+                       if hasattr(m, "base_layer") and hasattr(m, "get_delta_weight")}
+        items = []
+        for name, _ in self.replica.named_parameters():
+            if name in src:
+                items.append((name, [src[name]], None))
+                continue
+            prefix, _, leaf = name.rpartition(".")
+            layer = lora_layers.get(prefix)
+            if layer is None:
+                raise RuntimeError(f"tensor-parallel generation: no trained parameter for {name}")
+            base = getattr(layer.base_layer, leaf)
+            if leaf != "weight":
+                items.append((name, [base], None))
+                continue
+            adapters = [p for a in layer.active_adapters
+                        for p in (layer.lora_A[a].weight, layer.lora_B[a].weight)]
+            items.append((name, [base, *adapters], layer))
+        return items
 
     # generation ----------------------------------------------------------------------------------
     @torch.no_grad()

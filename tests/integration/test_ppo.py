@@ -370,17 +370,21 @@ def test_ppo_unsupervised_txt(tmp_path, actor_dir, reward_dir, pairs_dir, unsup_
 
 
 @pytest.mark.slow
-def test_ppo_launcher_two_workers_zero3_lora(tmp_path, actor_dir, reward_dir, pairs_dir,
-                                             run_dschat):
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_ppo_launcher_two_workers_zero3_lora(tensor_parallel, tmp_path, actor_dir, reward_dir,
+                                             pairs_dir, run_dschat):
     """The done-when command through deepspeed.launcher on 2 ranks: actor and critic ZeRO-3 with
     LoRA (merged when saving), the reference offloaded, EMA; answers kept short (ZeRO-3 + LoRA
-    generation is the slow part on CPU)."""
+    generation is the slow part on CPU). Also with tensor-parallel generation over the 2 ranks
+    (adapters merged into the sharded copy; every rollout's logprobs are checked against the
+    actor's own forward, so a wrong copy stops the run)."""
     actor, critic = actor_dir("opt"), reward_dir("opt")
     out, cache = tmp_path / "out", tmp_path / "data-cache"
     r = run_dschat(*ppo_args(actor, critic, out, cache, pairs_dir, actor_stage=3, critic_stage=3,
                              actor_lora=4, critic_lora=4, steps=2, gen_batch=2, train_batch=2,
                              extra=("--deployment-type", "single_node", "--num-gpus", "2",
-                                    "--offload-reference-model", "--enable-ema")),
+                                    "--offload-reference-model", "--enable-ema",
+                                    "--generation-tensor-parallel", str(tensor_parallel))),
                    timeout=300)
     assert r.code == 0, r.explain()
     assert "Traceback" not in r.output, r.explain()

@@ -35,12 +35,31 @@ def _fast_kwargs(tok, do_sample):
                 max_new_tokens=MAX_NEW, do_sample=do_sample, bucket=4)
 
 
-CASES = (("opt", False), ("llama", False), ("opt", True))  # (family, sampled)
+CASES = (("opt", False), ("llama", False), ("opt", True), ("llama", "lora"))  # (family, mode)
+
+
+def _load(model_dir, lora: bool):
+    """The tiny model; with `lora`, LoRA adapters (rank 4) with non-zero B (peft starts B at 0,
+    which would leave the merge untested), the same on every process."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    if lora:
+        from dschat_cli.config.sections import LoraOptions
+        from dschat_cli.models.loading import apply_lora
+
+        torch.manual_seed(5)
+        model = apply_lora(model, LoraOptions(lora_dim=4)).eval()
+        g = torch.Generator().manual_seed(6)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
 
 
 def _worker(rank, world, port, model_dirs, results):
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from dschat_cli.generation.tensor_parallel import TensorParallelRollout
 
@@ -49,13 +68,12 @@ def _worker(rank, world, port, model_dirs, results):
     torch.set_num_threads(1)
     try:
         found = {}
-        for family, sampled in CASES:
+        for family, mode in CASES:
             model_dir = model_dirs[family]
             tok = AutoTokenizer.from_pretrained(model_dir)
-            model = AutoModelForCausalLM.from_pretrained(model_dir,
-                                                         attn_implementation="sdpa").eval()
+            model = _load(model_dir, mode == "lora")
             tp = TensorParallelRollout(model, size=world, device="cpu", dtype=torch.float32,
-                                       fast_kwargs=_fast_kwargs(tok, sampled))
+                                       fast_kwargs=_fast_kwargs(tok, mode is True))
             tp.refresh(model, zero3=False)
             outs = []
             for _ in range(2):  # a second rollout reuses the replica and its buffers
@@ -63,7 +81,7 @@ def _worker(rank, world, port, model_dirs, results):
                 out = tp.generate(ids, mask)  # ranks drawing other tokens would raise here
                 outs.append((ids, mask, out.seq.clone(), out.logprobs.clone()))
             shard = sum(p.numel() for p in tp.replica.parameters())
-            found[(family, sampled)] = (outs, shard)
+            found[(family, mode)] = (outs, shard)
         results[rank] = found
     finally:
         dist.destroy_process_group()
@@ -83,18 +101,19 @@ def two_ranks(tiny_opt, tiny_llama):
         return dirs, dict(results)
 
 
-@pytest.mark.parametrize("family", ["opt", "llama"])
-def test_two_ranks_greedy_equal_the_whole_model(family, two_ranks, tiny_tokenizer):
-    from transformers import AutoModelForCausalLM
-
+@pytest.mark.parametrize("family,mode", [("opt", False), ("llama", False), ("llama", "lora")])
+def test_two_ranks_greedy_equal_the_whole_model(family, mode, two_ranks, tiny_tokenizer):
+    """Greedy tokens and logprobs of each rank's rows equal the whole model's for its prompts
+    (with LoRA: the unmerged model with its adapters, as the actor trains)."""
     from dschat_cli.generation.fast import FastGenerator, logprob_gap
     from tests.unit.generation.test_fast import _forward_logprobs
 
     dirs, results = two_ranks
-    model = AutoModelForCausalLM.from_pretrained(dirs[family], attn_implementation="sdpa").eval()
+    model = _load(dirs[family], mode == "lora")
     whole = FastGenerator(model, **_fast_kwargs(tiny_tokenizer, False))
+    base = model.get_base_model() if mode == "lora" else model
     for rank in (0, 1):
-        outs, shard = results[rank][(family, False)]
+        outs, shard = results[rank][(family, mode)]
         for ids, mask, seq, lps in outs:
             ref = whole.generate(ids, mask)
             n = min(seq.shape[1], ref.seq.shape[1])  # the group may decode a few steps longer
@@ -103,23 +122,22 @@ def test_two_ranks_greedy_equal_the_whole_model(family, two_ranks, tiny_tokenize
             fwd, real = _forward_logprobs(model, seq, mask)
             assert logprob_gap(lps, fwd, real)[1] < 1e-4
         # each rank holds half of every attention and MLP projection, the rest whole
-        layers = model.config.num_hidden_layers
-        split = sum(m.weight.numel() for name, m in model.named_modules()
-                    if name.rpartition(".")[2] in LAYOUTS[family].column + LAYOUTS[family].row)
-        whole_n = sum(p.numel() for p in model.parameters())
+        layers = base.config.num_hidden_layers
+        split = sum(m.weight.numel() for name, m in base.named_modules()
+                    if name.rpartition(".")[2] in LAYOUTS[family].column + LAYOUTS[family].row
+                    and hasattr(m, "weight"))
+        whole_n = sum(p.numel() for n, p in base.named_parameters() if "lora_" not in n)
         assert layers and shard < whole_n - split // 2 + split // 10, (shard, whole_n, split)
         assert shard >= whole_n - split // 2 - split // 10
 
 
 def test_two_ranks_sample_the_same_tokens_and_logprobs_match_the_forward(two_ranks,
                                                                          tiny_tokenizer):
-    from transformers import AutoModelForCausalLM
-
     from dschat_cli.generation.fast import logprob_gap
     from tests.unit.generation.test_fast import _forward_logprobs
 
     dirs, results = two_ranks
-    model = AutoModelForCausalLM.from_pretrained(dirs["opt"], attn_implementation="sdpa").eval()
+    model = _load(dirs["opt"], False)
     for rank in (0, 1):
         (ids, mask, seq1, lp1), (_, _, seq2, _) = results[rank][("opt", True)][0]
         assert not torch.equal(seq1, seq2)  # fresh noise each rollout
@@ -153,5 +171,4 @@ def test_ppo_options_refuse_what_cannot_split():
     with pytest.raises(ConfigError, match="--generation-engine fast"):
         dataclasses.replace(base, generation=dataclasses.replace(
             base.generation, generation_engine="hf")).check()
-    with pytest.raises(ConfigError, match="LoRA"):
-        dataclasses.replace(base, actor_lora=LoraOptions(lora_dim=8)).check()
+    dataclasses.replace(base, actor_lora=LoraOptions(lora_dim=8)).check()  # merged into the copy
