@@ -142,6 +142,18 @@ class HealthMonitor:
     max_answer_len: int | None = None
     history: list[dict] = field(default_factory=list)
 
+    @classmethod
+    def for_run(cls, step_name: str, opts, *, dtype: str, out: Path, is_main: bool,
+                last_checkpoint, state: dict | None, **rules) -> "HealthMonitor":
+        """The monitor of a training step: rank 0 writes OUT/train_summary.json when it stops a
+        run; a resumed run continues the checkpoint's streaks, baselines and anomalies (older
+        checkpoints have none: it starts afresh)."""
+        monitor = cls(step_name, opts, dtype=dtype, last_checkpoint=last_checkpoint,
+                      summary_path=Path(out) / "train_summary.json" if is_main else None, **rules)
+        if state is not None and "health" in state:
+            monitor.load_state_dict(state["health"])
+        return monitor
+
     def __post_init__(self) -> None:
         self._streaks: dict[str, _Streak] = {}
         self._baseline: list[float] = []

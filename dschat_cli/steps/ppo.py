@@ -487,9 +487,10 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
                                str(out / "tensorboard") if cfg.deepspeed.enable_tensorboard
                                else None, state)
     max_kl = resolve_max_kl(cfg.health.max_kl, cfg.ppo.kl_ctl, cfg.ppo.clip_reward_value)
-    health = HealthMonitor(
-        "ppo", cfg.health, dtype=models.dtype, summary_path=out / "train_summary.json"
-        if dist.is_main else None, last_checkpoint=ckpt.latest, max_kl=max_kl,
+    # streaks, baseline reward spread, best EMA reward, anomalies continue on resume
+    health = HealthMonitor.for_run(
+        "ppo", cfg.health, dtype=models.dtype, out=out, is_main=dist.is_main,
+        last_checkpoint=ckpt.latest, state=state, max_kl=max_kl,
         max_answer_len=cfg.generation.max_answer_seq_len,
         max_kl_note="" if cfg.health.max_kl is not None else
         "the default, 2 x --clip-reward-value / --kl-ctl",
@@ -497,9 +498,6 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
                   "actor gradient norm": "--actor-learning-rate",
                   "critic loss": "--critic-learning-rate",
                   "critic gradient norm": "--critic-learning-rate"})
-    # streaks, baseline reward spread, best EMA reward, anomalies (older checkpoints have none)
-    if state is not None and "health" in state:
-        health.load_state_dict(state["health"])
     console.print(
         f"[bold]ppo[/bold]: actor {count_params(models.actor.module) / 1e6:.1f}M, critic "
         f"{count_params(models.critic.module) / 1e6:.1f}M parameters; {len(train_prompts)} train / "

@@ -98,11 +98,8 @@ def run(cfg: RewardConfig, dist: Dist) -> dict:
     ckpt = CheckpointManager(cfg, dist, out)
     state, _ = ckpt.load({"model": engine})  # resuming: engine, RNG; the loop continues them
     metrics = ckpt.metrics_log(out / "metrics.jsonl" if dist.is_main else None, tb_dir, state)
-    health = HealthMonitor("reward", cfg.health, dtype=dtype,
-                           summary_path=out / "train_summary.json" if dist.is_main else None,
-                           last_checkpoint=ckpt.latest)
-    if state is not None and "health" in state:  # older checkpoints have none: start afresh
-        health.load_state_dict(state["health"])
+    health = HealthMonitor.for_run("reward", cfg.health, dtype=dtype, out=out,
+                                   is_main=dist.is_main, last_checkpoint=ckpt.latest, state=state)
     grad_norms = GradNorms(engine)
     console.print(f"[bold]reward[/bold] {escape(cfg.model.model)}: {n_params / 1e6:.1f}M parameters, "
                   f"{len(train_data)} train / {len(eval_data)} eval pairs, "

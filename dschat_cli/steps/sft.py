@@ -53,11 +53,8 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
     ckpt = CheckpointManager(cfg, dist, out)
     state, _ = ckpt.load({"model": engine})  # resuming: engine, RNG; the loop continues them
     metrics = ckpt.metrics_log(out / "metrics.jsonl" if dist.is_main else None, tb_dir, state)
-    health = HealthMonitor("sft", cfg.health, dtype=dtype,
-                           summary_path=out / "train_summary.json" if dist.is_main else None,
-                           last_checkpoint=ckpt.latest)
-    if state is not None and "health" in state:  # older checkpoints have none: start afresh
-        health.load_state_dict(state["health"])
+    health = HealthMonitor.for_run("sft", cfg.health, dtype=dtype, out=out,
+                                   is_main=dist.is_main, last_checkpoint=ckpt.latest, state=state)
     grad_norms = GradNorms(engine)
     flops_tok = flops_per_token(engine.module, n_params, cfg.data.max_seq_len,
                                 cfg.model.gradient_checkpointing)
