@@ -232,6 +232,9 @@ def secret_redactor(env: dict[str, str]) -> Callable[[bytes], bytes]:
 
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][A-Za-z0-9]|\r")
 _LAUNCHER_NOISE = re.compile(rb"^\[(?:\d{4}-\d\d-\d\d [\d:,]+\] \[)?(?:INFO|WARNING)\]")
+# What redraws a line: a carriage return, or a cursor move / erase (CSI ... A-H, J, K, f). Colours
+# and styles (CSI ... m) and cursor show/hide (CSI ? 25 h/l) draw nothing over earlier text.
+_REDRAW = re.compile(rb"\r|\x1b\[[0-9;]*[A-HJKf]")
 
 
 def run_launch(plan: LaunchPlan, *, log_path: str | Path | None = None,
@@ -250,25 +253,16 @@ def run_launch(plan: LaunchPlan, *, log_path: str | Path | None = None,
             pass
     proc = popen(plan.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                  start_new_session=False)
-    redact = secret_redactor(env)
     log = open(log_path, "ab") if log_path else None
-    pending = b""
+    stream = _LineStream(out, log, secret_redactor(env), verbose)
     try:
         assert proc.stdout is not None
         while True:
             chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
                 break
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                _emit(redact(line + b"\n"), out, log, verbose)
-            if pending and (b"\r" in pending or b"\x1b" in pending):  # live redraws: pass through
-                out.write(redact(pending))
-                out.flush()
-                pending = b""
-        if pending:
-            _emit(redact(pending), out, log, verbose)
+            stream.feed(chunk)
+        stream.close()
         return proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
@@ -282,13 +276,63 @@ def run_launch(plan: LaunchPlan, *, log_path: str | Path | None = None,
             log.close()
 
 
-def _emit(line: bytes, out, log, verbose: bool) -> None:
-    if log:
-        clean = _ANSI.sub(b"", line)
-        if clean.strip():
-            log.write(clean)
-            log.flush()
-    if not verbose and _LAUNCHER_NOISE.match(line):
-        return
-    out.write(line)
-    out.flush()
+class _LineStream:
+    r"""The launcher's output, read in chunks that end anywhere, to the terminal and the log.
+
+    Rich's live bar through the pipe (DSCHAT_FORCE_TERMINAL=1) is a line that does not end while
+    it runs: each refresh is "\r\x1b[2K" + the bar, no "\n"; a line printed meanwhile comes as
+    "\r\x1b[2K" + text + "\n" + the bar again; the last frame ends in "\n". Plain lines, coloured
+    or not, come split anywhere (unbuffered, a print writes its text and its "\n" apart). So an
+    unfinished line is drawn at once only if it redraws (_REDRAW), follows a line that did (the bar
+    under a printed line), or is already partly drawn; others wait for their "\n", to be filtered
+    and redacted whole. The terminal gets each byte once, in order; the log every finished line,
+    as a terminal leaves it (the text after its last "\r"), without escapes, redacted.
+    """
+
+    def __init__(self, out, log, redact: Callable[[bytes], bytes], verbose: bool):
+        self.out, self.log, self.redact, self.verbose = out, log, redact, verbose
+        self.line = b""  # the unfinished line, from its last carriage return on
+        self.shown = 0  # how many bytes of self.line the terminal already has
+        self.trimmed = False  # frames were cut off the front of self.line (so it redrew)
+        self.after_redraw = False  # the last finished line redrew
+
+    def feed(self, chunk: bytes) -> None:
+        buf, start = self.line + chunk, 0
+        while (end := buf.find(b"\n", start)) >= 0:
+            self._finish(buf[start:end + 1])
+            start = end + 1
+        self.line = buf[start:]
+        if self.line and (self.shown or self.after_redraw or _REDRAW.search(self.line)):
+            self._show(self.line[self.shown:])
+            self.shown = len(self.line)
+            # frames before the last carriage return are overwritten: keep only the current one
+            # (a bar refreshed for hours is one line). A final "\r" may be half of "\r\n": kept.
+            cut = self.line.rstrip(b"\r").rfind(b"\r") + 1
+            self.line, self.shown = self.line[cut:], self.shown - cut
+            self.trimmed = self.trimmed or cut > 0
+
+    def close(self) -> None:
+        """End of output: the unfinished line, if any, is a line too."""
+        if self.line:
+            self._finish(self.line)
+            self.line = b""
+
+    def _finish(self, line: bytes) -> None:
+        text = line.rstrip(b"\r\n")
+        self.after_redraw = self.trimmed or bool(_REDRAW.search(text))
+        self.trimmed = False
+        if self.log:
+            text = text.rsplit(b"\r", 1)[-1]
+            clean = self.redact(_ANSI.sub(b"", text))
+            if clean.strip():
+                self.log.write(clean + b"\n")
+                self.log.flush()
+        if self.shown:  # already partly on the terminal: the rest of it
+            self._show(line[self.shown:])
+        elif self.verbose or not _LAUNCHER_NOISE.match(line):
+            self._show(line)
+        self.shown = 0
+
+    def _show(self, data: bytes) -> None:
+        self.out.write(self.redact(data))
+        self.out.flush()

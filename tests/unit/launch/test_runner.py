@@ -1,6 +1,7 @@
 """Launch plans (argv for deepspeed.launcher) and output streaming, with an injected process."""
 
 import io
+import os
 import subprocess
 import sys
 
@@ -8,7 +9,8 @@ import pytest
 
 from dschat_cli.config.schema import ConfigError
 from dschat_cli.config.sections import LaunchOptions
-from dschat_cli.launch.runner import Hardware, parse_hostfile, plan_launch, run_launch
+from dschat_cli.launch.runner import (Hardware, LaunchPlan, parse_hostfile, plan_launch,
+                                      run_launch)
 
 GPU8 = Hardware(gpus=8, bf16=True, cpu_cores=64)
 CPU = Hardware(gpus=0, bf16=False, cpu_cores=2)
@@ -87,21 +89,99 @@ def test_in_process_launcher_is_single_rank_only():
 
 
 def test_run_launch_streams_logs_and_returns_exit_code(tmp_path):
+    """A real child through a real pipe. With PYTHONUNBUFFERED (set for the workers) a print writes
+    its text and its newline apart, so whether one read ends inside the coloured line depends on
+    timing (it used to lose that line from the log now and then); the output must not
+    (test_run_launch_any_chunking covers every split)."""
     script = ("import sys; print('[INFO] launcher noise'); print('\\x1b[1mrank0 line\\x1b[0m');"
               "sys.stderr.write('boom\\n'); sys.exit(3)")
 
     def popen(argv, **kw):
+        kw["env"]["PYTHONUNBUFFERED"] = "1"
         return subprocess.Popen([sys.executable, "-c", script], **kw)
-
-    from dschat_cli.launch.runner import LaunchPlan
 
     out = io.BytesIO()
     rc = run_launch(LaunchPlan(argv=["x"]), log_path=tmp_path / "log", popen=popen, out=out)
     assert rc == 3
-    shown = out.getvalue().decode()
-    assert "rank0 line" in shown and "boom" in shown and "launcher noise" not in shown
-    log = (tmp_path / "log").read_text()
-    assert "launcher noise" in log and "rank0 line" in log and "\x1b" not in log
+    assert out.getvalue() == b"\x1b[1mrank0 line\x1b[0m\nboom\n"
+    assert (tmp_path / "log").read_text() == "[INFO] launcher noise\nrank0 line\nboom\n"
+
+
+class _ChunkedProc:
+    """A launcher whose output comes in the given chunks, one per read. run_launch asks
+    stdout.fileno() before each os.read: that call puts the next chunk (or, after the last, the
+    end of output) in a real pipe, and records in `seen` what the terminal showed by then. The
+    pipe does not block: a read with nothing put in it fails rather than hangs."""
+
+    def __init__(self, chunks, out):
+        self.chunks, self.out, self.seen = list(chunks), out, []
+        self.stdout = self
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+
+    def fileno(self):
+        self.seen.append(self.out.getvalue())
+        if self.chunks:
+            os.write(self.w, self.chunks.pop(0))
+        elif self.w is not None:
+            os.close(self.w)
+            self.w = None
+        return self.r
+
+    def wait(self, timeout=None):
+        os.close(self.r)
+        return 7
+
+
+# Through the launcher's pipe: its noise, a coloured line split by an unbuffered print, rich's live
+# bar (hide cursor, frames "\r\x1b[2K" + bar, a line printed above it and the bar again, the last
+# frame ending in "\n", show cursor), a credential, a tqdm-style bar ("\r" + frame), a CRLF line
+# and a last line without "\n".
+BAR = b"\x1b[1msft\x1b[0m \x1b[32m%d/3\x1b[0m"
+RICH = (b"\r\x1b[2K" + BAR % 1 + b"\r\x1b[2K" + BAR % 2
+        + b"\r\x1b[2K\x1b[1mppo\x1b[0m: eval loss 1.5\n" + BAR % 2 + b"\r\x1b[2K" + BAR % 3 + b"\n")
+TQDM = b"\r 50%|##   | 1/2\r100%|#####| 2/2\n"
+STREAM = (b"[INFO] launcher noise\n"
+          b"\x1b[1mppo\x1b[0m: step 1 reward 0.5\n"
+          b"\x1b[?25l" + RICH + b"\x1b[?25hsaved\n"
+          b"download token hf_abcdefgh1234\n" + TQDM + b"crlf line\r\n"
+          b"\x1b[32mdone\x1b[0m")
+LOG = ["[INFO] launcher noise", "ppo: step 1 reward 0.5", "ppo: eval loss 1.5", "sft 3/3",
+       "saved", "download token ***", "100%|#####| 2/2", "crlf line", "done"]
+
+
+def shown(stream: bytes) -> bytes:
+    return stream.replace(b"[INFO] launcher noise\n", b"").replace(b"hf_abcdefgh1234", b"***")
+
+
+LIVE = [(STREAM.index(bar), STREAM.index(bar) + len(bar) - 1) for bar in (RICH, TQDM)]
+
+
+def _splits():
+    yield [STREAM[i:i + 1] for i in range(len(STREAM))]
+    for k in range(1, len(STREAM)):
+        yield [STREAM[:k], STREAM[k:]]
+
+
+@pytest.mark.parametrize("chunks", list(_splits()), ids=lambda c: f"{len(c[0])}:{len(c)}")
+def test_run_launch_any_chunking(tmp_path, monkeypatch, chunks):
+    """However the reads cut the output: every finished line is in the log whole (the text a
+    terminal is left with, no escapes, redacted), the terminal gets every byte once and in order
+    (less the launcher noise, credentials redacted), and what a live bar has drawn so far is on
+    the terminal before the next read."""
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh1234")
+    out = io.BytesIO()
+    proc = _ChunkedProc(chunks, out)
+    rc = run_launch(LaunchPlan(argv=["x"]), log_path=tmp_path / "log", popen=lambda *a, **k: proc,
+                    out=out)
+    assert rc == 7
+    assert (tmp_path / "log").read_text().splitlines() == LOG
+    assert out.getvalue() == shown(STREAM)
+    read = 0
+    for i, chunk in enumerate(chunks[:-1]):
+        read += len(chunk)
+        if any(start < read <= end for start, end in LIVE):
+            assert proc.seen[i + 1] == shown(STREAM[:read])
 
 
 def test_detect_hardware_asks_nvidia_smi_not_torch(tmp_path, monkeypatch):
