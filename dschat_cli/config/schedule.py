@@ -29,24 +29,29 @@ def optimizer_steps(n_batches: int, optim) -> int:
 
 @dataclass(frozen=True)
 class PPOSchedule:
-    ppo_steps: int  # generation batches in the run: one "PPO step" each
-    mini_batches: int  # PPO mini-batches per generation batch on each rank
+    ppo_steps: int  # generation batches (rollouts) in the run: one "PPO step" each
+    mini_batches: int  # mini-batches per pooled experience (--generation-batches rollouts)
     updates: int  # actor (and critic) forward/backward passes in the run
     optimizer_steps: int  # the critic's (and the actor's PPO loss) optimizer steps
     actor_steps: int  # the actor's steps: twice as many with an unsupervised loss
 
 
 def ppo_schedule(n_batches: int, train, unsupervised: bool) -> PPOSchedule:
-    """Step 3 over `n_batches` prompt batches per epoch (`train`: PPOConfig.train): every
-    generation batch is one PPO step; after --generation-batches of them the collected experience
-    is trained on --ppo-epochs times in mini-batches of --per-device-training-batch-size."""
+    """Step 3 over `n_batches` prompt batches per epoch (`train`: PPOConfig.train), as the loop in
+    steps/ppo.py runs it: every generation batch is one PPO step; the experience of
+    --generation-batches of them is pooled (the run's last pool may hold fewer) and trained on
+    --ppo-epochs times, cut in order into mini-batches of --per-device-training-batch-size rows
+    (the last one shorter if the rows do not divide). DeepSpeed steps the optimizer (and the LR
+    scheduler) once per --gradient-accumulation-steps mini-batches, counted over the whole run."""
     t = train
     ppo_steps = n_batches * t.num_train_epochs
     if t.test_stop_step:
         ppo_steps = min(ppo_steps, t.test_stop_step)
-    mini_batches = t.per_device_generation_batch_size // t.per_device_training_batch_size
-    updates = math.ceil(ppo_steps / t.generation_batches) * t.generation_batches * t.ppo_epochs \
-        * mini_batches
+    full_pools, rest = divmod(ppo_steps, t.generation_batches)
+    rows = t.per_device_generation_batch_size
+    per_pool = math.ceil(rows * t.generation_batches / t.per_device_training_batch_size)
+    last_pool = math.ceil(rows * rest / t.per_device_training_batch_size)
+    updates = (full_pools * per_pool + last_pool) * t.ppo_epochs
     steps = max(1, updates // t.gradient_accumulation_steps)
-    return PPOSchedule(ppo_steps=ppo_steps, mini_batches=mini_batches, updates=updates,
+    return PPOSchedule(ppo_steps=ppo_steps, mini_batches=per_pool, updates=updates,
                        optimizer_steps=steps, actor_steps=steps * (2 if unsupervised else 1))

@@ -52,3 +52,97 @@ def rollout_context(module, *, zero3: bool):
             yield
     finally:
         module.train(was_training)
+
+
+class RolloutGenerator:
+    """# 1. generate: answers for a batch of left-padded prompts from the actor engine, with the
+    engine --generation-engine chooses.
+
+        gen = RolloutGenerator(cfg.generation, tokenizer, max_prompt_len=..., zero3=..., world_size=...)
+        out = gen.generate(actor_engine.module, prompts, prompt_mask)   # Generated(seq, logprobs)
+
+    fast: dschat's engine (generation/fast.py), built at the first rollout, returning the sampled
+    tokens' logprobs too; with --generation-tensor-parallel N the ranks of a group decode together
+    on a sharded copy of the actor refreshed before every rollout (generation/tensor_parallel.py).
+    hf: transformers' generate (no logprobs). Under actor ZeRO-3 the parameters are gathered once
+    per rollout, not once per token.
+    """
+
+    def __init__(self, options, tokenizer, *, max_prompt_len: int, zero3: bool, world_size: int):
+        self.opts = options  # config/ppo.PPOGenerationOptions
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+        self.max_prompt_len = max_prompt_len
+        self.zero3 = zero3
+        self.world_size = world_size
+        self.ignore_eos = False  # benchmarks: answers of exactly --max-answer-seq-len tokens
+        self.profile = False  # split the fast engine's time into prefill and decode
+        self.engine = None  # the FastGenerator, once built (None with the hf engine)
+        self.tensor_parallel = None  # the TensorParallelRollout with --generation-tensor-parallel
+
+    def generate(self, module, input_ids, attention_mask):
+        """(B, P) left-padded prompts -> Generated(seq (B, P + A), logprobs (B, A) or None)."""
+        import torch
+
+        with torch.no_grad():
+            if self.opts.generation_engine == "fast":
+                return self._fast(module, input_ids, attention_mask)
+            return self._hf(module, input_ids, attention_mask)
+
+    def _fast_kwargs(self) -> dict:
+        g = self.opts
+        return dict(eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                    max_new_tokens=g.max_answer_seq_len, do_sample=g.do_sample,
+                    temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
+                    ignore_eos=self.ignore_eos, max_prompt_len=self.max_prompt_len)
+
+    def _fast(self, module, input_ids, attention_mask):
+        from dschat_cli.generation.fast import FastGenerator
+
+        if self.opts.generation_tensor_parallel > 1:
+            return self._tensor_parallel(module, input_ids, attention_mask)
+        if self.engine is None:
+            self.engine = FastGenerator(module, **self._fast_kwargs())
+            self.engine.profile = self.profile
+        with rollout_context(module, zero3=self.zero3):
+            return self.engine.generate(input_ids, attention_mask)
+
+    def _tensor_parallel(self, module, input_ids, attention_mask):
+        from dschat_cli.config.schema import ConfigError
+        from dschat_cli.generation.tensor_parallel import FLAG, TensorParallelRollout
+
+        if self.tensor_parallel is None:
+            try:
+                self.tensor_parallel = TensorParallelRollout(
+                    module, size=self.opts.generation_tensor_parallel, device=input_ids.device,
+                    dtype=next(module.parameters()).dtype, fast_kwargs=self._fast_kwargs())
+            except ValueError as e:
+                raise ConfigError(FLAG, str(e)) from None
+            self.engine = self.tensor_parallel.fast
+            self.engine.profile = self.profile
+        self.tensor_parallel.refresh(module, zero3=self.zero3)
+        return self.tensor_parallel.generate(input_ids, attention_mask)
+
+    def _hf(self, module, input_ids, attention_mask):
+        import deepspeed
+
+        from dschat_cli.generation.fast import Generated
+
+        g = self.opts
+        kwargs = dict(max_new_tokens=g.max_answer_seq_len, do_sample=g.do_sample,
+                      pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+                      use_cache=True)
+        if self.ignore_eos:
+            kwargs["min_new_tokens"] = g.max_answer_seq_len
+        if g.do_sample:
+            kwargs.update(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k or None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self.zero3 and self.world_size > 1:
+            kwargs["synced_gpus"] = True  # ranks may stop at different lengths
+        gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+                  if self.zero3 else contextlib.nullcontext())
+        module.eval()
+        with gather:
+            seq = module.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return Generated(seq=seq, logprobs=None)

@@ -86,6 +86,8 @@ class PPOStats(NamedTuple):
     approx_kl:       masked mean of 0.5 * (logprob - old_logprob)^2 (new vs rollout policy).
     advantage_mean:  masked mean of the advantages.
     return_mean:     masked mean of the returns.
+    minibatches:     mini-batches trained on in this update (0: every one had no real answer
+                     token, the losses are nan as none was computed).
     """
 
     actor_loss: float
@@ -99,6 +101,7 @@ class PPOStats(NamedTuple):
     approx_kl: float
     advantage_mean: float
     return_mean: float
+    minibatches: int = 0
 
 
 # ---------------------------------------------------------------------------------------------

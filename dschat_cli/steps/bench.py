@@ -161,7 +161,8 @@ def _random_prompts(batch: int, length: int, tokenizer, device, generator) -> di
 
 
 def _bench_ppo(cfg: BenchConfig, dist: Dist) -> dict:
-    from dschat_cli.steps.ppo import PPOModels, PPOTrainer
+    from dschat_cli.steps.rl.engines import PPOModels
+    from dschat_cli.steps.rl.trainer import PPOTrainer
 
     ppo_cfg = bench_ppo_config(cfg)
     total = cfg.warmup + cfg.steps
@@ -182,9 +183,9 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist) -> dict:
         ecfg = dataclasses.replace(ppo_cfg, generation=dataclasses.replace(
             g, generation_engine=engine,
             old_logprobs=g.old_logprobs if engine == "fast" else "forward"))
-        trainer = PPOTrainer(models, ecfg, dist)
-        trainer.ignore_eos = True  # answers of exactly --answer-len tokens
-        trainer.timer = PhaseTimer(enabled=True)
+        trainer = PPOTrainer(models, ecfg, dist, timer=PhaseTimer(enabled=True))
+        rollouts = trainer.maker.generator
+        rollouts.ignore_eos = True  # answers of exactly --answer-len tokens
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         step_s, decode_s, decode_steps = [], 0.0, 0
@@ -200,15 +201,15 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist) -> dict:
             _sync(on_gpu)
             if i >= cfg.warmup:
                 step_s.append(time.perf_counter() - t0)
-                if trainer.generator is not None:
-                    decode_s += trainer.generator.last_timings.get("decode_s", 0.0)
-                    decode_steps += trainer.generator.last_timings.get("decode_steps", 0)
+                if rollouts.engine is not None:
+                    decode_s += rollouts.engine.last_timings.get("decode_s", 0.0)
+                    decode_steps += rollouts.engine.last_timings.get("decode_steps", 0)
             console.print(f"[dim]{engine} step {i + 1}/{total}"
                           f"{' (warm-up)' if i < cfg.warmup else ''}: "
                           f"{time.perf_counter() - t0:.2f} s[/dim]")
         n = len(step_s)
         phases = {k: v / n for k, v in trainer.timer.seconds.items()}
-        tp = trainer.tp_rollout
+        tp = rollouts.tensor_parallel
         e_floors = floors if tp is None else ppo_floors(
             actor, critic, batch=cfg.batch_size, prompt=cfg.prompt_len, answer=cfg.answer_len,
             bytes_per_param=dtype.itemsize, ceilings=ceilings,
@@ -239,13 +240,13 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist) -> dict:
                            "floor_seconds": e_floors[k][2] if k in e_floors else None}
                        for k, v in phases.items()},
             "other_seconds": step - sum(phases.values()),
-            "logprob_gap": trainer.last_parity[0] if trainer.last_parity else None,
+            "logprob_gap": trainer.maker.last_parity[0] if trainer.maker.last_parity else None,
             "peak_memory_gib": _peak_gib(dist, on_gpu),
-            "graph_captures": trainer.generator.captures if trainer.generator else None,
+            "graph_captures": rollouts.engine.captures if rollouts.engine else None,
             "generation_tensor_parallel": tp.size if tp is not None else 1,
         }
-        if trainer.generator is not None:
-            trainer.generator.release()
+        if rollouts.engine is not None:
+            rollouts.engine.release()
         del trainer
     return {"step": "ppo", "device": _device_name(dist), "world_size": dist.world_size,
             "dtype": models.dtype, "actor": cfg.actor, "critic": cfg.critic,

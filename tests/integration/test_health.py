@@ -206,9 +206,9 @@ def ppo_args(actor: Path, critic: Path, out: Path, cache: Path, data_dir: Path, 
 
 def test_ppo_nan_stops_the_run_without_saving(monkeypatch, tmp_path, tiny_opt, reward_opt,
                                               pairs_dir, invoke_dschat):
-    import dschat_cli.steps.ppo as ppo
+    import dschat_cli.steps.rl.engines as engines
 
-    inject_nan(monkeypatch, ppo, at=TRAIN_BATCH + 1)  # the first actor forward of PPO step 2
+    inject_nan(monkeypatch, engines, at=TRAIN_BATCH + 1)  # the first actor forward of PPO step 2
     out = tmp_path / "out"
     r = invoke_dschat(*ppo_args(tiny_opt, reward_opt, out, tmp_path / "cache", pairs_dir,
                                 "--test-stop-step", "4"))

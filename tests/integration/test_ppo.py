@@ -480,3 +480,106 @@ def test_ppo_bad_input(case, tmp_path, actor_dir, reward_dir, other_tokenizer_re
     if case == "critic-other-tokenizer":
         assert "different tokenizer" in r.output and str(other_tokenizer_reward) in r.output
 
+
+
+# --- experience pooled over rollouts, mini-batches, schedule ---------------------------------------
+
+def test_minibatches_span_rollouts_one_step_each_and_the_plan_agrees(tmp_path, actor_dir,
+                                                                     reward_dir, pairs_dir,
+                                                                     invoke_dschat):
+    """Generation batch 4 x --generation-batches 2 with a training batch of 8: the experience of
+    two rollouts is pooled, then cut into one mini-batch of 8 (as DeepSpeed-Chat does). 4 PPO
+    steps = 2 updates = 2 optimizer steps, which the cosine schedule (no warm-up) is sized for:
+    the LR after the last one is its minimum, 0. `dschat plan ppo` says 2 as well."""
+    actor, critic = actor_dir("opt"), reward_dir("opt")
+    out, cache = tmp_path / "out", tmp_path / "data-cache"
+    args = ppo_args(actor, critic, out, cache, pairs_dir, actor_stage=0, critic_stage=0,
+                    steps=4, gen_batch=4, train_batch=8,
+                    extra=("--generation-batches", "2", "--lr-scheduler-type", "cosine",
+                           "--launcher", "none"))
+    r = invoke_dschat(*args)
+    assert r.code == 0, r.explain()
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [2, 4], rows  # one row per update
+    summary = json.loads((out / "train_summary.json").read_text())
+    steps = summary["optimizer_steps"]
+    assert steps["actor"] == steps["critic"] == steps["planned_actor"] == 2, steps
+    # cosine over 2 steps: 1e-4 * 0.5 * (1 + cos(pi * 1 / 2)) = 5e-5 after the first, 0 after the
+    # second (an LR schedule sized for another step count ends elsewhere)
+    assert rows[0]["lr_actor"] == pytest.approx(5e-5, rel=1e-6), rows
+    assert rows[-1]["lr_actor"] == pytest.approx(0.0, abs=1e-12), rows
+
+    from typer.testing import CliRunner
+
+    from dschat_cli.cli.app import app
+
+    plan_args = [str(a) for a in args[1:] if str(a) not in ("--launcher", "none")]
+    plan = CliRunner().invoke(app, ["plan", "ppo", *plan_args, "--gpu-memory", "80", "--json"],
+                              terminal_width=200)
+    assert plan.exit_code == 0, plan.output
+    lines = {x["what"]: x["value"] for x in json.loads(plan.output)["schedule"]}
+    assert lines["optimizer steps"] == "actor 2, critic 2", lines
+
+
+def test_minibatch_with_no_real_answer_takes_no_step(tmp_path, actor_dir, reward_dir, pairs_dir,
+                                                     invoke_dschat, monkeypatch):
+    """Every answer is eos at once (<= 1 token: dropped, its action mask all zero): no mini-batch
+    has anything to learn from, so no backward and no optimizer or LR-scheduler step is taken
+    (the LR stays at its peak), and the summary says how many mini-batches were skipped."""
+    from dschat_cli.generation.fast import FastGenerator, Generated
+
+    real_generate = FastGenerator.generate
+
+    def eos_first(self, input_ids, attention_mask):
+        out = real_generate(self, input_ids, attention_mask)
+        seq = out.seq.clone()
+        seq[:, input_ids.shape[1]:] = self.eos
+        return Generated(seq, None)  # no engine logprobs: the actor's forward gives them
+
+    monkeypatch.setattr(FastGenerator, "generate", eos_first)
+    out, cache = tmp_path / "out", tmp_path / "data-cache"
+    r = invoke_dschat(*ppo_args(actor_dir("opt"), reward_dir("opt"), out, cache, pairs_dir,
+                                actor_stage=0, critic_stage=0, steps=2,
+                                extra=("--launcher", "none", "--lr-scheduler-type", "cosine")))
+    assert r.code == 0, r.explain()
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert len(rows) == 2 and all(row["answer_length"] == 0 for row in rows), rows
+    assert all(row["lr_actor"] == pytest.approx(1e-4) for row in rows), rows
+    steps = json.loads((out / "train_summary.json").read_text())["optimizer_steps"]
+    assert steps["actor"] == 0 and steps["critic"] == 0, steps
+    assert steps["skipped_minibatches"] == 2 * GEN_BATCH // TRAIN_BATCH, steps
+    assert "mini-batch(es) with no real answer token skipped" in r.output
+
+
+def test_python_api_refuses_a_reward_model_with_another_tokenizer(tmp_path, actor_dir,
+                                                                   reward_dir,
+                                                                   other_tokenizer_reward,
+                                                                   pairs_dir):
+    """PPOModels.build (the Python API custom loops and `dschat bench` use) checks a separate
+    --reward-model's tokenizer against the actor's, not only the critic's: step 3 feeds the
+    actor's token ids to the reward model."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from dschat_cli.config.ppo import PPOConfig
+from dschat_cli.config.schema import ConfigError, from_flags
+from dschat_cli.dist import Dist
+from dschat_cli.steps.ppo import PPOModels
+cfg = from_flags(PPOConfig, actor_model={str(actor_dir("opt"))!r},
+                 critic_model={str(reward_dir("opt"))!r},
+                 reward_model={str(other_tokenizer_reward)!r}, output_dir={str(tmp_path)!r})
+try:
+    PPOModels.build(cfg, Dist.init(), 1, 1)
+except ConfigError as e:
+    print("ConfigError", e.where, e.message)
+    sys.exit(0)
+print("built")
+"""
+    env = {**__import__("os").environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29733", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=env, stdin=subprocess.DEVNULL)
+    assert "ConfigError --reward-model" in proc.stdout, proc.stdout + proc.stderr
+    assert "different tokenizer" in proc.stdout

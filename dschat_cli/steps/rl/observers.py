@@ -1,0 +1,162 @@
+"""What watches the step-3 loop. After every update the loop builds one Update record and hands it
+to each observer in turn; none of them changes what is trained.
+
+    MetricsRecorder  the metrics row (metrics.jsonl, TensorBoard, the summary's history)
+    HealthWatch      the health monitor (may stop the run: before any save of this update)
+    ProgressView     the progress bar's live figures, and sample answers with --print-answers
+    Checkpointer     a checkpoint when --save-interval says so
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from dschat_cli.dist import Dist
+from dschat_cli.rlhf.ppo import PPOStats, Rollout
+from dschat_cli.steps.rl.state import RunState
+from dschat_cli.ui.progress import fmt_metrics
+
+
+@dataclass
+class Update:
+    """One update of the loop: the experience of --generation-batches rollouts, trained on."""
+    state: RunState  # already counts this update's rollouts
+    stats: PPOStats
+    experience: Rollout  # this rank's pooled experience
+    rollouts: int  # rollouts pooled
+    seconds: float  # wall seconds since the previous update: rollouts, scoring and training
+    generation_s: float  # of which generating
+    reward_spread: float  # std of the kept answers' scores over all ranks
+    grad_norms: dict[str, list[float]] = field(default_factory=dict)  # each optimizer step's
+    row: dict = field(default_factory=dict)  # the metrics row (MetricsRecorder fills it)
+
+
+def reward_spread(experience: Rollout, dist: Dist) -> float:
+    """Standard deviation of the kept answers' reward scores over all ranks (nan with < 2)."""
+    scores = experience.scores[experience.action_mask.sum(1) > 0].double()
+    n = dist.all_reduce_sum(float(len(scores)))
+    total = dist.all_reduce_sum(float(scores.sum()))
+    squares = dist.all_reduce_sum(float((scores ** 2).sum()))
+    if n < 2:
+        return float("nan")
+    return math.sqrt(max(squares - total * total / n, 0.0) / (n - 1))
+
+
+class MetricsRecorder:
+    def __init__(self, metrics, *, dist: Dist, models, learner, maker):
+        self.metrics = metrics  # ui/metrics.MetricsLog (None off rank 0 is fine: it no-ops)
+        self.dist = dist
+        self.models = models
+        self.learner = learner
+        self.maker = maker
+
+    def after_update(self, u: Update) -> None:
+        s = u.state
+        samples = u.experience.seq.shape[0] * self.dist.world_size
+        tokens = samples * u.experience.seq.shape[1]  # padded, as DeepSpeed-Chat counts
+        row = dict(epoch=s.epoch, **u.stats._asdict(),
+                   ema_reward=float("nan") if s.ema_reward is None else s.ema_reward,
+                   reward_std=u.reward_spread, seconds=u.seconds,
+                   generation_share=u.generation_s / u.seconds,
+                   samples_per_s=samples / u.seconds, tokens_per_s=tokens / u.seconds,
+                   lr_actor=self.models.actor.get_lr()[0],
+                   **{f"{k}_grad_norm": g.reported for k, g in self.learner.grad_norms.items()
+                      if g.reported is not None})
+        if self.maker.last_parity is not None:  # fast engine vs forward, last check
+            row["logprob_gap"] = self.maker.last_parity[0]
+        if self.learner.skipped_minibatches:
+            row["skipped_minibatches"] = self.learner.skipped_minibatches
+        u.row.update(row)
+        s.history.append({"step": s.step, **row})
+        self.metrics.log(s.step, **row)
+
+
+class HealthWatch:
+    def __init__(self, health, *, unsupervised: bool, printer, metrics):
+        self.health = health  # steps/health.HealthMonitor
+        self.unsupervised = unsupervised
+        self.printer = printer
+        self.metrics = metrics
+
+    def after_update(self, u: Update) -> None:
+        st = u.stats
+        losses = {}
+        if st.minibatches:  # none computed when every mini-batch was skipped
+            losses = {"actor loss": st.actor_loss, "critic loss": st.critic_loss}
+            if self.unsupervised:
+                losses["unsupervised loss"] = st.unsup_loss
+        self.health.act(self.health.check(
+            u.state.step, losses=losses,
+            grad_norms={f"{k} gradient norm": v for k, v in u.grad_norms.items()},
+            kl=st.kl, answer_length=st.answer_length, ema_reward=u.state.ema_reward,
+            reward_spread=u.reward_spread), metrics=self.metrics, printer=self.printer)
+
+
+class ProgressView:
+    def __init__(self, progress, task, *, tokenizer, print_answers: bool, interval: int):
+        self.progress = progress
+        self.task = task
+        self.tokenizer = tokenizer
+        self.print_answers = print_answers
+        self.interval = interval
+
+    def after_rollout(self, state: RunState, rollout: Rollout) -> None:
+        if self.print_answers and state.step % self.interval == 0:
+            print_answer(self.progress.console, self.tokenizer, rollout)
+
+    def after_update(self, u: Update) -> None:
+        st, row = u.stats, u.row
+        self.progress.update(self.task, completed=u.state.step, metrics=fmt_metrics(
+            reward=st.reward, ema=row["ema_reward"], kl=st.kl, actor=st.actor_loss,
+            critic=st.critic_loss, clip=st.clipfrac, answer_length=st.answer_length,
+            **{"gen": f"{row['generation_share']:.0%}",
+               "samples/s": f"{row['samples_per_s']:.1f}", "s/step": f"{u.seconds:.2f}"}))
+
+
+class Checkpointer:
+    def __init__(self, ckpt, engines: dict, *, ema=None, extras=None):
+        self.ckpt = ckpt  # steps/checkpoint.CheckpointManager
+        self.engines = engines
+        self.ema = ema
+        self.extras = extras or (lambda: {})  # what else the state record needs at save time
+
+    def record(self, state: RunState) -> dict:
+        return {**state.to_dict(), **self.extras()}
+
+    def after_update(self, u: Update) -> None:
+        if self.ckpt.due(u.state.step, self.engines):  # the buffer is empty: an update boundary
+            self.save(u.state)
+
+    def save(self, state: RunState) -> None:
+        self.ckpt.save(state.step, self.engines, self.record(state),
+                       tensors=self.ema.tensors if self.ema is not None else None)
+
+    def save_final(self, state: RunState) -> None:
+        self.ckpt.save_final(state.step, self.engines, self.record(state),
+                             tensors=self.ema.tensors if self.ema is not None else None)
+
+
+def print_answer(printer, tokenizer, rollout: Rollout) -> None:
+    from rich.text import Text
+
+    P = rollout.prompts.shape[1]
+    prompt = tokenizer.decode(rollout.seq[0, :P][rollout.attention_mask[0, :P].bool()],
+                              skip_special_tokens=True)
+    answer = tokenizer.decode(rollout.seq[0, P:][rollout.attention_mask[0, P:].bool()],
+                              skip_special_tokens=True)
+    printer.print(Text(f"prompt: {prompt.strip()}\nanswer: {answer.strip()}  "
+                       f"(reward {float(rollout.scores[0]):.3f})"))
+
+
+class Clock:
+    """Wall time between updates (the e2e figure of DeepSpeed-Chat's throughput line)."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
