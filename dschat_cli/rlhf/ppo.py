@@ -36,7 +36,9 @@ class Rollout(NamedTuple):
     prompts:        (B, P) long, the prompt ids, left-padded.
     seq:            (B, P + A) long, prompts followed by the generated answers.
     attention_mask: (B, P + A) 0/1, 1 on real tokens (prompt and answer).
-    action_mask:    (B, A) 0/1, 1 on answer tokens that are real; attention_mask[:, P:].
+    action_mask:    (B, A) 0/1, 1 on the answer tokens that count: attention_mask[:, P:] (the
+                    generated tokens up to and including eos), except that an answer of <= 1
+                    real token is dropped (its row is all 0 here; its attention mask keeps it).
     logprobs:       (B, A) float32, log pi_actor(answer token k | state) at generation time.
     ref_logprobs:   (B, A) float32, the same under the frozen reference (SFT) model.
     values:         (B, A) float32, critic value of the state before each answer token.
@@ -73,14 +75,16 @@ class Rollout(NamedTuple):
 
 
 class PPOStats(NamedTuple):
-    """What one PPO micro-step reports (python floats, for logging).
+    """What one update reports (python floats, for logging): losses and fractions are means over
+    its mini-batches, the rest is over its pooled experience, all averaged over ranks.
 
     actor_loss:      clipped-surrogate policy loss.
     critic_loss:     clipped value loss (already times 0.5).
     unsup_loss:      unsupervised LM loss mixed into the actor (0.0 when not mixing).
-    reward:          mean reward-model score of the batch (unclipped).
-    kl:              mean over rows of sum over real answer tokens of (logprob - ref_logprob).
-    answer_length:   mean number of real answer tokens per row.
+    reward:          mean reward-model score (unclipped) of the answers kept (dropped ones, of
+                     <= 1 token, do not count); nan when none was kept.
+    kl:              mean over rows of sum over action_mask tokens of (logprob - ref_logprob).
+    answer_length:   mean number of action_mask tokens per row (a dropped answer counts 0).
     clipfrac:        fraction of real tokens where the policy ratio clip is active.
     value_clipfrac:  fraction of real tokens where the value clip is active.
     approx_kl:       masked mean of 0.5 * (logprob - old_logprob)^2 (new vs rollout policy).
