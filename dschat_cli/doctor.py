@@ -317,26 +317,15 @@ def check_disk(dirs: dict[str, str]) -> list[Check]:
 
 # -------------------------------------------------------------------------------------------- hub
 
-_TRUE = ("1", "true", "yes", "on")
-
-
-def offline_mode() -> str | None:
-    """The variable that puts the hub libraries offline, or None."""
-    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in _TRUE:
-            return var
-    return None
-
-
 def check_hub(timeout: float = 3.0) -> Check:
-    var = offline_mode()
+    from dschat_cli import hub
+
+    var = hub.offline_variable()
     if var:
         return Check("hub", "ok", f"offline mode ({var}=1)",
                      "models and data must be local folders or already cached")
-    from dschat_cli.models.loading import _hub_reachable
-
     endpoint = os.environ.get("HF_ENDPOINT")
-    if _hub_reachable(timeout):
+    if hub.probe(timeout):  # afresh: doctor checks the machine as it is now
         return Check("hub", "ok", "huggingface.co reachable",
                      f"HF_ENDPOINT={endpoint} is set (not checked)" if endpoint else "")
     return Check("hub", "warn", "huggingface.co unreachable"

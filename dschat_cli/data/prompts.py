@@ -39,6 +39,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from dschat_cli import hub
 from dschat_cli.config.schema import ConfigError
 from dschat_cli.config.sections import DataOptions, parse_split
 from dschat_cli.data import sources as _src
@@ -261,8 +262,8 @@ def _load_hub_train(name: str, config_name: str | None):
 
     args = (name, config_name) if config_name else (name,)
     label = f"'{name}'" + (f" (config '{config_name}')" if config_name else "")
-    env_offline = _src._env_offline()
-    if not env_offline and _src._hub_reachable():
+    env_offline = hub.offline_variable() is not None
+    if not env_offline and hub.reachable():
         try:
             return datasets.load_dataset(*args, split="train")
         except Exception as e:

@@ -23,8 +23,8 @@ Where a source has no eval split, eval is carved out of train with the reference
 split (see split.carve_indices).
 
 Hub names never hang without network: with HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set, or when a 3 s
-socket probe of the hub fails, only the local Hugging Face cache is tried (offline mode), and a
-miss raises ConfigError at once.
+socket probe of the hub fails (dschat_cli/hub.py: once per run, on the user's side), only the local
+Hugging Face cache is tried (offline mode), and a miss raises ConfigError at once.
 """
 
 from __future__ import annotations
@@ -34,13 +34,11 @@ import hashlib
 import json
 import os
 import re
-import socket
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
-from urllib.parse import urlsplit
 
+from dschat_cli import hub
 from dschat_cli.config.schema import ConfigError
 from dschat_cli.data._quiet import quiet_datasets
 from dschat_cli.data.split import carve_indices
@@ -583,35 +581,6 @@ def _one_line(e: BaseException) -> str:
 
 # ---------------------------------------------------------------- the hub, without hanging
 
-_TRUE = {"1", "true", "yes", "on"}
-
-
-def _env_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in _TRUE
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A TCP connect to the hub (or the HTTPS proxy), bounded in time even if DNS hangs."""
-    target = (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-              or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    u = urlsplit(target if "://" in target else "http://" + target)
-    host, port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
-    ok: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            ok.append(True)
-        except (OSError, ValueError):
-            pass
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout + 0.5)
-    return bool(ok)
-
-
 @contextlib.contextmanager
 def _offline_mode() -> Iterator[None]:
     """Force datasets/huggingface_hub into offline mode for one call. Both read their flag once at
@@ -633,8 +602,8 @@ def _load_hub(src: NamedSource, flag: str):
     import datasets
 
     args = (src.hub_id, src.config) if src.config else (src.hub_id,)
-    env_offline = _env_offline()
-    if not env_offline and _hub_reachable():
+    env_offline = hub.offline_variable() is not None
+    if not env_offline and hub.reachable():
         try:
             return datasets.load_dataset(*args)
         except Exception as e:

@@ -9,27 +9,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import warnings
 from pathlib import Path
 from typing import Any
 
+from dschat_cli import hub
 from dschat_cli.config.schema import ConfigError
 from dschat_cli.config.sections import LoraOptions, ModelOptions
 
 # Module-name fragments of output heads and value heads: never LoRA targets.
 _HEAD_NAMES = ("lm_head", "embed_out", "score", "v_head", "value_head")
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or \
-            os.environ.get("TRANSFORMERS_OFFLINE") in ("1", "true", "True"):
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def resolve_model_name(opts: ModelOptions) -> tuple[str, str | None]:
@@ -110,7 +99,7 @@ def check_model_source(opts: ModelOptions, flag: str = "--model") -> None:
     if raw is not None:
         check_remote_code(raw, name, trust=opts.trust_remote_code, flag=flag)
         return
-    if not _hub_reachable():
+    if not hub.reachable():
         hint = f", or `{flag} {preset} --random-init` for an untrained model of that architecture" \
             if preset else ""
         raise ConfigError(flag, f"'{name}' is not a local folder, and hub model '{source}' cannot be "
@@ -127,7 +116,7 @@ def load_tokenizer(opts: ModelOptions):
     name = opts.tokenizer or source
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=opts.trust_remote_code,
-                                            local_files_only=not _hub_reachable(1.0))
+                                            local_files_only=not hub.reachable())
     except Exception as e:
         if preset is None or opts.tokenizer:
             raise ConfigError("--tokenizer" if opts.tokenizer else "--model",

@@ -148,23 +148,23 @@ def test_disk_uses_the_nearest_existing_parent(tmp_path):
 
 @pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
 def test_hub_offline_mode_is_ok_without_network(monkeypatch, var):
-    import dschat_cli.models.loading as loading
+    from dschat_cli import hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setenv(var, "1")
-    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: pytest.fail("no network"))
+    monkeypatch.setattr(hub, "probe", lambda timeout=3.0: pytest.fail("no network"))
     c = doctor.check_hub()
     assert c.status == "ok" and "offline mode" in c.found
 
 
 @pytest.mark.parametrize("reachable,status", [(True, "ok"), (False, "warn")])
 def test_hub_reachability(monkeypatch, reachable, status):
-    import dschat_cli.models.loading as loading
+    from dschat_cli import hub
 
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(loading, "_hub_reachable", lambda timeout=3.0: reachable)
+    monkeypatch.setattr(hub, "probe", lambda timeout=3.0: reachable)
     c = doctor.check_hub()
     assert c.status == status
     if not reachable:

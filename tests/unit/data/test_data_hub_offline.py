@@ -8,6 +8,7 @@ import datasets
 import huggingface_hub
 import pytest
 
+from dschat_cli import hub
 from dschat_cli.config.schema import ConfigError
 from dschat_cli.data import sources as S
 
@@ -26,7 +27,7 @@ def test_offline_env_fails_fast(monkeypatch, empty_hf_cache):
     def no_probe(*a, **k):
         raise AssertionError("offline env: the hub must not even be probed")
 
-    monkeypatch.setattr(S, "_hub_reachable", no_probe)
+    monkeypatch.setattr(hub, "reachable", no_probe)
     flags = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
     t = time.monotonic()
     with pytest.raises(ConfigError) as e:
@@ -44,7 +45,7 @@ def test_unreachable_hub_fails_fast(monkeypatch, empty_hf_cache):
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     probed = []
-    monkeypatch.setattr(S, "_hub_reachable", lambda: probed.append(1) or False)
+    monkeypatch.setattr(hub, "reachable", lambda: probed.append(1) or False)
     t = time.monotonic()
     with pytest.raises(ConfigError) as e:
         S.load_source("stanfordnlp/SHP", None)
@@ -62,12 +63,12 @@ def test_reachability_probe(monkeypatch):
     port = server.getsockname()[1]
     try:
         monkeypatch.setenv("HF_ENDPOINT", f"https://127.0.0.1:{port}")
-        assert S._hub_reachable(timeout=2.0)
+        assert hub.probe(timeout=2.0)
     finally:
         server.close()
     # the port is closed now: refused at once
     t = time.monotonic()
-    assert not S._hub_reachable(timeout=2.0)
+    assert not hub.probe(timeout=2.0)
     assert time.monotonic() - t < 3
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dschat_cli import hub
 from dschat_cli.config.schema import ConfigError
 from dschat_cli.config.sections import DataOptions
 from dschat_cli.data import sources as S
@@ -259,7 +260,7 @@ def test_offline_hub_name_fails_fast(tmp_path, monkeypatch, data_tokenizer, empt
     def no_probe(*a, **k):
         raise AssertionError("offline env: the hub must not even be probed")
 
-    monkeypatch.setattr(S, "_hub_reachable", no_probe)
+    monkeypatch.setattr(hub, "reachable", no_probe)
     flags = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
     t = time.monotonic()
     with pytest.raises(ConfigError) as e:
@@ -276,7 +277,7 @@ def test_unreachable_hub_fails_fast(tmp_path, monkeypatch, data_tokenizer, empty
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     probed = []
-    monkeypatch.setattr(S, "_hub_reachable", lambda: probed.append(1) or False)
+    monkeypatch.setattr(hub, "reachable", lambda: probed.append(1) or False)
     t = time.monotonic()
     with pytest.raises(ConfigError) as e:
         unsupervised_dataset("openwebtext", None, data_tokenizer, block_size=8, seed=1,
