@@ -6,7 +6,7 @@ default, about 0.1 M parameters) and a tokenizer trained locally
 on the architecture (OPT's projected embeddings, Llama's RMSNorm/rotary/GQA, GPT-2's Conv1D,
 GPT-NeoX's fused QKV and partial rotary) are exercised.
 
-    tok = build_local_tokenizer(texts=demo_corpus())
+    tok = build_local_tokenizer()
     model = build_tiny_model("llama", tok)
     path = save_tiny_model("opt", tmp_path / "opt", tokenizer=tok)   # reload with Auto* classes
 """
@@ -105,12 +105,12 @@ def save_tiny_model(family: str, out_dir, tokenizer=None, **kw) -> Path:
     """Build a tiny model (keyword arguments as `build_tiny_model`) and save it with its tokenizer
     into `out_dir` (safetensors), so that `AutoModelForCausalLM.from_pretrained(out_dir)` and
     `AutoTokenizer.from_pretrained(out_dir)` reload both. Without `tokenizer`, a local tokenizer is
-    trained on the demo corpus (`dschat_cli.demo.synthetic.demo_corpus`). Returns the folder."""
+    trained on local_tokenizer's built-in corpus (the demo's model is built by
+    `dschat_cli.demo.assets`, with a tokenizer trained on the demo's own texts). Returns the
+    folder."""
     if tokenizer is None:
-        from dschat_cli.demo.synthetic import demo_corpus
         from dschat_cli.models.local_tokenizer import build_local_tokenizer
-        tokenizer = build_local_tokenizer(texts=demo_corpus(),
-                                          model_max_length=kw.get("max_positions", 512))
+        tokenizer = build_local_tokenizer(model_max_length=kw.get("max_positions", 512))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = build_tiny_model(family, tokenizer, **kw)

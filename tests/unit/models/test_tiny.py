@@ -96,7 +96,7 @@ def test_sizes_and_family_specifics(tok):
         build_tiny_model("llama", tok, hidden=30, heads=4)
 
 
-def test_save_without_tokenizer_builds_demo_tokenizer(tmp_path):
+def test_save_without_tokenizer_builds_a_local_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
     out = save_tiny_model("gpt2", tmp_path / "m", hidden=32, max_positions=256)
