@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,40 +25,39 @@ from rich.text import Text
 
 from dschat_cli.config import schema
 from dschat_cli.config.pipeline import PipelineConfig, SizePreset, size_preset
-from dschat_cli.config.ppo import PPOConfig
-from dschat_cli.config.reward import RewardConfig
 from dschat_cli.config.schema import ConfigError
-from dschat_cli.config.sft import SFTConfig
+from dschat_cli.config.steps import Step, pipeline_steps, step as step_spec
 from dschat_cli.ui.console import console, error_line
 
-DONE = ".dschat_done.json"
-STEP_NAMES = {1: "sft", 2: "reward", 3: "ppo"}
-STEP_DIRS = {1: "actor-models", 2: "reward-models", 3: "step3-models"}
-STEP_CLASSES: dict[int, type] = {1: SFTConfig, 2: RewardConfig, 3: PPOConfig}
-
-# The demo's step settings: tiny models on 2 CPU cores, a few minutes in all.
-DEMO_STEPS: dict[int, dict[tuple[str, ...], Any]] = {
-    1: {("optim", "num_train_epochs"): 3, ("optim", "learning_rate"): 2e-3,
-        ("optim", "per_device_train_batch_size"): 16, ("optim", "num_warmup_steps"): 0,
-        ("data", "max_seq_len"): 128, ("deepspeed", "dtype"): "fp32"},
-    2: {("optim", "num_train_epochs"): 1, ("optim", "learning_rate"): 1e-3,
-        ("optim", "per_device_train_batch_size"): 16, ("data", "max_seq_len"): 128,
-        ("deepspeed", "dtype"): "fp32"},
-    3: {("train", "actor_learning_rate"): 3e-4, ("train", "critic_learning_rate"): 1e-3,
-        ("train", "num_warmup_steps"): 0, ("train", "per_device_generation_batch_size"): 16,
-        ("train", "per_device_training_batch_size"): 16, ("train", "num_train_epochs"): 2,
-        ("generation", "max_answer_seq_len"): 16, ("data", "max_prompt_seq_len"): 64,
-        ("data", "max_eval_samples"): 192, ("deepspeed", "dtype"): "fp32"},
+# The demo's step settings, by each step's own flag names (`dschat sft --num-train-epochs 3 ...`):
+# tiny models on 2 CPU cores, a few minutes in all. They sit where the size presets do: under the
+# step YAML and the pipeline's flags.
+DEMO_STEPS: dict[str, dict[str, Any]] = {
+    "sft": {"num_train_epochs": 3, "learning_rate": 2e-3, "per_device_train_batch_size": 16,
+            "num_warmup_steps": 0, "max_seq_len": 128, "dtype": "fp32"},
+    "reward": {"num_train_epochs": 1, "learning_rate": 1e-3, "per_device_train_batch_size": 16,
+               "max_seq_len": 128, "dtype": "fp32"},
+    "ppo": {"actor_learning_rate": 3e-4, "critic_learning_rate": 1e-3, "num_warmup_steps": 0,
+            "per_device_generation_batch_size": 16, "per_device_training_batch_size": 16,
+            "num_train_epochs": 2, "max_answer_seq_len": 16, "max_prompt_seq_len": 64,
+            "max_eval_samples": 192, "dtype": "fp32"},
 }
 
 
 @dataclass
 class StepPlan:
-    number: int
-    name: str  # sft / reward / ppo
+    spec: Step  # the step's row in the table
     out: Path
     cfg: Any  # SFTConfig / RewardConfig / PPOConfig
     preset: SizePreset | None
+
+    @property
+    def number(self) -> int:
+        return self.spec.number
+
+    @property
+    def name(self) -> str:  # sft / reward / ppo
+        return self.spec.name
 
 
 def model_name(model: str) -> str:
@@ -104,84 +103,109 @@ def _meta_param_count(cfg: dict) -> int | None:
         return None
 
 
-def _layers(cls: type, yaml_path: str | None, preset: dict, flags: dict) -> Any:
-    """preset < step YAML < pipeline flags, into one step config."""
-    merged = dict(preset)
-    if yaml_path:
-        values = schema.load_yaml(yaml_path)
-        known = {s.path for s in schema.flag_specs(cls)}
-        for path in values:
-            if path not in known:
-                raise ConfigError(yaml_path, f"unknown {cls.__name__} option '{'.'.join(path)}'")
-        merged.update(values)
-    merged.update(flags)
-    cfg = schema.build(cls, merged, source=yaml_path or "pipeline")
-    cfg.check()
-    return cfg
+def _step_config(cfg: PipelineConfig, spec: Step, preset: dict[str, Any],
+                 flags: dict[str, Any]) -> Any:
+    """One step's config: size preset < step YAML (--sft-config, ...) < pipeline flags. The
+    preset and flag layers are keyed by the step's own flag names and go through the resolver of
+    the step's command (config/schema.py), with its type, choice and range checks."""
+    cls = spec.config_class()
+    step_cfg = schema.resolve(cls, getattr(cfg, f"{spec.name}_config"),
+                              schema.flag_values(cls, flags), base=schema.flag_values(cls, preset),
+                              yaml_flag=f"--{spec.name}-config")
+    step_cfg.check()
+    return step_cfg
 
 
-def _launch_flags(cfg: PipelineConfig) -> dict:
-    return {("launch", f.name): getattr(cfg.launch, f.name)
-            for f in cfg.launch.__dataclass_fields__.values()}
+def step_dir(cfg: PipelineConfig, spec: Step) -> Path:
+    """OUT/PIPELINE_DIR/NAME: step 2 is named after the reward model, steps 1 and 3 after the
+    actor."""
+    root = Path(cfg.output_dir).expanduser().resolve()
+    return root / spec.pipeline_dir / model_name(cfg.reward if spec.name == "reward" else cfg.actor)
 
 
 def plan_pipeline(cfg: PipelineConfig) -> list[StepPlan]:
     """The three step configs, resolved (nothing runs, nothing is read from the network)."""
-    root = Path(cfg.output_dir).expanduser().resolve()
     dep = cfg.launch.deployment_type
+    sft, reward, ppo = pipeline_steps()
     actor_preset = size_preset(model_params(cfg.actor))
     reward_preset = size_preset(model_params(cfg.reward))
-    actor_dir = root / STEP_DIRS[1] / model_name(cfg.actor)
-    reward_dir = root / STEP_DIRS[2] / model_name(cfg.reward)
-    ppo_dir = root / STEP_DIRS[3] / model_name(cfg.actor)
-    data = {("data", "data_path"): cfg.data.data_path, ("data", "data_dir"): cfg.data.data_dir,
-            ("data", "data_split"): cfg.data.data_split,
-            ("data", "data_cache_dir"): cfg.data.data_cache_dir}
-    ckpt_flags = {("checkpoint", k): getattr(cfg, k) for k in ("save_interval", "keep_last")
-                  if getattr(cfg, k) is not None}
-    common = {**data, **_launch_flags(cfg), ("seed",): cfg.seed, ("overwrite",): True,
-              **ckpt_flags}
+    actor_dir, reward_dir, ppo_dir = (step_dir(cfg, s) for s in (sft, reward, ppo))
+    # the pipeline's --data-* and launch options are the steps' options of the same names
+    common = {**{f.name: getattr(cfg.data, f.name) for f in fields(cfg.data)},
+              **{f.name: getattr(cfg.launch, f.name) for f in fields(cfg.launch)},
+              "seed": cfg.seed, "overwrite": True,
+              **{k: getattr(cfg, k) for k in ("save_interval", "keep_last")
+                 if getattr(cfg, k) is not None}}
     from dschat_cli.models.presets import resolve_preset
 
     def random(model: str) -> bool:
         return cfg.random_init and resolve_preset(model) is not None \
             and not Path(model).expanduser().exists()
 
-    def step_preset(p: SizePreset, zero: int | None) -> dict:
-        return {("deepspeed", "zero_stage"): zero if zero is not None else p.zero_stage[dep],
-                ("optim", "per_device_train_batch_size"): p.train_batch,
-                ("optim", "gradient_accumulation_steps"):
-                    p.grad_accum_single_gpu if dep == "single_gpu" else 1,
-                ("model", "gradient_checkpointing"): p.gradient_checkpointing}
+    def zero(p: SizePreset, stage: int | None) -> int:
+        return stage if stage is not None else p.zero_stage[dep]
 
-    demo = DEMO_STEPS if cfg.demo else {1: {}, 2: {}, 3: {}}
+    def single_model(p: SizePreset, stage: int | None) -> dict[str, Any]:
+        return {"zero_stage": zero(p, stage), "per_device_train_batch_size": p.train_batch,
+                "gradient_accumulation_steps":
+                    p.grad_accum_single_gpu if dep == "single_gpu" else 1,
+                "gradient_checkpointing": p.gradient_checkpointing}
+
+    demo = DEMO_STEPS if cfg.demo else {"sft": {}, "reward": {}, "ppo": {}}
     plans = [
-        StepPlan(1, "sft", actor_dir, _layers(SFTConfig, cfg.sft_config, {
-            **step_preset(actor_preset, cfg.actor_zero_stage), **demo[1]}, {
-            **common, ("model", "model"): cfg.actor, ("model", "random_init"): random(cfg.actor),
-            ("output_dir",): str(actor_dir)}), actor_preset),
-        StepPlan(2, "reward", reward_dir, _layers(RewardConfig, cfg.reward_config, {
-            **step_preset(reward_preset, cfg.reward_zero_stage),
-            ("optim", "gradient_accumulation_steps"): 1, **demo[2]}, {
-            **common, ("model", "model"): cfg.reward, ("model", "random_init"): random(cfg.reward),
-            ("output_dir",): str(reward_dir)}), reward_preset),
+        StepPlan(sft, actor_dir, _step_config(cfg, sft, {
+            **single_model(actor_preset, cfg.actor_zero_stage), **demo["sft"]}, {
+            **common, "model": cfg.actor, "random_init": random(cfg.actor),
+            "output_dir": str(actor_dir)}), actor_preset),
+        StepPlan(reward, reward_dir, _step_config(cfg, reward, {
+            **single_model(reward_preset, cfg.reward_zero_stage),
+            "gradient_accumulation_steps": 1, **demo["reward"]}, {
+            **common, "model": cfg.reward, "random_init": random(cfg.reward),
+            "output_dir": str(reward_dir)}), reward_preset),
+        StepPlan(ppo, ppo_dir, _step_config(cfg, ppo, {
+            "actor_zero_stage": zero(actor_preset, cfg.actor_zero_stage),
+            "critic_zero_stage": zero(reward_preset, cfg.reward_zero_stage),
+            "per_device_generation_batch_size": actor_preset.ppo_batch,
+            "per_device_training_batch_size": actor_preset.ppo_batch,
+            "actor_gradient_checkpointing": actor_preset.gradient_checkpointing,
+            **demo["ppo"]}, {
+            **common, "actor_model": str(actor_dir / sft.models[0]),
+            "critic_model": str(reward_dir / reward.models[0]), "output_dir": str(ppo_dir)}),
+            actor_preset),
     ]
-    actor_stage = cfg.actor_zero_stage if cfg.actor_zero_stage is not None \
-        else actor_preset.zero_stage[dep]
-    critic_stage = cfg.reward_zero_stage if cfg.reward_zero_stage is not None \
-        else reward_preset.zero_stage[dep]
-    ppo_data = {("data", k[1]): v for k, v in data.items()}
-    plans.append(StepPlan(3, "ppo", ppo_dir, _layers(PPOConfig, cfg.ppo_config, {
-        ("deepspeed", "actor_zero_stage"): actor_stage,
-        ("deepspeed", "critic_zero_stage"): critic_stage,
-        ("train", "per_device_generation_batch_size"): actor_preset.ppo_batch,
-        ("train", "per_device_training_batch_size"): actor_preset.ppo_batch,
-        ("actor", "gradient_checkpointing"): actor_preset.gradient_checkpointing,
-        **demo[3]}, {
-        **ppo_data, **_launch_flags(cfg), ("seed",): cfg.seed, ("overwrite",): True,
-        **ckpt_flags, ("actor", "model"): str(actor_dir), ("critic", "model"): str(reward_dir),
-        ("output_dir",): str(ppo_dir)}), actor_preset))
     return [p for p in plans if p.number in cfg.step_numbers]
+
+
+def plan_memory(cfg: PipelineConfig, target) -> list:
+    """`dschat plan pipeline`: each step's plan (plan/planner.py's StepPlan) as the pipeline sets
+    it up, resolved as its launch would be. Step 3 reads the models steps 1 and 2 will write;
+    until they exist, their architectures are the pipeline's --actor and --reward."""
+    from dschat_cli.launch.step import plan_run
+    from dschat_cli.plan.arch import PlanUnavailable
+    from dschat_cli.plan.planner import pipeline_ppo_archs
+
+    if cfg.demo:
+        raise ConfigError("--demo", "the demo trains tiny models on CPU; plan a GPU run with "
+                          "--actor and --reward instead")
+    plans = []
+    for p in plan_pipeline(cfg):
+        archs = None
+        if p.spec.memory == "ppo":
+            try:
+                archs = pipeline_ppo_archs(p.cfg, cfg.actor, cfg.reward)
+            except PlanUnavailable as e:
+                raise ConfigError(e.flag, f"cannot estimate memory: {e}") from None
+        title = f"step {p.number}: dschat {p.name}" + (f" (size preset {p.preset.name})"
+                                                       if p.preset is not None else "")
+        try:
+            sp = plan_run(p.name, p.cfg, target, archs=archs, title=title)
+        except ConfigError as e:
+            raise _pipeline_error(e, p.name) from None
+        if sp.unavailable:  # steps 1 and 2 read the pipeline's --actor and --reward
+            raise ConfigError("--reward" if p.name == "reward" else "--actor",
+                              f"cannot estimate memory: {sp.unavailable}")
+        plans.append(sp)
+    return plans
 
 
 def _read_json(path: Path) -> dict:
@@ -196,9 +220,9 @@ def step_metrics(plan: StepPlan) -> dict:
     s = _read_json(plan.out / "train_summary.json")
     if not s:
         return {}
-    if plan.number == 1:
+    if plan.name == "sft":
         return {"eval_ppl_start": s.get("eval_ppl_start"), "eval_ppl_end": s.get("eval_ppl_end")}
-    if plan.number == 2:
+    if plan.name == "reward":
         start, end = s.get("eval_start") or {}, s.get("eval_end") or {}
         return {"accuracy_start": start.get("accuracy"), "accuracy_end": end.get("accuracy"),
                 "chosen_end": end.get("chosen"), "rejected_end": end.get("rejected")}
@@ -215,9 +239,9 @@ def _fmt(v, spec=".3f") -> str:
 def _describe(plan: StepPlan, m: dict) -> str:
     if not m:
         return ""
-    if plan.number == 1:
+    if plan.name == "sft":
         return f"perplexity {_fmt(m['eval_ppl_start'], '.2f')} -> {_fmt(m['eval_ppl_end'], '.2f')}"
-    if plan.number == 2:
+    if plan.name == "reward":
         return (f"accuracy {_fmt(m['accuracy_start'])} -> {_fmt(m['accuracy_end'])} "
                 f"(chosen {_fmt(m['chosen_end'])}, rejected {_fmt(m['rejected_end'])})")
     return (f"held-out reward {_fmt(m['reward_heldout_start'])} -> "
@@ -229,28 +253,19 @@ def prepare_demo(cfg: PipelineConfig) -> PipelineConfig:
     them."""
     import dataclasses
 
-    from dschat_cli.demo.synthetic import demo_corpus, write_jsonfile_dir
-    from dschat_cli.models.local_tokenizer import build_local_tokenizer
-    from dschat_cli.models.tiny import save_tiny_model
+    from dschat_cli.demo.assets import DEMO_SPLIT, build_demo_inputs
 
-    root = Path(cfg.output_dir).expanduser().resolve()
-    base, data = root / "demo-base", root / "demo-data"
-    if not (base / "config.json").is_file():
-        with console.status("demo: building a tiny model and tokenizer"):
-            tok = build_local_tokenizer(texts=demo_corpus())
-            save_tiny_model("opt", base, tokenizer=tok, hidden=64, layers=2, dropout=0.0)
-    if not (data / "train.json").is_file():
-        write_jsonfile_dir(data, n_train=1000, n_eval=640, seed=0)
+    base, data = build_demo_inputs(Path(cfg.output_dir).expanduser().resolve())
     return dataclasses.replace(
         cfg, actor=str(base), reward=str(base), random_init=False,
         data=dataclasses.replace(cfg.data, data_path=("local/jsonfile",), data_dir=str(data),
-                                 data_split="4,3,3"))
+                                 data_split=DEMO_SPLIT))
 
 
 def _plan_archs(cfg: PipelineConfig, p: StepPlan):
     """Step 3's memory estimate reads the models steps 1 and 2 write; before they exist (a dry
     run) it uses the architectures of the pipeline's --actor and --reward."""
-    if p.number != 3:
+    if p.spec.memory != "ppo":
         return None
     from dschat_cli.plan.planner import pipeline_ppo_archs
 
@@ -258,7 +273,6 @@ def _plan_archs(cfg: PipelineConfig, p: StepPlan):
 
 
 def run_pipeline(cfg: PipelineConfig, *, dry_run: bool) -> int:
-    from dschat_cli.launch.checks import DS_CONFIGS, VALIDATORS
     from dschat_cli.launch.step import launch_training
 
     if not dry_run:  # a file in the way fails here, not mid-pipeline
@@ -274,15 +288,17 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool) -> int:
             console.rule(f"[bold]step {p.number}: dschat {p.name} -> {escape(str(p.out))}")
             if p.preset is not None:
                 console.print(f"size preset: {p.preset.name}")
-            launch_training(p.name, p.cfg, dry_run=True, validate=VALIDATORS[p.name],
-                            ds_configs=DS_CONFIGS.get(p.name), plan_archs=_plan_archs(cfg, p))
+            try:
+                launch_training(p.name, p.cfg, dry_run=True, plan_archs=_plan_archs(cfg, p))
+            except ConfigError as e:
+                raise _pipeline_error(e, p.name) from None
         return 0
 
     checked = _validate_up_front(cfg, plans)
     rows: list[dict] = []
     rc = 0
     for p in plans:
-        marker = p.out / DONE
+        marker = p.out / p.spec.done
         if marker.is_file() and not cfg.rerun:
             done = _read_json(marker)
             console.print(Text(f"step {p.number} ({p.name}) finished earlier in {p.out}: skipping "
@@ -290,11 +306,11 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool) -> int:
             rows.append({"step": p.number, "name": p.name, "status": "done earlier",
                          "seconds": done.get("seconds"), "metrics": step_metrics(p)})
         else:
-            if p.number == 3:
-                gate = _reward_gate(cfg, plans, root)
+            if p.name == "ppo":
+                gate = _reward_gate(cfg, plans)
                 if gate is not None:
-                    rows.append({"step": 3, "name": "ppo", "status": "not run", "seconds": None,
-                                 "metrics": {}})
+                    rows.append({"step": p.number, "name": p.name, "status": "not run",
+                                 "seconds": None, "metrics": {}})
                     error_line("--min-reward-accuracy", gate)
                     rc = 3
                     break
@@ -303,13 +319,12 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool) -> int:
             t0 = time.perf_counter()
             try:
                 rc = launch_training(p.name, _resuming(p.cfg, cfg.rerun), dry_run=False,
-                                     validate=_checked if p.number in checked
-                                     else VALIDATORS[p.name], ds_configs=DS_CONFIGS.get(p.name),
+                                     checked=p.number in checked,
                                      restart_hint="pass --rerun (with --steps "
                                                   f"{p.number}) to run the step from its start",
                                      plan_archs=_plan_archs(cfg, p))
             except ConfigError as e:
-                raise _pipeline_error(e, p.number) from None
+                raise _pipeline_error(e, p.name) from None
             seconds = time.perf_counter() - t0
             if rc != 0:
                 rows.append({"step": p.number, "name": p.name, "status": f"failed ({rc})",
@@ -321,9 +336,10 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool) -> int:
     # total of the steps' own times (a skipped step counts with the time it took when it ran)
     total = sum(r["seconds"] or 0.0 for r in rows)
     _summarise(cfg, plans, rows, total, root)
-    if rc == 0 and any(p.number == 3 for p in plans):
-        actor = plans[-1].out / "actor"
-        console.print(Text(f"\nChat with the trained actor:\n  dschat chat --path {actor}"))
+    last = plans[-1]
+    if rc == 0 and last.number == len(pipeline_steps()):
+        model = last.out / last.spec.models[0]
+        console.print(Text(f"\nChat with the trained actor:\n  dschat chat --path {model}"))
     return rc
 
 
@@ -340,23 +356,19 @@ def _resuming(step_cfg, rerun: bool):
 
 # The pipeline's flag for a step's flag named in an error: steps 1 and 3 train --actor, step 2
 # --reward (--random-init is the same flag in both).
-_PIPELINE_FLAGS = {1: {"--model": "--actor"}, 2: {"--model": "--reward"},
-                   3: {"--actor-model": "--actor"}}
+_PIPELINE_FLAGS = {"sft": {"--model": "--actor"}, "reward": {"--model": "--reward"},
+                   "ppo": {"--actor-model": "--actor"}}
 
 
-def _pipeline_error(e: ConfigError, number: int) -> ConfigError:
+def _pipeline_error(e: ConfigError, step: str) -> ConfigError:
     """A step's error in the pipeline's words: 'error: --actor: ...', not the step's --model."""
     import re
 
     where, message = e.where, e.message
-    for old, new in _PIPELINE_FLAGS.get(number, {}).items():
+    for old, new in _PIPELINE_FLAGS.get(step, {}).items():
         flag = re.compile(re.escape(old) + r"(?![\w-])")
         where, message = flag.sub(new, where), flag.sub(new, message)
     return ConfigError(where, message)
-
-
-def _checked(cfg) -> None:
-    """Validator of a step already validated by _validate_up_front."""
 
 
 def _validate_up_front(cfg: PipelineConfig, plans: list[StepPlan]) -> set[int]:
@@ -364,26 +376,27 @@ def _validate_up_front(cfg: PipelineConfig, plans: list[StepPlan]) -> set[int]:
     3's inputs (say, data without rejected answers) costs seconds, not a finished step 1. Step
     3's actor and critic are outputs of steps 1 and 2: when those run now, only its data is
     checked here, the rest when it launches. Returns the steps checked in full."""
+    from dschat_cli.config.steps import load
     from dschat_cli.data.prepare import load_phase_rows
-    from dschat_cli.launch.checks import VALIDATORS
 
-    todo = [p for p in plans if cfg.rerun or not (p.out / DONE).is_file()]
+    todo = [p for p in plans if cfg.rerun or not (p.out / p.spec.done).is_file()]
     full: set[int] = set()
     for p in todo:
         try:
-            if p.number == 3 and any(q.number < 3 for q in todo):
-                load_phase_rows(p.cfg.data.as_data_options(), phase=3, seed=p.cfg.seed)
+            if p.name == "ppo" and any(q.number < p.number for q in todo):
+                load_phase_rows(p.cfg.data.as_data_options(), phase=p.spec.data_phase,
+                                seed=p.cfg.seed)
                 continue
-            VALIDATORS[p.name](p.cfg)
+            load(p.spec.validate)(p.cfg)
         except ConfigError as e:
-            raise _pipeline_error(e, p.number) from None
+            raise _pipeline_error(e, p.name) from None
         full.add(p.number)
     return full
 
 
-def _reward_gate(cfg: PipelineConfig, plans: list[StepPlan], root: Path) -> str | None:
-    reward_dir = next((p.out for p in plans if p.number == 2), None) or \
-        step_dir(cfg, 2)
+def _reward_gate(cfg: PipelineConfig, plans: list[StepPlan]) -> str | None:
+    reward_dir = next((p.out for p in plans if p.name == "reward"), None) or \
+        step_dir(cfg, step_spec("reward"))
     acc = ((_read_json(reward_dir / "train_summary.json").get("eval_end")) or {}).get("accuracy")
     if acc is None:
         return None  # no eval figure (e.g. a reward model from elsewhere): nothing to gate on
@@ -392,12 +405,6 @@ def _reward_gate(cfg: PipelineConfig, plans: list[StepPlan], root: Path) -> str 
                 f"{cfg.min_reward_accuracy}; improve step 2 (more data or epochs) or pass a lower "
                 "--min-reward-accuracy to run step 3 anyway")
     return None
-
-
-def step_dir(cfg: PipelineConfig, number: int) -> Path:
-    root = Path(cfg.output_dir).expanduser().resolve()
-    model = cfg.actor if number != 2 else cfg.reward
-    return root / STEP_DIRS[number] / model_name(model)
 
 
 def _summarise(cfg: PipelineConfig, plans: list[StepPlan], rows: list[dict], total: float,

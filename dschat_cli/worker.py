@@ -2,39 +2,23 @@
 
     python -m dschat_cli.worker STEP RUN_CONFIG.yaml
 
-Started by deepspeed.launcher on every rank (or called in-process with --launcher none). Builds
-the Dist handle, reads the resolved run config, and calls one step's run(). Exit codes: 0 done,
-2 a user mistake found at run time (one line), 1 a run stopped by the health monitor (one line,
+Started by deepspeed.launcher on every rank (or called in-process with --launcher none). Reads the
+run config and, next to it, the run record the launch resolved (resolved.json:
+config/resolved.py), builds the Dist handle, checks this rank's hardware against the record, and
+calls the step's run() named in the table of steps (config/steps.py). Exit codes: 0 done, 2 a user
+mistake found at run time (one line), 1 a run stopped by the health monitor (one line,
 steps/health.py) or anything else (traceback, prefixed by rank).
 """
 
 from __future__ import annotations
 
-import importlib
+import inspect
 import logging
 import os
 import sys
 import traceback
 import warnings
-
-# step name -> (config class, run function)
-STEPS = {
-    "sft": ("dschat_cli.config.sft:SFTConfig", "dschat_cli.steps.sft:run"),
-    "reward": ("dschat_cli.config.reward:RewardConfig", "dschat_cli.steps.reward:run"),
-    "ppo": ("dschat_cli.config.ppo:PPOConfig", "dschat_cli.steps.ppo:run"),
-    "bench": ("dschat_cli.config.bench:BenchConfig", "dschat_cli.steps.bench:run"),
-}
-
-
-def _import(ref: str):
-    module, name = ref.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def config_class(step: str):
-    if step not in STEPS:
-        raise SystemExit(f"unknown step {step!r}; one of {', '.join(STEPS)}")
-    return _import(STEPS[step][0])
+from pathlib import Path
 
 
 def _quiet_libraries(rank: int) -> None:
@@ -70,9 +54,24 @@ def _shutdown_distributed() -> None:
         pass
 
 
-def run_step(step: str, cfg) -> int:
-    """Run one step on this rank; returns the exit code."""
+def check_hardware(record, dist) -> None:
+    """This rank's hardware against the run record (ConfigError on a mismatch)."""
+    on_gpu = dist.device != "cpu"
+    bf16 = False
+    if on_gpu:
+        import torch
+
+        bf16 = torch.cuda.is_bf16_supported()
+    record.check_rank(world_size=dist.world_size, device="cuda" if on_gpu else "cpu",
+                      bf16_supported=bf16)
+
+
+def run_step(step: str, cfg, record) -> int:
+    """Run one step on this rank with its run record (config/resolved.py); returns the exit
+    code."""
+    from dschat_cli import hub
     from dschat_cli.config.schema import ConfigError
+    from dschat_cli.config.steps import load, step as step_spec
     from dschat_cli.steps.health import TrainingAnomaly
     from dschat_cli.ui.console import error_line, set_rank
 
@@ -83,7 +82,18 @@ def run_step(step: str, cfg) -> int:
         from dschat_cli.dist import Dist
 
         dist = Dist.init()
-        _import(STEPS[step][1])(cfg, dist)
+        try:
+            check_hardware(record, dist)
+        except ConfigError as e:  # every rank that disagrees says so (it may not be rank 0)
+            error_line(e.where, f"rank {rank}: {e.message}")
+            return 2
+        hub.assume(record.hub_reachable)  # the user side probed; the ranks do not again
+        run = load(step_spec(step).run)
+        # steps/ppo.py and steps/bench.py still resolve their own values: they take no record yet
+        if "resolved" in inspect.signature(run).parameters:
+            run(cfg, dist, resolved=record)
+        else:
+            run(cfg, dist)
         return 0
     except ConfigError as e:
         if rank == 0:
@@ -114,7 +124,10 @@ def run_step(step: str, cfg) -> int:
 def main(argv: list[str] | None = None) -> int:
     import yaml
 
-    from dschat_cli.config.schema import from_dict
+    from dschat_cli.config.resolved import ResolvedRun
+    from dschat_cli.config.schema import ConfigError, from_dict
+    from dschat_cli.config.steps import step as step_spec
+    from dschat_cli.ui.console import error_line
 
     args = list(sys.argv[1:] if argv is None else argv)
     args = [a for a in args if not a.startswith("--local_rank")]
@@ -122,9 +135,23 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m dschat_cli.worker STEP RUN_CONFIG.yaml", file=sys.stderr)
         return 2
     step, path = args
-    with open(path, encoding="utf-8") as fh:
-        cfg = from_dict(config_class(step), yaml.safe_load(fh) or {})
-    return run_step(step, cfg)
+    try:
+        spec = step_spec(step)
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    try:
+        with open(path, encoding="utf-8") as fh:
+            cfg = from_dict(spec.config_class(), yaml.safe_load(fh) or {})
+        record = ResolvedRun.read(Path(path).parent)
+        if record.step != step:
+            raise ConfigError(str(Path(path).parent / "resolved.json"),
+                              f"is the record of a {record.step} run, not {step}")
+    except ConfigError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            error_line(e.where, e.message)
+        return 2
+    return run_step(step, cfg, record)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ import typer
 
 from dschat_cli.cli.options import config_command
 from dschat_cli.config.pipeline import PipelineConfig
-from dschat_cli.config.ppo import PPOConfig
-from dschat_cli.config.reward import RewardConfig
-from dschat_cli.config.sft import SFTConfig
+from dschat_cli.config.steps import STEPS
 
 HELP = ("Estimate GPU memory per GPU (weights, gradients, optimizer states, activations, KV cache; "
         "for each model and each phase) against the GPUs here or --gpu-memory, explain the batch "
@@ -33,36 +31,50 @@ _EXTRA = [
                                            help="Print the plan as JSON (for scripts).")),
 ]
 
-_STEPS = {
-    "sft": (SFTConfig, "Plan step 1 (`dschat sft`): memory and steps.",
-            "Example: dschat plan sft --model opt-1.3b --zero-stage 2 --per-device-train-batch-size 32"),
-    "reward": (RewardConfig, "Plan step 2 (`dschat reward`): memory and steps.",
-               "Example: dschat plan reward --model opt-350m --gpu-memory 80"),
-    "ppo": (PPOConfig, "Plan step 3 (`dschat ppo`): memory of the four models, generation and "
-                       "training, and the PPO step counts.",
-            "Example: dschat plan ppo --actor-model opt-1.3b --critic-model opt-350m "
-            "--actor-zero-stage 2 --critic-zero-stage 2"),
-    "pipeline": (PipelineConfig, "Plan all three steps as `dschat pipeline` sets them up (size "
-                                 "presets included).",
-                 "Example: dschat plan pipeline --actor opt-13b --deployment-type single_node"),
+# `dschat plan STEP` for every step of the table with a memory model (config/steps.py), and the
+# pipeline's three steps together
+_EXAMPLES = {
+    "sft": "dschat plan sft --model opt-1.3b --zero-stage 2 --per-device-train-batch-size 32",
+    "reward": "dschat plan reward --model opt-350m --gpu-memory 80",
+    "ppo": "dschat plan ppo --actor-model opt-1.3b --critic-model opt-350m --actor-zero-stage 2 "
+           "--critic-zero-stage 2",
+    "pipeline": "dschat plan pipeline --actor opt-13b --deployment-type single_node",
 }
+PIPELINE_HELP = "Plan all three steps as `dschat pipeline` sets them up (size presets included)."
 
 
 def _handler(step: str):
     def handle(cfg, *, gpu_memory: float | None, as_json: bool) -> int:
-        from dschat_cli.plan.command import run_plan
+        from dschat_cli.launch import runner
+        from dschat_cli.plan.command import checked, report
+        from dschat_cli.plan.planner import detect_target
 
-        return run_plan(step, cfg, gpu_memory=gpu_memory, as_json=as_json)
+        cfg = checked(cfg)
+        target = detect_target(gpu_memory, gpus=runner.query_gpus())
+        if step == "pipeline":
+            from dschat_cli.pipeline import plan_memory
+
+            plans = plan_memory(cfg, target)
+        else:
+            from dschat_cli.launch.step import plan_run
+
+            plans = [plan_run(step, cfg, target)]
+        return report(plans, target, as_json=as_json, pipeline=step == "pipeline")
     return handle
 
 
 def register(app: typer.Typer) -> None:
     plan_app = typer.Typer(name="plan", help=HELP, no_args_is_help=True, rich_markup_mode="rich",
                            context_settings={"help_option_names": ["-h", "--help"]})
-    for step, (cls, help_text, epilog) in _STEPS.items():
-        config_command(plan_app, step, cls, handler=_handler(step),
-                       help=help_text + f" Takes the flags of `dschat {step}`, plus --gpu-memory "
+    commands = [(s.name, s.config_class(), f"Plan `dschat {s.name}` ({s.summary.rstrip('.')}): "
+                 "memory and step counts.") for s in STEPS if s.memory]
+    commands.append(("pipeline", PipelineConfig, PIPELINE_HELP))
+    for name, cls, help_text in commands:
+        example = _EXAMPLES.get(name)
+        config_command(plan_app, name, cls, handler=_handler(name),
+                       help=help_text + f" Takes the flags of `dschat {name}`, plus --gpu-memory "
                        "and --json. Exit code 0: fits (or no GPU to compare with); 1: does not "
                        "fit.",
-                       extra=list(_EXTRA), epilog=epilog, with_dry_run=False, check=False)
+                       extra=list(_EXTRA), epilog=f"Example: {example}" if example else None,
+                       with_dry_run=False, check=False)
     app.add_typer(plan_app, name="plan")

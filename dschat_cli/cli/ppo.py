@@ -6,19 +6,17 @@ import typer
 
 from dschat_cli.cli.options import config_command
 from dschat_cli.config.ppo import PPOConfig
+from dschat_cli.config.steps import step
 
 
 def _run(cfg: PPOConfig, *, dry_run: bool) -> int:
-    from dschat_cli.launch.checks import DS_CONFIGS, VALIDATORS
     from dschat_cli.launch.step import launch_training
 
-    return launch_training("ppo", cfg, dry_run=dry_run, validate=VALIDATORS["ppo"],
-                           ds_configs=DS_CONFIGS.get("ppo"))
+    return launch_training("ppo", cfg, dry_run=dry_run)
 
 
 def register(app: typer.Typer) -> None:
     config_command(app, "ppo", PPOConfig, handler=_run,
-                   help="Step 3: RLHF with PPO (actor, critic from the reward model, frozen "
-                        "reference and reward models).",
+                   help=step("ppo").summary,
                    epilog="Example: dschat ppo --actor-model out/actor --critic-model out/reward "
                           "--data-path Dahoas/rm-static --output-dir out/ppo")

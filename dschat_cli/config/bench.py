@@ -99,3 +99,20 @@ def bench_sft_config(cfg: BenchConfig):
                            max_steps=cfg.warmup + cfg.steps, torch_adam=cfg.torch_adam),
         deepspeed=DeepSpeedOptions(zero_stage=cfg.actor_zero_stage, dtype=cfg.dtype),
         launch=cfg.launch, output_dir=cfg.output_dir, overwrite=True, seed=cfg.seed)
+
+
+def bench_ds_configs(cfg: BenchConfig, *, world_size: int, dtype: str, torch_adam: bool,
+                     tensorboard_dir: str | None, job_name: str) -> dict[str, dict]:
+    """The DeepSpeed configs the benchmark's run builds, by role: step 3's four, or step 1's one
+    model (TensorBoard job JOB_NAME; the benchmark writes no TensorBoard files)."""
+    if cfg.step == "sft":
+        from dschat_cli.config.ds_config import model_ds_configs
+
+        return model_ds_configs(bench_sft_config(cfg), world_size=world_size, dtype=dtype,
+                                torch_adam=torch_adam, tensorboard_dir=tensorboard_dir,
+                                job_name=job_name)
+    from dschat_cli.config.ppo_ds import ppo_ds_configs
+
+    return ppo_ds_configs(bench_ppo_config(cfg), world_size=world_size, dtype=dtype,
+                          torch_adam=torch_adam, tensorboard_dir=tensorboard_dir,
+                          job_name=job_name)

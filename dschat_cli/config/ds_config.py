@@ -146,6 +146,15 @@ def train_ds_config(ds: DeepSpeedOptions, optim: OptimOptions, *, world_size: in
     return cfg
 
 
+def model_ds_configs(cfg, *, world_size: int, dtype: str, torch_adam: bool,
+                     tensorboard_dir: str | None, job_name: str) -> dict[str, dict]:
+    """{"model": config} of a step that trains one model (sft, reward): its .deepspeed and .optim
+    sections through train_ds_config. The table of steps (config/steps.py) names this builder."""
+    return {"model": train_ds_config(cfg.deepspeed, cfg.optim, world_size=world_size, dtype=dtype,
+                                     torch_adam=torch_adam, tensorboard_dir=tensorboard_dir,
+                                     job_name=job_name)}
+
+
 def eval_ds_config(*, zero_stage: int, offload: bool, dtype: str, micro_batch_size: int,
                    world_size: int, zero3_tuning: dict | None = None) -> dict:
     """DeepSpeed config for a frozen model: PPO's reference and reward models, evaluation.

@@ -98,13 +98,17 @@ class PipelineConfig:
 
     @property
     def step_numbers(self) -> list[int]:
+        from dschat_cli.config.steps import pipeline_steps
+
+        known = [str(s.number) for s in pipeline_steps()]
         out: list[int] = []
         for item in self.steps:
             for part in str(item).replace(" ", ",").split(","):
                 if not part:
                     continue
-                if part not in ("1", "2", "3"):
-                    raise ConfigError("--steps", f"'{part}' is not a step; use 1, 2 and/or 3")
+                if part not in known:
+                    raise ConfigError("--steps", f"'{part}' is not a step; use "
+                                      f"{', '.join(known[:-1])} and/or {known[-1]}")
                 if int(part) not in out:
                     out.append(int(part))
         if not out:

@@ -8,16 +8,17 @@ from dschat_cli.config.ppo import PPOConfig
 
 
 def ppo_ds_configs(cfg: PPOConfig, *, world_size: int, dtype: str, torch_adam: bool,
-                   tensorboard_dir: str | None) -> dict[str, dict]:
-    """The four DeepSpeed configs, all from the one builder."""
+                   tensorboard_dir: str | None, job_name: str = "ppo") -> dict[str, dict]:
+    """The four DeepSpeed configs by role (actor and critic train; ref and reward are frozen),
+    all from the one builder. The actor's TensorBoard job is JOB_NAME_actor."""
     d, t = cfg.deepspeed, cfg.train
     return {
         "actor": train_ds_config(cfg.deepspeed_for("actor"), cfg.optim_for("actor"),
                                  world_size=world_size, dtype=dtype, torch_adam=torch_adam,
-                                 tensorboard_dir=tensorboard_dir, job_name="ppo_actor"),
+                                 tensorboard_dir=tensorboard_dir, job_name=f"{job_name}_actor"),
         "critic": train_ds_config(cfg.deepspeed_for("critic"), cfg.optim_for("critic"),
                                   world_size=world_size, dtype=dtype, torch_adam=torch_adam,
-                                  tensorboard_dir=None, job_name="ppo_critic"),
+                                  tensorboard_dir=None, job_name=f"{job_name}_critic"),
         "ref": eval_ds_config(zero_stage=d.actor_zero_stage, offload=d.offload_reference_model,
                               dtype=dtype, micro_batch_size=t.per_device_generation_batch_size,
                               world_size=world_size),

@@ -193,34 +193,38 @@ def build(cls: type, overrides: dict[tuple[str, ...], Any], source: str = "flags
         raise ConfigError(flag_for(cls, e.where), e.message) from None
 
 
-def load_yaml(path: str | Path) -> dict[tuple[str, ...], Any]:
-    """Read a run-config YAML into {field path: value}."""
+def load_yaml(path: str | Path, flag: str = "--config") -> dict[tuple[str, ...], Any]:
+    """Read a run-config YAML (given with `flag`) into {field path: value}."""
     import yaml
 
     p = Path(path)
     if not p.is_file():
-        raise ConfigError("--config", f"file not found: {p}")
+        raise ConfigError(flag, f"file not found: {p}")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError("--config", f"{p} is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(flag, f"{p} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise ConfigError("--config", f"{p} must hold a mapping of sections to options")
+        raise ConfigError(flag, f"{p} must hold a mapping of sections to options")
     return dict(_flatten(data))
 
 
-def resolve(cls: type, yaml_path: str | None, given: dict[tuple[str, ...], Any]) -> Any:
-    """defaults < YAML < flags given on the command line."""
-    merged: dict[tuple[str, ...], Any] = {}
+def resolve(cls: type, yaml_path: str | None, given: dict[tuple[str, ...], Any], *,
+            base: dict[tuple[str, ...], Any] | None = None, yaml_flag: str = "--config") -> Any:
+    """defaults < `base` < YAML < flags given on the command line, each {field path: value}.
+    `base` is a layer under the user's (`dschat pipeline`'s size presets); `yaml_flag` the option
+    that named the YAML, for its errors (`dschat pipeline --sft-config`)."""
+    merged: dict[tuple[str, ...], Any] = dict(base or {})
     if yaml_path:
-        yaml_values = load_yaml(yaml_path)
+        yaml_values = load_yaml(yaml_path, yaml_flag)
         specs = {s.path for s in flag_specs(cls)}
         for path in yaml_values:
             if path not in specs:
-                raise ConfigError("--config", f"{yaml_path}: unknown key '{'.'.join(path)}'")
+                raise ConfigError(yaml_flag, f"{yaml_path}: unknown {cls.__name__} option "
+                                  f"'{'.'.join(path)}'")
         merged.update(yaml_values)
     merged.update(given)
-    return build(cls, merged, source="--config")
+    return build(cls, merged, source=yaml_flag)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -248,11 +252,17 @@ def from_dict(cls: type, data: dict) -> Any:
     return build(cls, dict(_flatten(data)), source="run config")
 
 
-def from_flags(cls: type, **values: Any) -> Any:
-    """Build a run config in Python with the command line's names:
-    from_flags(PPOConfig, actor_model="out/actor", actor_zero_stage=3, output_dir="out/ppo")."""
+def flag_values(cls: type, values: dict[str, Any]) -> dict[tuple[str, ...], Any]:
+    """{flag name as a Python identifier: value} -> {field path: value}:
+    flag_values(SFTConfig, {"zero_stage": 3}) == {("deepspeed", "zero_stage"): 3}."""
     by_param = {s.param: s for s in flag_specs(cls)}
     unknown = [k for k in values if k not in by_param]
     if unknown:
         raise ConfigError(unknown[0], f"not an option of {cls.__name__}")
-    return build(cls, {by_param[k].path: v for k, v in values.items()})
+    return {by_param[k].path: v for k, v in values.items()}
+
+
+def from_flags(cls: type, **values: Any) -> Any:
+    """Build a run config in Python with the command line's names:
+    from_flags(PPOConfig, actor_model="out/actor", actor_zero_stage=3, output_dir="out/ppo")."""
+    return build(cls, flag_values(cls, values))

@@ -1,9 +1,12 @@
-"""Launch one training step from the user's side: validate, record, launch.
+"""Launch one step from the user's side: resolve, check, record, launch.
 
     launch_training("sft", cfg, dry_run=False)
 
-Order matters for "nothing written on a user mistake": every check runs before the output folder
-is created; only then are run_config.yaml, ds_config.json and launch.sh written and the workers
+The step's row in the table (config/steps.py) says what to check and how to build its DeepSpeed
+configs. Everything the run derives from its config and this machine is resolved here, once, into
+the run record (config/resolved.py) that the ranks read. Order matters for "nothing written on a
+user mistake": every check runs before the output folder is created; only then are
+run_config.yaml, resolved.json, the ds_config*.json files and launch.sh written and the workers
 started.
 """
 
@@ -17,8 +20,11 @@ from typing import Callable
 
 from rich.markup import escape
 
+from dschat_cli.config.resolved import RECORD, ResolvedRun, resolve_run
 from dschat_cli.config.schema import ConfigError, to_yaml
-from dschat_cli.launch.runner import LaunchPlan, detect_hardware, plan_launch, run_launch
+from dschat_cli.config.steps import load, step as step_spec
+from dschat_cli.launch import runner
+from dschat_cli.launch.runner import Hardware, LaunchPlan, detect_hardware, plan_launch, run_launch
 from dschat_cli.ui.console import console, warn_line
 
 
@@ -54,60 +60,90 @@ def _check_resume(cfg, world_size: int, restart_hint: str | None):
     return cfg, resolve_resume(cfg, world_size, restart_hint or RESTART)
 
 
-def planned_ds_config(cfg, plan: LaunchPlan, hw, job_name: str) -> dict:
-    """The DeepSpeed JSON the workers will build (same builder, same inputs), for --dry-run and the
-    record written before launch. cfg has .deepspeed, .optim and .output_dir."""
-    from dschat_cli.config.ds_config import resolve_dtype, train_ds_config
+def resolve(step: str, cfg, *, hw: Hardware, restart_hint: str | None = None
+            ) -> tuple[object, LaunchPlan, ResolvedRun, Path | None]:
+    """Everything decided before a launch, checked: -> (cfg with an absolute --resume path, how
+    the workers start, the run record, the checkpoint it resumes or None)."""
+    from dschat_cli import hub
 
-    dtype = resolve_dtype(cfg.deepspeed.dtype, has_gpu=hw.gpus > 0, bf16_supported=hw.bf16)
-    tb = f"{cfg.output_dir}/tensorboard" if cfg.deepspeed.enable_tensorboard else None
-    return train_ds_config(cfg.deepspeed, cfg.optim, world_size=plan.world_size, dtype=dtype,
-                           torch_adam=cfg.optim.torch_adam or hw.gpus == 0, tensorboard_dir=tb,
-                           job_name=job_name)
+    spec = step_spec(step)
+    out = Path(cfg.output_dir).expanduser().resolve()
+    plan = plan_launch(cfg.launch, step, out / "run_config.yaml", hw=hw)
+    cfg, resume_from = _check_resume(cfg, plan.world_size, restart_hint)
+    if spec.validate_world:
+        load(spec.validate_world)(cfg, plan.world_size)
+    record = resolve_run(step, cfg, world_size=plan.world_size, device=plan.device,
+                         bf16_supported=hw.bf16, hub_reachable=hub.reachable())
+    return cfg, plan, record, resume_from
 
 
-def _memory_estimate(step: str, cfg, configs: dict[str, dict], plan: LaunchPlan, *,
-                     dry_run: bool, plan_archs: Callable[[], dict] | None = None) -> None:
+def plan_run(step: str, cfg, target, *, archs=None, title: str = ""):
+    """`dschat plan STEP`: the plan of `cfg` run on `target`'s GPUs (plan/planner.py's Target),
+    resolved as a launch on such a GPU machine would resolve it (world size from the launch
+    options, precision for its GPUs, the same DeepSpeed configs, the same refusals)."""
+    import os
+
+    from dschat_cli.plan.planner import plan_step
+
+    hw = Hardware(gpus=target.gpus_here, bf16=target.bf16, cpu_cores=os.cpu_count() or 1)
+    world = plan_launch(cfg.launch, step, "run_config.yaml", hw=hw).world_size
+    spec = step_spec(step)
+    if spec.validate_world:  # a plan of a run the launcher would refuse is no plan
+        load(spec.validate_world)(cfg, world)
+    record = resolve_run(step, cfg, world_size=world, device="cuda", bf16_supported=target.bf16,
+                         hub_reachable=False)  # a plan reads no hub
+    return plan_step(cfg, record, target, archs=archs, title=title)
+
+
+def _memory_estimate(cfg, record: ResolvedRun, *, dry_run: bool,
+                     plan_archs: Callable[[], dict] | None = None) -> None:
     """Before a GPU run: `dschat plan`'s estimate in a few lines, with a warning when it clearly
     does not fit (the run still starts). CPU runs get a pointer in --dry-run only."""
-    if step not in ("sft", "reward", "ppo"):
+    step = record.step
+    if step_spec(step).memory is None:
         return
-    if plan.device != "cuda":
+    if record.device != "cuda":
         if dry_run:
             console.print(f"[dim]memory estimate: this run is on CPU; `dschat plan {step}` with "
                           "the same flags and --gpu-memory GiB estimates a GPU run[/dim]")
         return
+    from dschat_cli.plan.planner import detect_target
     from dschat_cli.plan.report import launch_estimate
 
-    launch_estimate(step, cfg, configs, world_size=plan.world_size, console=console,
+    launch_estimate(cfg, record, detect_target(gpus=runner.query_gpus()), console=console,
                     archs=plan_archs)
 
 
-def launch_training(step: str, cfg, *, dry_run: bool, validate: Callable[[object], None],
-                    ds_configs: Callable[[object, LaunchPlan, object], dict[str, dict]] | None = None,
+def _show_record(record: ResolvedRun) -> None:
+    console.rule(f"[bold]run record: {RECORD}")
+    shown = {k: v for k, v in record.to_dict().items() if k != "ds_configs"}
+    shown["ds_configs"] = sorted(record.ds_files())
+    console.print_json(json.dumps(shown))
+    for name, ds_config in record.ds_files().items():
+        console.rule(f"[bold]DeepSpeed config: {name}")
+        console.print_json(json.dumps(ds_config))
+
+
+def launch_training(step: str, cfg, *, dry_run: bool, checked: bool = False,
                     restart_hint: str | None = None,
                     plan_archs: Callable[[], dict] | None = None) -> int:
-    """Validate `cfg`, then either print the plan (dry run) or record it and launch the workers.
-    `validate(cfg)` runs the checks that touch files, data and models (skipped by --dry-run);
-    `ds_configs(cfg, plan, hw)` gives {file name: DeepSpeed JSON} (default: one training config).
-    `restart_hint` says how to start over when --resume cannot continue (the caller's flags).
-    `plan_archs()` gives the models' architectures for the memory estimate when the step's model
-    paths do not exist yet (the pipeline's step 3 before steps 1 and 2 wrote them)."""
+    """Resolve and check `cfg` for step `step`, then either print the plan (dry run) or record it
+    and launch the workers. The step's `validate` checks (files, data, models; skipped by
+    --dry-run) run here unless `checked` says they already ran (`dschat pipeline` checks every
+    step up front). `restart_hint` says how to start over when --resume cannot continue (the
+    caller's flags). `plan_archs()` gives the models' architectures for the memory estimate when
+    the step's model paths do not exist yet (the pipeline's step 3 before steps 1 and 2 wrote
+    them)."""
+    spec = step_spec(step)
     hw = detect_hardware()
-    out = Path(cfg.output_dir).expanduser().resolve()
-    config_path = out / "run_config.yaml"
-    plan = plan_launch(cfg.launch, step, config_path, hw=hw)
-    cfg, resume_from = _check_resume(cfg, plan.world_size, restart_hint)
-    configs = (ds_configs(cfg, plan, hw) if ds_configs is not None
-               else {"ds_config.json": planned_ds_config(cfg, plan, hw, step)})
+    cfg, plan, record, resume_from = resolve(step, cfg, hw=hw, restart_hint=restart_hint)
+    out = Path(record.output_dir)
     if dry_run:
         from rich.syntax import Syntax
 
         console.rule(f"[bold]dschat {step}: resolved config")
         console.print(Syntax(to_yaml(cfg), "yaml", background_color="default"))
-        for name, ds_config in configs.items():
-            console.rule(f"[bold]DeepSpeed config: {name}")
-            console.print_json(json.dumps(ds_config))
+        _show_record(record)
         console.rule("[bold]launch command")
         console.print(plan.command(), soft_wrap=True)
         console.print(f"world size {plan.world_size} ({plan.nodes} node(s), {plan.device})")
@@ -116,7 +152,7 @@ def launch_training(step: str, cfg, *, dry_run: bool, validate: Callable[[object
                           markup=False)
         if plan.warning:
             warn_line(plan.warning)
-        _memory_estimate(step, cfg, configs, plan, dry_run=True, plan_archs=plan_archs)
+        _memory_estimate(cfg, record, dry_run=True, plan_archs=plan_archs)
         return 0
 
     # resuming continues the outputs already there (it never deletes them): no --overwrite needed
@@ -128,15 +164,15 @@ def launch_training(step: str, cfg, *, dry_run: bool, validate: Callable[[object
 
     # GPU workers share /dev/shm (NCCL); CPU workers talk over gloo's TCP and need none
     procs_per_node = plan.world_size // max(plan.nodes, 1) if plan.device == "cuda" else 1
-    preflight(procs_per_node, cfg.output_dir, getattr(getattr(cfg, "data", None), "data_cache_dir", None))
-    validate(cfg)
+    preflight(procs_per_node, cfg.output_dir, cache_dir)
+    if not checked:
+        load(spec.validate)(cfg)
     if plan.warning:
         warn_line(plan.warning)
-    _memory_estimate(step, cfg, configs, plan, dry_run=False, plan_archs=plan_archs)
+    _memory_estimate(cfg, record, dry_run=False, plan_archs=plan_archs)
     out.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(to_yaml(cfg), encoding="utf-8")
-    for name, ds_config in configs.items():
-        (out / name).write_text(json.dumps(ds_config, indent=2) + "\n", encoding="utf-8")
+    (out / "run_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    record.write(out)
     (out / "launch.sh").write_text(
         "#!/usr/bin/env bash\n# the command dschat ran; re-run with: bash launch.sh\n"
         f"# invoked as: {shlex.join(['dschat', step] + sys.argv[2:])}\n{plan.command()}\n",
@@ -148,7 +184,7 @@ def launch_training(step: str, cfg, *, dry_run: bool, validate: Callable[[object
 
         os.environ.update(plan.env)
         os.environ["DSCHAT_IN_PROCESS"] = "1"
-        return run_step(step, cfg)
+        return run_step(step, cfg, record)
     console.print(f"[dim]launching {plan.world_size} worker(s); log: "
                   f"{escape(str(out / 'train.log'))}[/dim]")
     rc = run_launch(plan, log_path=out / "train.log")

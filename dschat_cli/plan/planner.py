@@ -1,22 +1,25 @@
 """Plan a training step before it runs: memory per GPU against the GPUs at hand, the batch sizes and
 step counts in words, and what to change when it does not fit.
 
-    target = detect_target(gpu_memory_gib=None)          # GPUs here (nvidia-smi), or --gpu-memory
-    sp = plan_step("sft", cfg, target)                  # -> StepPlan (estimate, schedule, verdict)
+    target = detect_target(gpu_memory_gib=None, gpus=query_gpus())   # GPUs here, or --gpu-memory
+    sp = plan_step(cfg, record, target)           # -> StepPlan (estimate, schedule, verdict)
 
-The DeepSpeed configs come from the one builder (config/ds_config.py) and the step counts from
-config/schedule.py, the same functions the run uses. No torch import; data rows are counted only
-for local sources (nothing is downloaded or tokenised).
+`record` is the run record (config/resolved.py) of the run as it would launch on a GPU machine:
+its world size, precision and DeepSpeed configs come from the same resolver the launch uses
+(launch/step.py builds it), the step counts from config/schedule.py. Nothing here asks the machine
+or the launcher. No torch import; data rows are counted only for local sources (nothing is
+downloaded or tokenised).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dschat_cli.config.resolved import ResolvedRun, with_config
 from dschat_cli.config.schema import ConfigError
+from dschat_cli.config.steps import step as step_spec
 from dschat_cli.plan.arch import Arch, PlanUnavailable, load_arch
 from dschat_cli.plan.memory import GiB, Estimate, estimate_ppo, estimate_single
 
@@ -35,15 +38,11 @@ class Target:
     bf16: bool  # bf16-capable (what --dtype auto picks)
 
 
-def _nvidia_smi() -> list[tuple[int, float]]:
-    from dschat_cli.launch.runner import query_gpus
-
-    return query_gpus()
-
-
-def detect_target(gpu_memory_gib: float | None = None) -> Target:
-    """The GPUs here (their count and the smallest one's memory), or the --gpu-memory given."""
-    gpus = _nvidia_smi()
+def detect_target(gpu_memory_gib: float | None = None,
+                  gpus: list[tuple[int, float]] | tuple = ()) -> Target:
+    """The GPUs here (`gpus`: [(MiB, compute capability)] as launch/runner.py's query_gpus lists
+    them; their count and the smallest one's memory), or the --gpu-memory given."""
+    gpus = list(gpus)
     bf16 = all(cap >= 8.0 for _, cap in gpus) if gpus else True
     if gpu_memory_gib is not None:
         return Target(len(gpus), gpu_memory_gib * GiB, f"--gpu-memory {gpu_memory_gib:g}", bf16)
@@ -103,19 +102,17 @@ class StepPlan:
 
 # ------------------------------------------------------------------------------------- estimates
 
-def _ds_by_role(configs: dict[str, dict]) -> dict[str, dict]:
-    """{"ds_config_actor.json": ...} or {"actor": ...} -> {"actor": ...}; a single training
-    config -> {"model": ...}."""
-    out = {}
-    for name, ds in configs.items():
-        role = Path(name).stem.removeprefix("ds_config_").removeprefix("ds_config")
-        out[role or "model"] = ds
-    return out
+def _single(step: str) -> bool:
+    """A step that trains one model (its memory is estimate_single's), as the table says."""
+    kind = step_spec(step).memory
+    if kind is None:
+        raise ConfigError(f"dschat plan {step}", "has no memory model; plan sft, reward or ppo")
+    return kind == "single"
 
 
 def step_archs(step: str, cfg) -> dict[str, Arch]:
     """The architectures a step's models have (PlanUnavailable when one cannot be read)."""
-    if step in ("sft", "reward"):
+    if _single(step):
         return {"model": load_arch(cfg.model.model, cfg.model.dropout)}
     actor = load_arch(cfg.actor.model, cfg.actor.dropout, flag="--actor-model")
     critic = load_arch(cfg.critic.model, cfg.critic.dropout, flag="--critic-model")
@@ -138,13 +135,13 @@ def pipeline_ppo_archs(cfg, actor_source: str, reward_source: str) -> dict[str, 
             "reward": arch(cfg.reward_path, reward_source, "--reward")}
 
 
-def estimate_step(step: str, cfg, configs: dict[str, dict], *, world_size: int,
-                  archs: dict[str, Arch] | None = None) -> Estimate:
-    """Memory of `step` run with `cfg` and these DeepSpeed configs (as launch_training builds
-    them) on `world_size` ranks."""
+def estimate_step(cfg, record: ResolvedRun, *, archs: dict[str, Arch] | None = None) -> Estimate:
+    """Memory of running `cfg` as `record` resolves it (its world size and DeepSpeed configs by
+    role, as the launch writes them)."""
+    step, world_size = record.step, record.world_size
     archs = archs or step_archs(step, cfg)
-    ds = _ds_by_role(configs)
-    if step in ("sft", "reward"):
+    ds = record.ds_configs
+    if _single(step):
         o, lora = cfg.optim, cfg.lora
         return estimate_single(step, archs["model"], ds["model"], source=str(cfg.model.model),
                                world_size=world_size, micro_batch=o.per_device_train_batch_size,
@@ -173,42 +170,14 @@ def estimate_step(step: str, cfg, configs: dict[str, dict], *, world_size: int,
         generation_tp=getattr(cfg.generation, "generation_tensor_parallel", 1))
 
 
-def _plan_configs(step: str, cfg, world_size: int, dtype: str) -> dict[str, dict]:
-    """The DeepSpeed configs a GPU run of `cfg` would build (the one builder)."""
-    from dschat_cli.config.ds_config import train_ds_config
-
-    if step == "ppo":
-        from dschat_cli.config.ppo_ds import ppo_ds_configs
-
-        return ppo_ds_configs(cfg, world_size=world_size, dtype=dtype,
-                              torch_adam=cfg.train.torch_adam, tensorboard_dir=None)
-    return {"model": train_ds_config(cfg.deepspeed, cfg.optim, world_size=world_size, dtype=dtype,
-                                     torch_adam=cfg.optim.torch_adam)}
-
-
-def world_size_for(step: str, cfg, target: Target) -> int:
-    """Ranks the launch would start (launch/runner.py's plan_launch, as on a GPU machine)."""
-    from dschat_cli.launch.runner import Hardware, plan_launch
-
-    hw = Hardware(gpus=target.gpus_here, bf16=target.bf16, cpu_cores=os.cpu_count() or 1)
-    return plan_launch(cfg.launch, step, "run_config.yaml", hw=hw).world_size
-
-
-def plan_step(step: str, cfg, target: Target, *, archs: dict[str, Arch] | None = None,
-              count_data: bool = True, suggest: bool = True, title: str = "") -> StepPlan:
-    """Everything `dschat plan STEP` prints, for a GPU run of `cfg` on `target`."""
-    from dschat_cli.config.ds_config import resolve_dtype
-
-    world = world_size_for(step, cfg, target)
-    if step == "ppo":  # a plan of a run the launcher would refuse is no plan
-        from dschat_cli.launch.checks import check_generation_tp
-
-        check_generation_tp(cfg, world)
-    dtype = resolve_dtype(cfg.deepspeed.dtype, has_gpu=True, bf16_supported=target.bf16)
-    configs = _plan_configs(step, cfg, world, dtype)
+def plan_step(cfg, record: ResolvedRun, target: Target, *,
+              archs: dict[str, Arch] | None = None, count_data: bool = True, suggest: bool = True,
+              title: str = "") -> StepPlan:
+    """Everything `dschat plan STEP` prints, for `cfg` run as `record` resolves it, on `target`."""
+    step, world, dtype = record.step, record.world_size, record.dtype
     try:
         archs = archs or step_archs(step, cfg)
-        est = estimate_step(step, cfg, configs, world_size=world, archs=archs)
+        est = estimate_step(cfg, record, archs=archs)
         unavailable = None
     except PlanUnavailable as e:
         est, unavailable, flag = None, str(e), e.flag
@@ -216,9 +185,9 @@ def plan_step(step: str, cfg, target: Target, *, archs: dict[str, Arch] | None =
                   target=target, title=title or f"dschat {step}")
     if unavailable:
         sp.unavailable_flag = flag
-    sp.schedule = explain_schedule(step, cfg, configs, world, count_data=count_data)
+    sp.schedule = explain_schedule(cfg, record, count_data=count_data)
     if suggest and est is not None and sp.verdict in ("does not fit", "tight"):
-        sp.suggestions = suggestions(step, cfg, target, world, dtype, archs)
+        sp.suggestions = suggestions(cfg, record, target, archs)
     return sp
 
 
@@ -234,14 +203,13 @@ def _local(data) -> bool:
 def count_rows(step: str, cfg) -> tuple[int | None, str]:
     """(training rows of this step's part of the data, where the number comes from); None when
     the data is not local (hub data is counted once it is tokenised, at the run's start)."""
-    data = cfg.data.as_data_options() if step == "ppo" else cfg.data
+    data = cfg.data if _single(step) else cfg.data.as_data_options()
     if not _local(data):
         return None, "hub data: counted when the run tokenises it"
     from dschat_cli.data.prepare import load_phase_rows
 
     try:
-        train, _ = load_phase_rows(data, phase={"sft": 1, "reward": 2, "ppo": 3}[step],
-                                   seed=cfg.seed)
+        train, _ = load_phase_rows(data, phase=step_spec(step).data_phase, seed=cfg.seed)
     except ConfigError as e:
         return None, f"cannot read the data ({e.where}: {e.message})"
     return len(train), "rows of this step's part of the local data"
@@ -251,14 +219,13 @@ def _n(x: int) -> str:
     return f"{x:,}"
 
 
-def explain_schedule(step: str, cfg, configs: dict[str, dict], world: int, *,
-                     count_data: bool = True) -> list[Line]:
+def explain_schedule(cfg, record: ResolvedRun, *, count_data: bool = True) -> list[Line]:
     """The batch sizes and step counts of the run, each with the formula that gives it."""
     from dschat_cli.config.schedule import loader_batches, optimizer_steps, ppo_schedule
 
+    step, world, ds = record.step, record.world_size, record.ds_configs
     n, origin = count_rows(step, cfg) if count_data else (None, "not counted")
-    ds = _ds_by_role(configs)
-    if step in ("sft", "reward"):
+    if _single(step):
         o = cfg.optim
         unit = "pairs" if step == "reward" else "sequences"
         gb = ds["model"]["train_batch_size"]
@@ -359,7 +326,7 @@ def _candidates(step: str, cfg, world: int) -> list[tuple[str, str, dict]]:
     """(kind, what changes, {field path: value}) for changes that lower memory, cheapest first;
     smaller and smaller batches are of one kind."""
     out: list[tuple[str, str, dict]] = []
-    if step in ("sft", "reward"):
+    if _single(step):
         z, o = cfg.deepspeed.zero_stage, cfg.optim
         if world > 1 and z < 3:
             out.append(("zero", f"ZeRO-{z + 1}: partition more over the {world} GPUs",
@@ -454,12 +421,15 @@ def _merge(into: dict, changes: dict) -> None:
         into[path] = value
 
 
-def suggestions(step: str, cfg, target: Target, world: int, dtype: str,
-                archs: dict[str, Arch], limit: int = 5) -> list[Suggestion]:
-    """Changes that make the step fit, each estimated the same way: the single changes that fit
+def suggestions(cfg, record: ResolvedRun, target: Target, archs: dict[str, Arch],
+                limit: int = 5) -> list[Suggestion]:
+    """Changes that make the step fit, each estimated the same way (the same machine and
+    precision, the DeepSpeed configs rebuilt for the changed config): the single changes that fit
     on their own (of the batch sizes, only the largest that fits); if none does, the changes
     combined in order until the combination fits."""
     from dschat_cli.plan.memory import overhead_bytes
+
+    step, world = record.step, record.world_size
 
     def estimate(changes: dict) -> tuple[float, str] | None:
         c = cfg
@@ -467,8 +437,7 @@ def suggestions(step: str, cfg, target: Target, world: int, dtype: str,
             c = _replace(c, path, value)
         try:
             dataclasses.replace(c, output_dir=c.output_dir or "plan").check()
-            peak = estimate_step(step, c, _plan_configs(step, c, world, dtype), world_size=world,
-                                 archs=archs).peak
+            peak = estimate_step(c, with_config(record, c), archs=archs).peak
         except ConfigError:  # a combination the run would refuse
             return None
         return peak, verdict(peak, overhead_bytes(peak, world), target.gpu_bytes)

@@ -131,24 +131,25 @@ def to_json(sp: StepPlan) -> dict:
     return out
 
 
-def launch_estimate(step: str, cfg, configs: dict[str, dict], *, world_size: int, console,
-                    archs=None) -> None:
+def launch_estimate(cfg, record, target: Target, *, console, archs=None) -> None:
     """The few lines a training command prints before it launches on GPUs: each model's memory,
-    the peak against this machine's GPU, and, when it clearly does not fit, a warning with the
-    first change that would make it fit. It never stops the launch: an estimate can be wrong, and
-    the run's own out-of-memory error is the final word."""
+    the peak against `target` (this machine's GPUs), and, when it clearly does not fit, a warning
+    with the first change that would make it fit. It never stops the launch: an estimate can be
+    wrong, and the run's own out-of-memory error is the final word. `record` is the run record
+    the launch resolved; `archs()` gives the models' architectures when `cfg`'s model paths do not
+    exist yet."""
     from dschat_cli.plan.arch import PlanUnavailable
-    from dschat_cli.plan.planner import detect_target, estimate_step, plan_step
+    from dschat_cli.plan.planner import estimate_step, plan_step
 
+    step, world_size = record.step, record.world_size
     try:
         model_archs = archs() if archs is not None else None  # else read from cfg's models
-        est = estimate_step(step, cfg, configs, world_size=world_size, archs=model_archs)
+        est = estimate_step(cfg, record, archs=model_archs)
     except PlanUnavailable as e:
         hint = ("; `dschat plan pipeline` plans step 3 before steps 1 and 2 have written its "
                 "models" if step == "ppo" else "")
         console.print(Text(f"memory estimate: not available ({e}){hint}", style="dim"))
         return
-    target = detect_target()
     console.print(Text(f"memory estimate per GPU ({est.dtype}, {world_size} GPU(s); "
                        f"`dschat plan {step}` explains it):", style="bold"))
     for m in est.models:
@@ -158,7 +159,7 @@ def launch_estimate(step: str, cfg, configs: dict[str, dict], *, world_size: int
         console.print(Text(f"  {m.role} {m.source} ({count(m.params)}, {_zero(m)}): {body} GiB"))
     console.print(Text("  ").append_text(fit_line(est, target)))
     if verdict(est.peak, est.overhead, target.gpu_bytes) == "does not fit":
-        sp = plan_step(step, cfg, target, archs=model_archs, count_data=False)
+        sp = plan_step(cfg, record, target, archs=model_archs, count_data=False)
         fix = (f"; to fit, try {' '.join(sp.suggestions[0].flags)} (estimated peak "
                f"{gib(sp.suggestions[0].peak)} GiB)" if sp.suggestions else "")
         from dschat_cli.ui.console import warn_line

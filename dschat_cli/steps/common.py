@@ -100,7 +100,10 @@ def print_summary(title: str, rows: list[tuple[str, str]]) -> None:
 
 def train_ds_setup(cfg, dist: Dist, out, job_name: str) -> tuple[str, dict, str | None]:
     """Resolve the precision and build this rank's DeepSpeed config (the one builder) for a
-    training step whose cfg has .deepspeed and .optim sections; rank 0 records it in OUT."""
+    training step whose cfg has .deepspeed and .optim sections; rank 0 records it in OUT.
+
+    Only `dschat bench`'s step-1 benchmark still calls this: sft and reward read the run record
+    the launch resolved (config/resolved.py). Delete it once steps/bench.py reads the record."""
     import json
 
     from dschat_cli.config.ds_config import resolve_dtype, train_ds_config

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dschat_cli.config.resolved import ResolvedRun
 from dschat_cli.config.reward import RewardConfig
 from dschat_cli.data.reward import collate_pairs, pair_drop_counts, reward_datasets
 from dschat_cli.dist import Dist
@@ -23,7 +24,7 @@ from dschat_cli.rlhf.reward import (pairwise_divergence_loss, pairwise_last_toke
                                     sequence_scores)
 from dschat_cli.steps.common import (count_params, init_engine, make_loaders, move_batch,
                                      print_summary, real_samples, seed_everything, total_optimizer_steps,
-                                     peak_memory_gib, train_ds_setup, write_summary_json)
+                                     peak_memory_gib, write_summary_json)
 from dschat_cli.steps.checkpoint import CheckpointManager, skip_batches
 from dschat_cli.steps.health import GradNorms, HealthMonitor
 from rich.markup import escape
@@ -69,11 +70,13 @@ def evaluate_pairs(engine, loader, dist: Dist) -> dict:
             "pairs": int(n)}
 
 
-def run(cfg: RewardConfig, dist: Dist) -> dict:
+def run(cfg: RewardConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     # 1. setup ---------------------------------------------------------------------------------
     seed_everything(cfg.seed)
-    out = Path(cfg.output_dir).expanduser().resolve()
-    dtype, ds_config, tb_dir = train_ds_setup(cfg, dist, out, "reward")
+    # resolved once before launch (config/resolved.py): where, precision, DeepSpeed config,
+    # TensorBoard; the launch wrote the DeepSpeed JSON and OUT exists
+    out = Path(resolved.output_dir)
+    dtype, ds_config, tb_dir = resolved.dtype, resolved.ds_config(), resolved.tensorboard_dir
     tokenizer = load_tokenizer(cfg.model)
     with console.status("tokenising pairs"):
         train_data, eval_data = reward_datasets(cfg.data, tokenizer, seed=cfg.seed)

@@ -11,6 +11,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from dschat_cli.config.resolved import ResolvedRun
 from dschat_cli.config.sft import SFTConfig
 from dschat_cli.data.sft import collate_sft, sft_datasets
 from dschat_cli.dist import Dist
@@ -18,7 +19,7 @@ from dschat_cli.models.loading import (apply_lora, load_causal_lm, load_tokenize
                                        save_hf_model)
 from dschat_cli.steps.common import (count_params, eval_loss, flops_per_token, init_engine,
                                      make_loaders, move_batch, print_summary, seed_everything,
-                                     peak_memory_gib, total_optimizer_steps, train_ds_setup,
+                                     peak_memory_gib, total_optimizer_steps,
                                      write_summary_json)
 from dschat_cli.steps.checkpoint import CheckpointManager, skip_batches
 from dschat_cli.steps.health import GradNorms, HealthMonitor
@@ -28,11 +29,13 @@ from dschat_cli.ui.console import console
 from dschat_cli.ui.progress import fmt_metrics, train_progress
 
 
-def run(cfg: SFTConfig, dist: Dist) -> dict:
+def run(cfg: SFTConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     # 1. setup ---------------------------------------------------------------------------------
     seed_everything(cfg.seed)
-    out = Path(cfg.output_dir).expanduser().resolve()
-    dtype, ds_config, tb_dir = train_ds_setup(cfg, dist, out, "sft")
+    # resolved once before launch (config/resolved.py): where, precision, DeepSpeed config,
+    # TensorBoard; the launch wrote the DeepSpeed JSON and OUT exists
+    out = Path(resolved.output_dir)
+    dtype, ds_config, tb_dir = resolved.dtype, resolved.ds_config(), resolved.tensorboard_dir
 
     tokenizer = load_tokenizer(cfg.model)
     with console.status("tokenising data"):
@@ -56,7 +59,7 @@ def run(cfg: SFTConfig, dist: Dist) -> dict:
     health = HealthMonitor.for_run("sft", cfg.health, dtype=dtype, out=out,
                                    is_main=dist.is_main, last_checkpoint=ckpt.latest, state=state)
     grad_norms = GradNorms(engine)
-    flops_tok = flops_per_token(engine.module, n_params, cfg.data.max_seq_len,
+    flops_tok = flops_per_token(engine.module, n_params, resolved.max_seq_len,
                                 cfg.model.gradient_checkpointing)
     console.print(f"[bold]sft[/bold] {escape(cfg.model.model)}: {n_params / 1e6:.1f}M parameters, "
                   f"{len(train_data)} train / {len(eval_data)} eval samples, "

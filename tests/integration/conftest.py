@@ -34,8 +34,8 @@ _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE
 
 # The files every finished `dschat sft` leaves in its output folder (launcher runs add train.log).
 SFT_OUTPUT_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-                    "tokenizer_config.json", "run_config.yaml", "ds_config.json", "metrics.jsonl",
-                    "train_summary.json", "launch.sh")
+                    "tokenizer_config.json", "run_config.yaml", "resolved.json", "ds_config.json",
+                    "metrics.jsonl", "train_summary.json", "launch.sh")
 
 
 @dataclass

@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 
 REWARD_FILES = ("model.safetensors", "value_head.safetensors", "config.json", "tokenizer.json",
-                "tokenizer_config.json", "run_config.yaml", "ds_config.json", "metrics.jsonl",
-                "train_summary.json", "launch.sh")
+                "tokenizer_config.json", "run_config.yaml", "resolved.json", "ds_config.json",
+                "metrics.jsonl", "train_summary.json", "launch.sh")
 MIN_ACCURACY = 0.9
 POLITE = " Of course! Start with onions and vegetables, then add stock. I hope this helps!"
 RUDE = " Go away, that is a stupid question."

@@ -40,6 +40,10 @@ def test_dry_run_prints_config_ds_json_and_command(tmp_path):
     assert "zero_stage: 2" in r.output
     assert '"train_batch_size": 8' in r.output  # 4 x 1 GPU x 2
     assert "deepspeed.launcher.runner" in r.output and "dschat_cli.worker sft" in r.output
+    # the run record the ranks would read: resolved for this CPU machine
+    assert "run record: resolved.json" in r.output
+    for field in ('"device": "cpu"', '"dtype": "fp32"', '"torch_adam": true', '"world_size": 1'):
+        assert field in r.output, field
     assert not out.exists()  # a dry run writes nothing
 
 

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dschat_cli.cli.app import app
-from dschat_cli.plan import planner
+from dschat_cli.launch import runner as runner_mod
 
 runner = CliRunner()
 
@@ -18,7 +18,7 @@ runner = CliRunner()
 @pytest.fixture(autouse=True)
 def no_gpu_here(monkeypatch):
     """Tests see no GPU unless they say so (nvidia-smi is not asked)."""
-    monkeypatch.setattr(planner, "_nvidia_smi", lambda: [])
+    monkeypatch.setattr(runner_mod, "query_gpus", lambda: [])
 
 
 def plan(*args):
@@ -74,7 +74,7 @@ def test_no_gpu_and_no_gpu_memory_says_how_to_check():
 
 
 def test_detected_gpus_set_world_size_and_capacity(monkeypatch):
-    monkeypatch.setattr(planner, "_nvidia_smi", lambda: [(81559, 8.0)] * 8)
+    monkeypatch.setattr(runner_mod, "query_gpus", lambda: [(81559, 8.0)] * 8)
     doc = json.loads(plan("sft", "--model", "opt-13b", "--zero-stage", "3", "--deployment-type",
                           "single_node", "--json").output)
     assert doc["world_size"] == 8 and doc["gpu_memory_gib"] == pytest.approx(81559 / 1024, rel=1e-3)
@@ -139,7 +139,7 @@ def test_launch_prints_the_estimate_and_warns_when_it_does_not_fit(monkeypatch, 
 
     monkeypatch.setattr(launch_step, "detect_hardware", lambda: Hardware(gpus=1, bf16=True,
                                                                          cpu_cores=2))
-    monkeypatch.setattr(planner, "_nvidia_smi", lambda: [(24576, 8.9)])  # one 24 GiB GPU
+    monkeypatch.setattr(runner_mod, "query_gpus", lambda: [(24576, 8.9)])  # one 24 GiB GPU
     base = ["sft", "--model", "opt-1.3b", "--output-dir", str(tmp_path / "o"), "--dry-run"]
     r = runner.invoke(app, base + ["--per-device-train-batch-size", "1", "--lora-dim", "8",
                                    "--only-optimize-lora"], terminal_width=200)
@@ -158,7 +158,7 @@ def test_pipeline_dry_run_estimates_step3_before_steps_1_and_2_exist(monkeypatch
 
     monkeypatch.setattr(launch_step, "detect_hardware", lambda: Hardware(gpus=4, bf16=True,
                                                                          cpu_cores=2))
-    monkeypatch.setattr(planner, "_nvidia_smi", lambda: [(143771, 9.0)] * 4)
+    monkeypatch.setattr(runner_mod, "query_gpus", lambda: [(143771, 9.0)] * 4)
     common = ["--actor", "opt-13b", "--deployment-type", "single_node"]
     r = runner.invoke(app, ["pipeline", *common, "--output-dir", str(tmp_path / "o"),
                             "--dry-run"], terminal_width=200)

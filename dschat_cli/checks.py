@@ -1,9 +1,15 @@
-"""Pre-launch checks of each training step (user side): everything that can fail before a worker
-starts — folders and their kinds, tokenizers, LoRA targets, data — so a mistake costs a second and
-writes nothing. Used by the step commands and by `dschat pipeline`."""
+"""Pre-launch checks of each step (user side): everything that can fail before a worker starts —
+folders and their kinds, tokenizers, LoRA targets, data — so a mistake costs a second and writes
+nothing. The table of steps (config/steps.py) names each step's checks; launch/ runs them before
+a step command launches, `dschat pipeline` for every step before the first starts.
+
+    validate_sft(cfg)                    # the step's `validate`: reads files, models and data
+    check_generation_tp(cfg, world_size)  # a `validate_world`: needs the run's world size
+"""
 
 from __future__ import annotations
 
+from dschat_cli.config.bench import BenchConfig
 from dschat_cli.config.ppo import PPOConfig
 from dschat_cli.config.reward import RewardConfig
 from dschat_cli.config.schema import ConfigError
@@ -95,19 +101,19 @@ def check_generation_tp(cfg: PPOConfig, world_size: int) -> None:
         raise ConfigError(FLAG, f"{e}; use {FLAG} 1") from None
 
 
-def ppo_planned_configs(cfg: PPOConfig, plan, hw) -> dict[str, dict]:
-    """The four DeepSpeed JSONs of step 3, as the workers will build them (after the checks that
-    need the run's world size)."""
-    from dschat_cli.config.ds_config import resolve_dtype
-    from dschat_cli.config.ppo_ds import ppo_ds_configs
+def validate_bench(cfg: BenchConfig) -> None:
+    """Random weights of real architectures: only the architectures must be at hand."""
+    from dschat_cli.config.sections import ModelOptions
+    from dschat_cli.models.loading import check_model_source
 
-    check_generation_tp(cfg, plan.world_size)
-    dtype = resolve_dtype(cfg.deepspeed.dtype, has_gpu=hw.gpus > 0, bf16_supported=hw.bf16)
-    tb = f"{cfg.output_dir}/tensorboard" if cfg.deepspeed.enable_tensorboard else None
-    configs = ppo_ds_configs(cfg, world_size=plan.world_size, dtype=dtype,
-                             torch_adam=cfg.train.torch_adam or hw.gpus == 0, tensorboard_dir=tb)
-    return {f"ds_config_{name}.json": c for name, c in configs.items()}
+    check_model_source(ModelOptions(model=cfg.actor, random_init=True), flag="--actor")
+    if cfg.step == "ppo":
+        check_model_source(ModelOptions(model=cfg.critic, random_init=True), flag="--critic")
 
 
-VALIDATORS = {"sft": validate_sft, "reward": validate_reward, "ppo": validate_ppo}
-DS_CONFIGS = {"ppo": ppo_planned_configs}
+def check_bench_generation_tp(cfg: BenchConfig, world_size: int) -> None:
+    """`dschat bench --generation-tensor-parallel N`: as `dschat ppo`'s."""
+    if cfg.step == "ppo":
+        from dschat_cli.config.bench import bench_ppo_config
+
+        check_generation_tp(bench_ppo_config(cfg), world_size)
