@@ -79,7 +79,19 @@ class PPOAlgoOptions:
     gamma: float = opt(1.0, "Discount factor.", min=0.0, max=1.0)
     lam: float = opt(0.95, "GAE lambda.", min=0.0, max=1.0)
     whiten_advantages: bool = opt(False, "Normalise advantages to mean 0, variance 1 over each "
-                                  "experience batch (DeepSpeed-Chat does not).")
+                                  "pooled experience (DeepSpeed-Chat does not).")
+    kl_target: float | None = opt(None, "Adaptive KL (Ziegler et al. 2019): steer the KL to the "
+                                  "reference (nats summed over an answer, the log's kl) towards this "
+                                  "target by raising or lowering the coefficient, which starts at "
+                                  "--kl-ctl; unset: the fixed --kl-ctl of DeepSpeed-Chat.", min=0.0)
+    kl_horizon: float = opt(10000.0, "Adaptive KL horizon in answers: the coefficient changes by at "
+                            "most x e^(+-0.2) over this many answers.", min=1.0)
+    missing_eos_penalty: float = opt(0.0, "Subtracted from the reward score of an answer that did not "
+                                     "end with eos (cut at --max-answer-seq-len); 0: off "
+                                     "(DeepSpeed-Chat).", min=0.0)
+    true_reward: str = opt("none", "A known true reward to report beside the reward model's "
+                           "score, never trained on (none: no such reward is known).",
+                           choices=("none",))
     enable_ema: bool = opt(False, "Keep an exponential moving average of the actor (beta 0.992), "
                            "saved as actor_ema/.")
 
@@ -149,6 +161,14 @@ class PPOHealthOptions(HealthOptions):
     reward_collapse_drop: float = opt(2.0, "Anomaly when the EMA reward stays more than this many "
                                       "baseline reward spreads (std of the batch rewards over the "
                                       "first 3 PPO steps) below its best; 0 disables.", min=0.0)
+    max_repetition: float = opt(0.5, "Anomaly when the mean share of repeated trigrams in the "
+                                "answers (each answer's trigrams already seen earlier in it) stays "
+                                "above this: answers stuck repeating a word or phrase, the classic "
+                                "reward-model exploit; 0 disables.", min=0.0, max=1.0)
+    diversity_collapse: float = opt(0.3, "Anomaly when distinct-2 (unique bigrams / bigrams over a "
+                                    "step's answers) stays below this fraction of its baseline (the "
+                                    "first 3 PPO steps): every prompt gets an alike answer; 0 "
+                                    "disables.", min=0.0, max=1.0)
     reward_collapse_spread: float = opt(0.05, "Anomaly when the spread (std) of the batch rewards "
                                         "stays below this fraction of its baseline (every prompt "
                                         "gets an alike answer); 0 disables.", min=0.0, max=1.0)

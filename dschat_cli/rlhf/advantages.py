@@ -1,7 +1,8 @@
 """Advantage estimators of step 3: pooled experience in, per-token advantages (and the critic's
 targets) out. Pure torch; the arithmetic lives in rlhf/ppo.py.
 
-    adv = estimate_advantages(experience, cfg.ppo)      # Advantages(advantages, returns)
+    scores = shaped_scores(experience.scores, ended, missing_eos_penalty=...)
+    adv = estimate_advantages(experience._replace(scores=scores), cfg.ppo, kl_coef=kl.value)
 
 An estimator is a function (Rollout, options) -> Advantages, registered in ESTIMATORS under its
 --advantage-estimator name with `needs_critic`: whether it reads the critic's values (and so
@@ -44,16 +45,27 @@ def gae(exp: Rollout, *, kl_ctl: float, clip_reward_value: float, gamma: float, 
     return Advantages(adv, ret)
 
 
+def shaped_scores(scores: torch.Tensor, ended_with_eos: torch.Tensor, *,
+                  missing_eos_penalty: float) -> torch.Tensor:
+    """The scores the RL maximises: the reward model's, minus --missing-eos-penalty for every
+    answer that did not end with eos (cut at the length limit: an answer that never stops is a
+    common way to game a reward model that likes long text). (B,), (B,) bool -> (B,) float32."""
+    scores = scores.float()
+    if missing_eos_penalty == 0:
+        return scores
+    return scores - missing_eos_penalty * (~ended_with_eos.bool()).float()
+
+
 @dataclass(frozen=True)
 class Estimator:
     name: str
     needs_critic: bool
-    compute: Callable[[Rollout, object], Advantages]
+    compute: Callable[[Rollout, object, float], Advantages]  # (experience, options, kl_coef)
 
 
 ESTIMATORS: dict[str, Estimator] = {
-    "gae": Estimator("gae", needs_critic=True, compute=lambda exp, o: gae(
-        exp, kl_ctl=o.kl_ctl, clip_reward_value=o.clip_reward_value, gamma=o.gamma, lam=o.lam,
+    "gae": Estimator("gae", needs_critic=True, compute=lambda exp, o, kl_coef: gae(
+        exp, kl_ctl=kl_coef, clip_reward_value=o.clip_reward_value, gamma=o.gamma, lam=o.lam,
         whiten=o.whiten_advantages)),
 }
 
@@ -66,6 +78,7 @@ def estimator_for(opts) -> Estimator:
     return ESTIMATORS[name]
 
 
-def estimate_advantages(exp: Rollout, opts) -> Advantages:
-    """# 3. advantages: the selected estimator over the pooled experience."""
-    return estimator_for(opts).compute(exp, opts)
+def estimate_advantages(exp: Rollout, opts, kl_coef: float | None = None) -> Advantages:
+    """# 3. advantages: the selected estimator over the pooled experience, with the KL coefficient
+    of this update (default: the options' fixed kl_ctl)."""
+    return estimator_for(opts).compute(exp, opts, opts.kl_ctl if kl_coef is None else kl_coef)

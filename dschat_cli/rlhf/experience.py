@@ -40,7 +40,8 @@ def pool_rollouts(rollouts: Sequence[Rollout], pad_token_id: int) -> Rollout:
     P = max(r.prompts.shape[1] for r in rollouts)
     A = max(r.seq.shape[1] - r.prompts.shape[1] for r in rollouts)
     parts = [_pad_to(r, P, A, pad_token_id) for r in rollouts]
-    return Rollout(*(torch.cat(fields, dim=0) for fields in zip(*parts)))
+    return Rollout(*(None if any(f is None for f in fields) else torch.cat(fields, dim=0)
+                     for fields in zip(*parts)))
 
 
 def _pad_to(r: Rollout, P: int, A: int, pad_token_id: int) -> Rollout:
@@ -63,7 +64,7 @@ def _pad_to(r: Rollout, P: int, A: int, pad_token_id: int) -> Rollout:
                    seq=ids(r.seq), attention_mask=mask(r.attention_mask),
                    action_mask=answer(r.action_mask), logprobs=answer(r.logprobs),
                    ref_logprobs=answer(r.ref_logprobs), values=answer(r.values),
-                   scores=r.scores)
+                   scores=r.scores, true_scores=r.true_scores)
 
 
 def minibatch_slices(n_rows: int, batch_size: int) -> Iterator[slice]:
@@ -101,4 +102,5 @@ def trim_padding(r: Rollout) -> Rollout:
     return Rollout(prompts=r.prompts[:, left:], seq=r.seq[:, left:P + A],
                    attention_mask=r.attention_mask[:, left:P + A],
                    action_mask=r.action_mask[:, :A], logprobs=r.logprobs[:, :A],
-                   ref_logprobs=r.ref_logprobs[:, :A], values=r.values[:, :A], scores=r.scores)
+                   ref_logprobs=r.ref_logprobs[:, :A], values=r.values[:, :A], scores=r.scores,
+                   true_scores=r.true_scores)

@@ -44,6 +44,8 @@ class Rollout(NamedTuple):
     values:         (B, A) float32, critic value of the state before each answer token.
     scores:         (B,) float32, reward-model score of each whole sequence (prompt + answer),
                     read at its last real token; unclipped.
+    true_scores:    (B,) float32 or None, a known true reward of each answer (--true-reward), for
+                    reporting only: never trained on.
     """
 
     prompts: torch.Tensor
@@ -54,6 +56,7 @@ class Rollout(NamedTuple):
     ref_logprobs: torch.Tensor
     values: torch.Tensor
     scores: torch.Tensor
+    true_scores: torch.Tensor | None = None
 
     def check_shapes(self) -> None:
         """Raise ValueError with a readable message if the fields' shapes disagree."""
@@ -66,8 +69,11 @@ class Rollout(NamedTuple):
             raise ValueError(f"Rollout has no answer tokens (seq length {P + A}, "
                              f"prompt length {P})")
         expected = {"seq": (B, P + A), "attention_mask": (B, P + A), "action_mask": (B, A),
-                    "logprobs": (B, A), "ref_logprobs": (B, A), "values": (B, A), "scores": (B,)}
+                    "logprobs": (B, A), "ref_logprobs": (B, A), "values": (B, A), "scores": (B,),
+                    "true_scores": (B,)}
         for name, shape in expected.items():
+            if getattr(self, name) is None:
+                continue
             got = tuple(getattr(self, name).shape)
             if got != shape:
                 raise ValueError(f"Rollout.{name} has shape {got}, expected {shape} "
@@ -92,6 +98,11 @@ class PPOStats(NamedTuple):
     return_mean:     masked mean of the returns.
     minibatches:     mini-batches trained on in this update (0: every one had no real answer
                      token, the losses are nan as none was computed).
+    kl_coef:         the KL coefficient the update's rewards used (--kl-ctl, or adaptive).
+    repetition:      mean over kept answers of their repeated-trigram share (rlhf/quality.py).
+    distinct:        distinct-2 of the kept answers (per rank, averaged over ranks).
+    eos_share:       share of kept answers that ended with eos (the rest hit the length limit).
+    true_reward:     mean --true-reward of the kept answers (nan without one).
     """
 
     actor_loss: float
@@ -106,6 +117,11 @@ class PPOStats(NamedTuple):
     advantage_mean: float
     return_mean: float
     minibatches: int = 0
+    kl_coef: float = float("nan")
+    repetition: float = float("nan")
+    distinct: float = float("nan")
+    eos_share: float = float("nan")
+    true_reward: float = float("nan")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,12 @@ The rules (figures are global: every rank computes the same values and decides a
     below --reward-collapse-spread x the baseline (every prompt gets an alike answer). Normal
     noise stays far from either: the EMA of batch means moves by a fraction of one spread. With a
     baseline spread of 0 (one answer per step, or a constant reward model) both are off.
+  - degenerate answers, the classic reward-model exploits (the proxy reward rises while the
+    answers get worse, so the reward rules above cannot see them): (a) the mean share of repeated
+    trigrams in the kept answers (rlhf/quality.py) above --max-repetition (0.5: natural sentences
+    repeat almost none, "Of course!!!!!!!!" repeats nearly all); (b) distinct-2 across the step's
+    answers below --diversity-collapse x its baseline (the first BASELINE_STEPS steps): every
+    prompt gets an alike answer.
 
 In warn mode an anomaly is reported when it starts and again only after its condition cleared,
 not at every step it persists. The monitor's state (streaks, baseline spreads, best EMA reward,
@@ -66,7 +72,8 @@ class TrainingAnomaly(RuntimeError):
 class Anomaly:
     step_name: str  # sft | reward | ppo
     global_step: int
-    kind: str  # loss | grad_norm | kl | answer_length | reward_drop | reward_spread
+    kind: str  # loss | grad_norm | kl | answer_length | reward_drop | reward_spread |
+    #            repetition | diversity
     figure: str  # "actor loss", "KL to the reference", ...
     value: float
     threshold: str  # the limit and where it comes from, in words
@@ -158,12 +165,14 @@ class HealthMonitor:
         self._streaks: dict[str, _Streak] = {}
         self._baseline: list[float] = []
         self._best_ema = -math.inf
+        self._distinct_baseline: list[float] = []
 
     # the rules ----------------------------------------------------------------------------------
     def check(self, step: int, *, losses: Mapping[str, float],
               grad_norms: Mapping[str, Sequence[float]] | None = None, kl: float | None = None,
               answer_length: float | None = None, ema_reward: float | None = None,
-              reward_spread: float | None = None) -> list[Anomaly]:
+              reward_spread: float | None = None, repetition: float | None = None,
+              distinct: float | None = None) -> list[Anomaly]:
         """The anomalies that start at global step `step`. losses: {label: value};
         grad_norms: {label: norms of the optimizer steps since the last check}."""
         found: list[Anomaly] = []
@@ -186,6 +195,7 @@ class HealthMonitor:
                     new("grad_norm", label, norm, threshold, *self._nan_advice(label))
         if self.step_name == "ppo":
             self._check_ppo(new, kl, answer_length, ema_reward, reward_spread)
+            self._check_answers(new, repetition, distinct)
         return found
 
     def _check_ppo(self, new, kl, answer_length, ema_reward, reward_spread) -> None:
@@ -234,6 +244,34 @@ class HealthMonitor:
                     f"baseline {_fmt(base)}{after}: every prompt gets an alike answer",
                     f"reward collapse: {tame}", "--actor-learning-rate")
 
+    def _check_answers(self, new, repetition, distinct) -> None:
+        """Degenerate answers, the classic reward-model exploits: stuck repeating a word or a
+        phrase, or one answer for every prompt."""
+        o = self.opts
+        need = o.anomaly_patience
+        after = f" for {need} PPO steps" if need > 1 else ""
+        advice = ("the actor is exploiting the reward model: raise --kl-ctl (or set --kl-target), "
+                  "lower --actor-learning-rate, and check the reward model on degenerate answers "
+                  "(dschat eval-reward)")
+        if o.max_repetition > 0 and repetition is not None and math.isfinite(repetition) and \
+                self._streak("repetition").update(repetition > o.max_repetition, need):
+            new("repetition", "share of repeated trigrams in the answers", repetition,
+                f"above --max-repetition {_fmt(o.max_repetition)}{after}: answers stuck "
+                "repeating a word or phrase", advice, "--actor-learning-rate")
+        if distinct is None or not math.isfinite(distinct):
+            return
+        if len(self._distinct_baseline) < BASELINE_STEPS:
+            self._distinct_baseline.append(distinct)
+        base = sum(self._distinct_baseline) / len(self._distinct_baseline)
+        armed = o.diversity_collapse > 0 and len(self._distinct_baseline) == BASELINE_STEPS \
+            and base > 0
+        limit = o.diversity_collapse * base
+        if self._streak("diversity").update(armed and distinct < limit, need):
+            new("diversity", "distinct-2 of the answers", distinct,
+                f"below --diversity-collapse {_fmt(o.diversity_collapse)} x its baseline "
+                f"{_fmt(base)}{after}: every prompt gets an alike answer", advice,
+                "--actor-learning-rate")
+
     def _streak(self, key: str) -> _Streak:
         return self._streaks.setdefault(key, _Streak())
 
@@ -251,6 +289,7 @@ class HealthMonitor:
         return {"streaks": {k: [s.count, s.reported] for k, s in self._streaks.items()},
                 "baseline_reward_spreads": list(self._baseline),
                 "best_ema_reward": self._best_ema if math.isfinite(self._best_ema) else None,
+                "baseline_distinct": list(self._distinct_baseline),
                 "anomalies": [dict(a) for a in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -258,6 +297,7 @@ class HealthMonitor:
         self._baseline = [float(x) for x in state["baseline_reward_spreads"]]
         best = state["best_ema_reward"]
         self._best_ema = -math.inf if best is None else float(best)
+        self._distinct_baseline = [float(x) for x in state.get("baseline_distinct", [])]
         self.history = [dict(a) for a in state["anomalies"]]
 
     # what to do --------------------------------------------------------------------------------

@@ -21,13 +21,13 @@ from pathlib import Path
 from dschat_cli.config.ppo import PPOConfig
 from dschat_cli.config.schedule import ppo_schedule
 from dschat_cli.dist import Dist
-from dschat_cli.rlhf.advantages import estimate_advantages
 from dschat_cli.rlhf.experience import pool_rollouts
 from dschat_cli.steps.checkpoint import CheckpointManager, skip_batches
 from dschat_cli.steps.common import count_params, peak_memory_gib, print_summary, seed_everything
 from dschat_cli.steps.health import HealthMonitor, resolve_max_kl
 from dschat_cli.steps.rl.data import prompt_loaders, unsupervised_batches
 from dschat_cli.steps.rl.engines import PPOModels
+from dschat_cli.steps.rl.experience import Heldout
 from dschat_cli.steps.rl.observers import (Checkpointer, Clock, HealthWatch, MetricsRecorder,
                                            ProgressView, Update, reward_spread)
 from dschat_cli.steps.rl.state import RunState
@@ -67,15 +67,16 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
         f"{schedule.ppo_steps} PPO steps of {t.per_device_generation_batch_size * dist.world_size}"
         f" prompts, {schedule.optimizer_steps} optimizer steps")
     if saved is None and data.heldout is not None:
-        state.reward_start, state.reward_start_n, state.reward_start_stderr = \
-            maker.heldout_reward(data.heldout)
-        console.print(f"held-out reward before PPO: {state.reward_start:.4f} "
-                      f"(n={state.reward_start_n}, stderr {state.reward_start_stderr:.4f})")
+        start = maker.heldout(data.heldout)
+        state.heldout_start = start.summary("start")
+        console.print(f"held-out reward before PPO: {start.line()}", markup=False)
 
     # the PPO loop -------------------------------------------------------------------------------
+    nan = float("nan")
     buffer, clock, gen_s, t_start = [], Clock(), 0.0, time.perf_counter() - state.seconds
     checkpointer = Checkpointer(ckpt, models.trained, ema=trainer.ema, extras=lambda: {
         "seconds": time.perf_counter() - t_start, "rollouts": maker.rollouts,
+        "kl_coef": trainer.kl.value,
         "health": health.state_dict(),
         "unsup": learner.unsup_iter.position if learner.unsup_iter is not None else None})
     with train_progress(dist.is_main) as progress:
@@ -97,8 +98,8 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
                 continue
             t0 = time.perf_counter()
             experience = pool_rollouts(buffer, tokenizer.pad_token_id)
-            advantages = estimate_advantages(experience, cfg.ppo)  # 3. advantages
-            stats = learner.update(experience, advantages)        # 4. update
+            advantages = trainer.advantages(experience)            # 3. advantages
+            stats = trainer.learn(experience, advantages)          # 4. update
             state.train_s += time.perf_counter() - t0
             state.gen_s += gen_s
             state.update_ema_reward(stats.reward)
@@ -113,8 +114,7 @@ def run(cfg: PPOConfig, dist: Dist) -> dict:
     checkpointer.save_final(state)
     elapsed = time.perf_counter() - t_start
     # save ---------------------------------------------------------------------------------------
-    end = maker.heldout_reward(data.heldout) if data.heldout is not None \
-        else (float("nan"), 0, float("nan"))
+    end = maker.heldout(data.heldout) if data.heldout is not None else Heldout(nan, nan, 0)
     _save_models(cfg, models, trainer, out, dist)
     result = _summary(cfg, dist, state, end, elapsed, out, ckpt, health, optimizer_steps={
         "actor": models.actor.global_steps, "critic": models.critic.global_steps,
@@ -153,6 +153,8 @@ def _start_or_resume(ckpt: CheckpointManager, models: PPOModels,
     if state.unsup is not None and trainer.learner.unsup_iter is not None:
         trainer.learner.unsup_iter.epoch, trainer.learner.unsup_iter.index = state.unsup
     trainer.maker.rollouts = state.rollouts
+    if state.kl_coef is not None:
+        trainer.kl.value = state.kl_coef
     console.print(f"resumed from {ckpt.resume_from}: PPO step {state.step}, epoch {state.epoch}",
                   markup=False)
     return state, saved
@@ -190,33 +192,45 @@ def _save_models(cfg: PPOConfig, models: PPOModels, trainer: PPOTrainer, out: Pa
                 models.tokenizer.save_pretrained(out / "actor_ema")
 
 
-def _summary(cfg: PPOConfig, dist: Dist, state: RunState, end: tuple, elapsed: float, out: Path,
-             ckpt, health, optimizer_steps: dict) -> dict:
+def _summary(cfg: PPOConfig, dist: Dist, state: RunState, end: Heldout, elapsed: float,
+             out: Path, ckpt, health, optimizer_steps: dict) -> dict:
     from dschat_cli.steps.common import write_summary_json
 
     nan = float("nan")
-    reward_end, n_end, stderr_end = end
     first, last = (state.history[0], state.history[-1]) if state.history else ({}, {})
+    start = state.heldout_start or Heldout(nan, nan, 0).summary("start")
     result = {"steps": state.step, "seconds": elapsed, "generation_seconds": state.gen_s,
-              "train_seconds": state.train_s,
-              "reward_heldout_start": state.reward_start, "reward_heldout_end": reward_end,
-              "reward_heldout_n": n_end, "reward_heldout_start_stderr": state.reward_start_stderr,
-              "reward_heldout_end_stderr": stderr_end, "first": first, "last": last,
+              "train_seconds": state.train_s, **start, **end.summary("end"),
+              "first": first, "last": last,
               "world_size": dist.world_size, "output_dir": str(out), "status": "completed",
               "anomalies": health.history, "health": health.state_dict(),
               "lr_changes": ckpt.lr_changes, "peak_memory_gib": peak_memory_gib(dist),
               "optimizer_steps": optimizer_steps}
     if dist.is_main:
         write_summary_json(out, result)
+
+    def pm(key: str) -> str:  # "mean ± stderr" of a held-out figure
+        return f"{result[key]:.4f} ± {result[key + '_stderr']:.4f}"
+
+    rows = [("PPO steps", str(state.step)),
+            ("held-out reward (before -> after)",
+             f"{pm('reward_heldout_start')} -> {pm('reward_heldout_end')} "
+             f"(n={result['heldout_end_n']}, ± one standard error)")]
+    if cfg.ppo.true_reward != "none":
+        rows.append((f"held-out true reward, {cfg.ppo.true_reward} (before -> after)",
+                     f"{pm('true_reward_heldout_start')} -> {pm('true_reward_heldout_end')}"))
+    for before, after in list(zip(start["samples_start"], end.samples))[:2]:
+        rows.append((f"greedy answer to: {after['prompt']}",
+                     f"before: {before['answer']}\nafter:  {after['answer']}"))
     print_summary("ppo summary", [
-        ("PPO steps", str(state.step)),
-        ("held-out reward (before -> after)",
-         f"{state.reward_start:.4f} ± {state.reward_start_stderr:.4f} -> "
-         f"{reward_end:.4f} ± {stderr_end:.4f} (n={n_end}, ± one standard error)"),
+        *rows,
         ("batch reward (first -> last step)",
          f"{first.get('reward', nan):.4f} -> {last.get('reward', nan):.4f}"),
         ("KL to reference (last step)", f"{last.get('kl', nan):.4f}"),
         ("answer length (last step)", f"{last.get('answer_length', nan):.1f} tokens"),
+        ("answers (last step)", f"repeated trigrams {last.get('repetition', nan):.3f}, distinct-2 "
+                                f"{last.get('distinct', nan):.3f}, ended with eos "
+                                f"{last.get('eos_share', nan):.0%}"),
         ("optimizer steps (run / planned)",
          f"actor {optimizer_steps['actor']} / {optimizer_steps['planned_actor']}, critic "
          f"{optimizer_steps['critic']} / {optimizer_steps['planned_critic']}"

@@ -2,15 +2,20 @@
 
     maker = ExperienceMaker(models, cfg, dist)
     rollout = maker.make(batch)          # Rollout (rlhf/ppo.py documents its fields and shapes)
-    mean, n, stderr = maker.heldout_reward(eval_loader)
+    heldout = maker.heldout(eval_loader) # Heldout: reward (and true reward) with n and stderr
 
 Scoring runs the actor (old logprobs, unless the fast engine's own are used), the frozen
-reference, the critic and the frozen reward model over the generated sequences.
+reference, the critic and the frozen reward model over the generated sequences, and with
+--true-reward a known judge of the decoded answers (reported, never trained on).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -36,9 +41,11 @@ class ExperienceMaker:
         self.rollouts = 0  # rollouts made so far (numbers the parity checks; restored on resume)
         self.last_generation_s = 0.0
         self.last_parity: tuple[float, float] | None = None  # (mean, max) logprob gap
+        self.judge = true_reward_judge(cfg.ppo.true_reward)  # (prompt, answer) -> float, or None
+        self._greedy: RolloutGenerator | None = None  # for the summary's sample answers
 
     @torch.no_grad()
-    def make(self, batch: dict) -> Rollout:
+    def make(self, batch: dict, generator: RolloutGenerator | None = None) -> Rollout:
         # experience is scored as the policy acts: dropout off (the learner turns it back on)
         self.m.actor.eval()
         self.m.critic.eval()
@@ -48,7 +55,8 @@ class ExperienceMaker:
         self.rollouts += 1
         t0 = time.perf_counter()
         with self.timer("generation"):
-            gen = self.generator.generate(self.m.actor.module, prompts, prompt_mask)
+            gen = (generator or self.generator).generate(self.m.actor.module, prompts,
+                                                         prompt_mask)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.last_generation_s = time.perf_counter() - t0
@@ -72,10 +80,27 @@ class ExperienceMaker:
         with self.timer("reward_forward"):
             scores = sequence_scores(self.m.reward(seq, attention_mask, position_ids=pos),
                                      attention_mask)
+        true_scores = None
+        if self.judge is not None:
+            true_scores = torch.tensor([self.judge(p, a) for p, a in self.texts(seq, attention_mask,
+                                                                                P)],
+                                       dtype=torch.float32, device=scores.device)
         return Rollout(prompts=prompts, seq=seq, attention_mask=attention_mask,
                        action_mask=action_mask, logprobs=logprobs.float(),
                        ref_logprobs=ref_logprobs.float(), values=values.float().detach(),
-                       scores=scores.float())
+                       scores=scores.float(), true_scores=true_scores)
+
+    def texts(self, seq: torch.Tensor, attention_mask: torch.Tensor,
+              P: int) -> list[tuple[str, str]]:
+        """(prompt, answer) text of each row, special tokens (eos, pad) stripped."""
+        tok = self.m.tokenizer
+        out = []
+        for ids, mask in zip(seq.tolist(), attention_mask.bool().tolist()):
+            prompt = [t for t, m in zip(ids[:P], mask[:P]) if m]
+            answer = [t for t, m in zip(ids[P:], mask[P:]) if m]
+            out.append((tok.decode(prompt, skip_special_tokens=True),
+                        tok.decode(answer, skip_special_tokens=True)))
+        return out
 
     def _old_logprobs(self, gen, seq, attention_mask, pos, P: int, real) -> torch.Tensor:
         """The actor's logprobs of the answer tokens as sampled: from a forward pass (as
@@ -97,23 +122,91 @@ class ExperienceMaker:
         return gen.logprobs if from_generation else logprobs
 
     @torch.no_grad()
-    def heldout_reward(self, loader) -> tuple[float, int, float]:
-        """(mean, n, standard error) of the reward scores of sampled answers to the held-out
-        prompts, over all ranks; answers of <= 1 token (dropped in training) do not count."""
-        total, squares, count = 0.0, 0.0, 0
+    def heldout(self, loader, samples: int = 4) -> "Heldout":
+        """The held-out figures over all ranks: the reward score (and --true-reward) of one sampled
+        answer per prompt, with n and standard error; answers of <= 1 token (dropped in training)
+        do not count. Plus the greedy answers to the first `samples` prompts (rank 0's), which is
+        what `dschat chat` would say."""
+        sums = {"reward": [0.0, 0.0], "true": [0.0, 0.0]}  # [sum, sum of squares]
+        count = 0
         for batch in loader:
             r = self.make(batch)
-            kept = r.scores[r.action_mask.sum(1) > 0].double()
-            total += float(kept.sum())
-            squares += float((kept ** 2).sum())
-            count += int(kept.numel())
-        total = self.dist.all_reduce_sum(total)
-        squares = self.dist.all_reduce_sum(squares)
-        count = int(self.dist.all_reduce_sum(count))
-        if not count:
-            return float("nan"), 0, float("nan")
-        mean = total / count
-        if count < 2:
-            return mean, count, float("nan")
-        var = max(squares - count * mean * mean, 0.0) / (count - 1)
-        return mean, count, (var / count) ** 0.5
+            kept = r.action_mask.sum(1) > 0
+            count += int(kept.sum())
+            for key, x in (("reward", r.scores), ("true", r.true_scores)):
+                if x is not None:
+                    x = x[kept].double()
+                    sums[key][0] += float(x.sum())
+                    sums[key][1] += float((x ** 2).sum())
+        n = int(self.dist.all_reduce_sum(count))
+        figures = {k: _mean_stderr(self.dist.all_reduce_sum(a), self.dist.all_reduce_sum(b), n)
+                   for k, (a, b) in sums.items()}
+        if self.judge is None:
+            figures["true"] = (math.nan, math.nan)
+        return Heldout(reward=figures["reward"][0], reward_stderr=figures["reward"][1], n=n,
+                       true_reward=figures["true"][0], true_reward_stderr=figures["true"][1],
+                       samples=self.greedy_samples(loader, samples))
+
+    @torch.no_grad()
+    def greedy_samples(self, loader, k: int) -> list[dict]:
+        """Greedy answers to the first k prompts of the loader's first batch, scored (every rank
+        generates, under ZeRO-3 all must; rank 0's are returned)."""
+        if k <= 0:
+            return []
+        if self._greedy is None:
+            g = self.cfg.generation
+            self._greedy = RolloutGenerator(
+                dataclasses.replace(g, do_sample=False, generation_tensor_parallel=1,
+                                    generation_engine="hf" if g.generation_tensor_parallel > 1
+                                    else g.generation_engine),
+                self.m.tokenizer, max_prompt_len=self.cfg.data.max_prompt_seq_len,
+                zero3=self.cfg.deepspeed.actor_zero_stage == 3, world_size=self.dist.world_size)
+        batch = next(iter(loader))
+        batch = {key: v[:k] for key, v in batch.items()}
+        r = self.make(batch, generator=self._greedy)
+        P = r.prompts.shape[1]
+        return [{"prompt": p.strip(), "answer": a.strip(), "reward": float(r.scores[i]),
+                 **({"true_reward": float(r.true_scores[i])} if r.true_scores is not None else {})}
+                for i, (p, a) in enumerate(self.texts(r.seq, r.attention_mask, P))]
+
+
+@dataclass
+class Heldout:
+    reward: float  # mean reward-model score of the kept answers
+    reward_stderr: float
+    n: int  # answers kept
+    true_reward: float = math.nan  # mean --true-reward (nan without one)
+    true_reward_stderr: float = math.nan
+    samples: list[dict] = field(default_factory=list)  # greedy answers to the first prompts
+
+    def summary(self, when: str) -> dict:
+        """The train_summary.json keys of this evaluation, `when` = start or end."""
+        return {f"reward_heldout_{when}": self.reward,
+                f"reward_heldout_{when}_stderr": self.reward_stderr,
+                f"heldout_{when}_n": self.n,
+                f"true_reward_heldout_{when}": self.true_reward,
+                f"true_reward_heldout_{when}_stderr": self.true_reward_stderr,
+                f"samples_{when}": self.samples}
+
+    def line(self) -> str:
+        text = f"{self.reward:.4f} ± {self.reward_stderr:.4f}"
+        if self.true_reward == self.true_reward:
+            text += f", true reward {self.true_reward:.4f} ± {self.true_reward_stderr:.4f}"
+        return text + f" (n={self.n})"
+
+
+def _mean_stderr(total: float, squares: float, n: int) -> tuple[float, float]:
+    if n == 0:
+        return math.nan, math.nan
+    mean = total / n
+    if n < 2:
+        return mean, math.nan
+    var = max(squares - n * mean * mean, 0.0) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def true_reward_judge(name: str) -> Callable[[str, str], float] | None:
+    """--true-reward NAME -> a function (prompt text, answer text) -> float; None for none."""
+    if name == "none":
+        return None
+    raise ValueError(f"unknown --true-reward {name!r}")

@@ -64,6 +64,8 @@ class MetricsRecorder:
                    lr_actor=self.models.actor.get_lr()[0],
                    **{f"{k}_grad_norm": g.reported for k, g in self.learner.grad_norms.items()
                       if g.reported is not None})
+        if self.maker.judge is None:  # no --true-reward: no column
+            row.pop("true_reward")
         if self.maker.last_parity is not None:  # fast engine vs forward, last check
             row["logprob_gap"] = self.maker.last_parity[0]
         if self.learner.skipped_minibatches:
@@ -91,7 +93,8 @@ class HealthWatch:
             u.state.step, losses=losses,
             grad_norms={f"{k} gradient norm": v for k, v in u.grad_norms.items()},
             kl=st.kl, answer_length=st.answer_length, ema_reward=u.state.ema_reward,
-            reward_spread=u.reward_spread), metrics=self.metrics, printer=self.printer)
+            reward_spread=u.reward_spread, repetition=st.repetition, distinct=st.distinct),
+            metrics=self.metrics, printer=self.printer)
 
 
 class ProgressView:

@@ -23,11 +23,11 @@ class RunState:
     gen_s: float = 0.0  # seconds spent generating (training rollouts)
     train_s: float = 0.0  # seconds spent in advantages + updates
     seconds: float = 0.0  # wall seconds of the loop so far, over resumes
-    reward_start: float = math.nan  # held-out reward before PPO
-    reward_start_n: int = 0  # ... over this many answers
-    reward_start_stderr: float = math.nan  # ... with this standard error
+    heldout_start: dict = field(default_factory=dict)  # held-out figures before PPO
+                                                       # (steps/rl/experience.Heldout.summary)
     # copied from their owners when a checkpoint is written, read back on resume:
     rollouts: int = 0  # rollouts made (training and held-out): numbers the parity checks
+    kl_coef: float | None = None  # the KL coefficient (moves with --kl-target)
     unsup: list[int] | None = None  # position of the unsupervised data (Cycle.position)
     health: dict | None = None  # HealthMonitor.state_dict()
 

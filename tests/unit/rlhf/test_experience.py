@@ -129,3 +129,22 @@ def pytest_approx(x):
     import pytest
 
     return pytest.approx(x, abs=1e-5)
+
+
+def test_missing_eos_penalty_and_kl_coefficient_override():
+    from dschat_cli.rlhf.advantages import shaped_scores
+
+    scores = torch.tensor([1.0, 2.0, -1.0])
+    ended = torch.tensor([True, False, False])
+    assert shaped_scores(scores, ended, missing_eos_penalty=0.0).tolist() == [1.0, 2.0, -1.0]
+    assert shaped_scores(scores, ended, missing_eos_penalty=0.5).tolist() == [1.0, 1.5, -1.5]
+
+    class Opts:
+        advantage_estimator = "gae"
+        kl_ctl, clip_reward_value, gamma, lam, whiten_advantages = 0.1, 5.0, 1.0, 0.95, False
+
+    r = rollout([[5]], [[8, 1]], [[1, 1]], base=1.0)  # kl 1 per token
+    # kl_coef 0.3 instead of 0.1: rewards -0.3 and -0.3 + 1 = 0.7; values 10, 20
+    # A_1 = 0.7 - 20 = -19.3; A_0 = -0.3 + 20 - 10 + 0.95 * -19.3 = -8.635
+    adv = estimate_advantages(r, Opts(), kl_coef=0.3).advantages
+    assert adv[0].tolist() == [pytest_approx(-8.635), pytest_approx(-19.3)]

@@ -270,3 +270,38 @@ def test_a_monitor_restored_from_its_state_continues_like_the_uninterrupted_one(
     assert resumed.state_dict() == whole.state_dict()
     assert [a["kind"] for a in resumed.history] == ["kl", "reward_drop"]
     assert run(fresh, 6, 10) == []
+
+
+# --- degenerate answers ---------------------------------------------------------------------------
+
+def test_repetition_above_the_limit_for_patience_steps_is_an_anomaly():
+    m = ppo_monitor(max_repetition=0.5, anomaly_patience=3)
+    assert ppo_step(m, 1, repetition=0.02, distinct=0.8) == []
+    assert ppo_step(m, 2, repetition=0.7, distinct=0.8) == []
+    assert ppo_step(m, 3, repetition=0.9, distinct=0.8) == []
+    [a] = ppo_step(m, 4, repetition=0.95, distinct=0.8)  # third step in a row above 0.5
+    assert a.kind == "repetition" and a.global_step == 4
+    assert "above --max-repetition 0.5 for 3 PPO steps" in a.message()
+    assert "exploiting the reward model" in a.message()
+    assert ppo_step(m, 5, repetition=0.95, distinct=0.8) == []  # reported once while it lasts
+
+
+def test_diversity_collapse_against_its_baseline():
+    m = ppo_monitor(diversity_collapse=0.3, anomaly_patience=2)
+    for step, d in enumerate([0.8, 0.7, 0.9], start=1):  # baseline 0.8
+        assert ppo_step(m, step, repetition=0.0, distinct=d) == []
+    assert ppo_step(m, 4, repetition=0.0, distinct=0.25) == []  # below 0.24? no: 0.25 > 0.24
+    assert ppo_step(m, 5, repetition=0.0, distinct=0.2) == []   # first below 0.3 x 0.8 = 0.24
+    [a] = ppo_step(m, 6, repetition=0.0, distinct=0.1)
+    assert a.kind == "diversity" and "below --diversity-collapse 0.3 x its baseline 0.8" \
+        in a.message(), a.message()
+    # the baseline is part of the state: a resumed monitor judges alike
+    again = ppo_monitor(diversity_collapse=0.3, anomaly_patience=2)
+    again.load_state_dict(json.loads(json.dumps(m.state_dict())))
+    assert again._distinct_baseline == pytest.approx([0.8, 0.7, 0.9])
+
+
+def test_zero_disables_the_answer_rules():
+    m = ppo_monitor(max_repetition=0.0, diversity_collapse=0.0, anomaly_patience=1)
+    for step in range(1, 8):
+        assert ppo_step(m, step, repetition=1.0, distinct=0.01 if step > 3 else 0.9) == []
