@@ -12,7 +12,6 @@ steps/health.py) or anything else (traceback, prefixed by rank).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import sys
@@ -89,11 +88,7 @@ def run_step(step: str, cfg, record) -> int:
             return 2
         hub.assume(record.hub_reachable)  # the user side probed; the ranks do not again
         run = load(step_spec(step).run)
-        # steps/ppo.py and steps/bench.py still resolve their own values: they take no record yet
-        if "resolved" in inspect.signature(run).parameters:
-            run(cfg, dist, resolved=record)
-        else:
-            run(cfg, dist)
+        run(cfg, dist, resolved=record)
         return 0
     except ConfigError as e:
         if rank == 0:

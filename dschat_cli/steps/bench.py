@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from dschat_cli.config.bench import BenchConfig, bench_ppo_config, bench_sft_config
+from dschat_cli.config.resolved import ResolvedRun
 from dschat_cli.dist import Dist
 from dschat_cli.steps.common import PhaseTimer, count_params, seed_everything
 from dschat_cli.ui.console import console
@@ -138,11 +139,12 @@ def ppo_floors(actor: Shape, critic: Shape, *, batch: int, prompt: int, answer: 
 
 
 # the two benchmarks ------------------------------------------------------------------------------
-def run(cfg: BenchConfig, dist: Dist) -> dict:
+def run(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     seed_everything(cfg.seed)
-    result = _bench_sft(cfg, dist) if cfg.step == "sft" else _bench_ppo(cfg, dist)
+    result = _bench_sft(cfg, dist, resolved) if cfg.step == "sft" \
+        else _bench_ppo(cfg, dist, resolved)
     if dist.is_main:
-        out = Path(cfg.output_dir).expanduser().resolve()
+        out = Path(resolved.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         text = json.dumps(result, indent=2) + "\n"
         (out / "bench.json").write_text(text)
@@ -160,7 +162,7 @@ def _random_prompts(batch: int, length: int, tokenizer, device, generator) -> di
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
 
 
-def _bench_ppo(cfg: BenchConfig, dist: Dist) -> dict:
+def _bench_ppo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     from dschat_cli.steps.rl.engines import PPOModels
     from dschat_cli.steps.rl.trainer import PPOTrainer
 
@@ -168,7 +170,8 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist) -> dict:
     total = cfg.warmup + cfg.steps
     engines = ["fast", "hf"] if cfg.generation_engine == "both" else [cfg.generation_engine]
     with console.status("building random-weight actor, reference, critic and reward models"):
-        models = PPOModels.build(ppo_cfg, dist, total * len(engines), total * len(engines))
+        models = PPOModels.build(ppo_cfg, dist, total * len(engines), total * len(engines),
+                                 resolved=resolved)
     on_gpu = dist.device != "cpu"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[models.dtype]
     ceilings = measure_ceilings(dist.device, dtype)
@@ -259,13 +262,12 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist) -> dict:
             "engines": results}
 
 
-def _bench_sft(cfg: BenchConfig, dist: Dist) -> dict:
+def _bench_sft(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     from dschat_cli.models.loading import load_causal_lm, load_tokenizer, optimizer_groups
-    from dschat_cli.steps.common import flops_per_token, init_engine, train_ds_setup
+    from dschat_cli.steps.common import flops_per_token, init_engine
 
     sft_cfg = bench_sft_config(cfg)
-    out = Path(cfg.output_dir).expanduser().resolve()
-    dtype_name, ds_config, _ = train_ds_setup(sft_cfg, dist, out, "bench")
+    dtype_name, ds_config = resolved.dtype, resolved.ds_config("model")
     tokenizer = load_tokenizer(sft_cfg.model)
     with console.status("building the random-weight model"):
         model = load_causal_lm(sft_cfg.model, tokenizer, dtype=dtype_name, ds_config=ds_config,

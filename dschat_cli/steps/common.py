@@ -98,29 +98,6 @@ def print_summary(title: str, rows: list[tuple[str, str]]) -> None:
     console.print(table)
 
 
-def train_ds_setup(cfg, dist: Dist, out, job_name: str) -> tuple[str, dict, str | None]:
-    """Resolve the precision and build this rank's DeepSpeed config (the one builder) for a
-    training step whose cfg has .deepspeed and .optim sections; rank 0 records it in OUT.
-
-    Only `dschat bench`'s step-1 benchmark still calls this: sft and reward read the run record
-    the launch resolved (config/resolved.py). Delete it once steps/bench.py reads the record."""
-    import json
-
-    from dschat_cli.config.ds_config import resolve_dtype, train_ds_config
-
-    on_gpu = dist.device != "cpu"
-    dtype = resolve_dtype(cfg.deepspeed.dtype, has_gpu=on_gpu,
-                          bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
-    tb_dir = str(out / "tensorboard") if cfg.deepspeed.enable_tensorboard else None
-    ds_config = train_ds_config(cfg.deepspeed, cfg.optim, world_size=dist.world_size, dtype=dtype,
-                                torch_adam=cfg.optim.torch_adam or not on_gpu,
-                                tensorboard_dir=tb_dir, job_name=job_name)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-    return dtype, ds_config, tb_dir
-
-
 def make_loaders(train_data, eval_data, collate, optim, dist: Dist, seed: int):
     """-> (train loader, its DistributedSampler (call set_epoch), eval loader). Every rank sees
     the same number of batches (ZeRO-3 needs all ranks in every forward)."""

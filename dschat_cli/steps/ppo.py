@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from dschat_cli.config.ppo import PPOConfig
+from dschat_cli.config.resolved import ResolvedRun
 from dschat_cli.config.schedule import ppo_schedule
 from dschat_cli.dist import Dist
 from dschat_cli.rlhf.experience import pool_rollouts
@@ -39,25 +40,26 @@ from dschat_cli.ui.progress import train_progress
 __all__ = ["PPOModels", "PPOTrainer", "run"]
 
 
-def run(cfg: PPOConfig, dist: Dist) -> dict:
+def run(cfg: PPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     from dschat_cli.models.loading import load_tokenizer
 
     # setup --------------------------------------------------------------------------------------
     seed_everything(cfg.seed)
-    out = Path(cfg.output_dir).expanduser().resolve()
+    out = Path(resolved.output_dir)
     t = cfg.train
     tokenizer = load_tokenizer(cfg.actor)
     data = prompt_loaders(cfg, dist, tokenizer)
     schedule = ppo_schedule(len(data.train), t, unsupervised=bool(cfg.data.unsupervised_dataset_name))
     with console.status("loading actor, reference, critic and reward models"):
-        models = PPOModels.build(cfg, dist, schedule.actor_steps, schedule.optimizer_steps)
-    trainer = PPOTrainer(models, cfg, dist, unsup_iter=unsupervised_batches(cfg, dist, tokenizer))
+        models = PPOModels.build(cfg, dist, schedule.actor_steps, schedule.optimizer_steps,
+                                 resolved=resolved)
+    trainer = PPOTrainer(models, cfg, dist,
+                         unsup_iter=unsupervised_batches(cfg, dist, tokenizer, resolved.max_seq_len))
     maker, learner = trainer.maker, trainer.learner
     ckpt = CheckpointManager(cfg, dist, out)
     state, saved = _start_or_resume(ckpt, models, trainer)  # sets the RNG streams the loop goes on
     metrics = ckpt.metrics_log(out / "metrics.jsonl" if dist.is_main else None,
-                               str(out / "tensorboard") if cfg.deepspeed.enable_tensorboard
-                               else None, saved)
+                               resolved.tensorboard_dir, saved)
     health = _health_monitor(cfg, dist, models, out, ckpt, saved)
     console.print(
         f"[bold]ppo[/bold]: actor {count_params(models.actor.module) / 1e6:.1f}M, critic "

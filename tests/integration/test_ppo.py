@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-PPO_FILES = ("run_config.yaml", "launch.sh", "ds_config_actor.json", "ds_config_critic.json",
+PPO_FILES = ("run_config.yaml", "resolved.json", "launch.sh", "ds_config_actor.json", "ds_config_critic.json",
              "ds_config_ref.json", "ds_config_reward.json", "metrics.jsonl", "train_summary.json")
 ACTOR_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                "tokenizer_config.json")

@@ -53,10 +53,11 @@ def prompt_loaders(cfg: PPOConfig, dist: Dist, tokenizer) -> PromptLoaders:
                          n_train=len(train), n_heldout=len(heldout))
 
 
-def unsupervised_batches(cfg: PPOConfig, dist: Dist, tokenizer):
+def unsupervised_batches(cfg: PPOConfig, dist: Dist, tokenizer, block_size: int):
     """A Cycle (steps/checkpoint.py) over the unsupervised dataset's LM blocks (set its
     epoch and index to a checkpoint's position before the first batch); None without
-    --unsupervised-dataset-name."""
+    --unsupervised-dataset-name. Blocks of `block_size` tokens: the longest sequence step 3
+    trains on, prompt + answer."""
     if not cfg.data.unsupervised_dataset_name:
         return None
     from torch.utils.data import DataLoader, DistributedSampler
@@ -66,8 +67,7 @@ def unsupervised_batches(cfg: PPOConfig, dist: Dist, tokenizer):
 
     blocks = unsupervised_dataset(cfg.data.unsupervised_dataset_name,
                                   cfg.data.unsupervised_dataset_config_name, tokenizer,
-                                  block_size=cfg.data.max_prompt_seq_len
-                                  + cfg.generation.max_answer_seq_len,
+                                  block_size=block_size,
                                   seed=cfg.seed, cache_dir=cfg.data.data_cache_dir)
     loader = DataLoader(blocks, batch_size=cfg.train.per_device_training_batch_size,
                         sampler=DistributedSampler(blocks, num_replicas=dist.world_size,

@@ -1,6 +1,10 @@
 """Step 3's four models as DeepSpeed engines, plus the tokenizer they share.
 
-    models = PPOModels.build(cfg, dist, actor_steps=..., critic_steps=...)
+    models = PPOModels.build(cfg, dist, actor_steps=..., critic_steps=..., resolved=record)
+
+`resolved` is the run record the launch wrote (config/resolved.py: precision and the four
+DeepSpeed configs, by role); the Python API may leave it out to resolve one for this rank's
+machine.
 
 The actor and the critic train (each with its optimizer and LR schedule over the run's optimizer
 steps); the reference (a frozen copy of the initial actor) and the reward model are engines
@@ -13,11 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from dschat_cli.config.ppo import PPOConfig
+from dschat_cli.config.resolved import ResolvedRun
 from dschat_cli.dist import Dist
 from dschat_cli.models.loading import apply_lora, load_causal_lm, load_tokenizer
 
@@ -38,20 +42,15 @@ class PPOModels:
         return {"actor": self.actor, "critic": self.critic}
 
     @classmethod
-    def build(cls, cfg: PPOConfig, dist: Dist, actor_steps: int, critic_steps: int) -> "PPOModels":
-        from dschat_cli.config.ds_config import resolve_dtype
-        from dschat_cli.config.ppo_ds import ppo_ds_configs
+    def build(cls, cfg: PPOConfig, dist: Dist, actor_steps: int, critic_steps: int,
+              resolved: ResolvedRun | None = None) -> "PPOModels":
         from dschat_cli.config.sections import ModelOptions
         from dschat_cli.models.reward import build_reward_model, check_same_tokenizer
 
-        on_gpu = dist.device != "cpu"
-        dtype = resolve_dtype(cfg.deepspeed.dtype, has_gpu=on_gpu,
-                              bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
-        out = Path(cfg.output_dir).expanduser().resolve()
-        tb_dir = str(out / "tensorboard") if cfg.deepspeed.enable_tensorboard else None
-        configs = ppo_ds_configs(cfg, world_size=dist.world_size, dtype=dtype,
-                                 torch_adam=cfg.train.torch_adam or not on_gpu,
-                                 tensorboard_dir=tb_dir)
+        if resolved is None:
+            resolved = this_machine(cfg, dist)
+        dtype = resolved.dtype
+        configs = {role: resolved.ds_config(role) for role in ("actor", "critic", "ref", "reward")}
         tokenizer = load_tokenizer(cfg.actor)
         reward_opts = ModelOptions(model=cfg.reward_model,
                                    trust_remote_code=cfg.critic.trust_remote_code) \
@@ -118,6 +117,18 @@ def _engine(model, config: dict, optim: _Optim | None, total_steps: int):
                                                num_warmup_steps=optim.warmup,
                                                num_training_steps=total_steps))
     return engine
+
+
+def this_machine(cfg, dist: Dist, step: str = "ppo") -> ResolvedRun:
+    """The run record of `cfg` on this rank's machine, for the Python API (a launched run reads
+    the one its launch wrote)."""
+    from dschat_cli import hub
+    from dschat_cli.config.resolved import resolve_run
+
+    on_gpu = dist.device != "cpu"
+    return resolve_run(step, cfg, world_size=dist.world_size, device="cuda" if on_gpu else "cpu",
+                       bf16_supported=on_gpu and torch.cuda.is_bf16_supported(),
+                       hub_reachable=hub.reachable())
 
 
 def frozen(opts):
