@@ -15,7 +15,7 @@ raw = dict(preset_config("opt-125m"))
 cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
 with torch.device("cuda"):
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-kw = dict(eos_token_id=2, pad_token_id=1, max_new_tokens=40, do_sample=False, max_prompt_len=24)
+kw = dict(eos_token_id=2, pad_token_id=1, max_new_tokens=40, do_sample=False, max_prompt_seq_len=24)
 graphs = FastGenerator(model, **kw)
 eager = FastGenerator(model, use_cuda_graph=False, **kw)
 g = torch.Generator().manual_seed(0)

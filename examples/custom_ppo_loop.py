@@ -31,7 +31,7 @@ def main(actor_dir: str, reward_dir: str, data_dir: str, steps: int = 4) -> None
     trainer = PPOTrainer(models, cfg, dist)
 
     prompts, _ = prompt_datasets(cfg.data.as_data_options(), models.tokenizer,
-                                 max_prompt_len=cfg.data.max_prompt_seq_len, seed=cfg.seed)
+                                 max_prompt_seq_len=cfg.data.max_prompt_seq_len, seed=cfg.seed)
     loader = DataLoader(prompts, batch_size=cfg.train.per_device_generation_batch_size,
                         collate_fn=partial(collate_prompts,
                                            pad_token_id=models.tokenizer.pad_token_id))

@@ -18,9 +18,10 @@ class BenchConfig:
     critic: str = opt("opt-350m", "Critic and reward model architecture (ppo).")
     batch_size: int = opt(64, "Prompts per GPU per PPO step (generation batch = training batch); "
                           "sequences per GPU per step for sft.", min=1)
-    prompt_len: int = opt(256, "Tokens in every prompt (exactly).", min=4)
-    answer_len: int = opt(256, "Tokens in every generated answer (exactly: eos is suppressed). "
-                          "For sft the sequence is prompt + answer tokens.", min=2)
+    max_prompt_seq_len: int = opt(256, "Tokens in every prompt (exactly, for a benchmark).", min=4)
+    max_answer_seq_len: int = opt(256, "Tokens in every generated answer (exactly, for a benchmark: "
+                                  "eos is suppressed). For sft the sequence is prompt + answer "
+                                  "tokens.", min=2)
     steps: int = opt(5, "Measured steps (after the warm-up).", min=1)
     warmup: int = opt(2, "Warm-up steps (compilation, CUDA graph capture, allocator), not "
                       "measured.", min=0)
@@ -70,12 +71,12 @@ def bench_ppo_config(cfg: BenchConfig):
     engine = "hf" if cfg.generation_engine == "hf" else "fast"
     return PPOConfig(
         actor=model(cfg.actor), critic=model(cfg.critic),
-        data=PromptDataOptions(max_prompt_seq_len=cfg.prompt_len),
+        data=PromptDataOptions(max_prompt_seq_len=cfg.max_prompt_seq_len),
         train=PPOTrainOptions(per_device_generation_batch_size=cfg.batch_size,
                               per_device_training_batch_size=cfg.batch_size,
                               num_warmup_steps=0, torch_adam=cfg.torch_adam,
                               test_stop_step=cfg.warmup + cfg.steps),
-        generation=PPOGenerationOptions(max_answer_seq_len=cfg.answer_len,
+        generation=PPOGenerationOptions(max_answer_seq_len=cfg.max_answer_seq_len,
                                         generation_engine=engine,
                                         old_logprobs=cfg.old_logprobs if engine == "fast"
                                         else "forward",
@@ -94,7 +95,7 @@ def bench_sft_config(cfg: BenchConfig):
     return SFTConfig(
         model=ModelOptions(model=cfg.actor, random_init=True,
                            gradient_checkpointing=cfg.gradient_checkpointing),
-        data=DataOptions(max_seq_len=cfg.prompt_len + cfg.answer_len),
+        data=DataOptions(max_seq_len=cfg.max_prompt_seq_len + cfg.max_answer_seq_len),
         optim=OptimOptions(per_device_train_batch_size=cfg.batch_size, num_train_epochs=1,
                            max_steps=cfg.warmup + cfg.steps, torch_adam=cfg.torch_adam),
         deepspeed=DeepSpeedOptions(zero_stage=cfg.actor_zero_stage, dtype=cfg.dtype),

@@ -98,7 +98,7 @@ STEPS: tuple[Step, ...] = (
          validate="dschat_cli.checks:validate_bench",
          validate_world="dschat_cli.checks:check_bench_generation_tp",
          ds_configs="dschat_cli.config.bench:bench_ds_configs",
-         precision="dtype", torch_adam="torch_adam", seq_len=("prompt_len", "answer_len"),
+         precision="dtype", torch_adam="torch_adam", seq_len=("max_prompt_seq_len", "max_answer_seq_len"),
          models=()),
 )
 

@@ -1,14 +1,14 @@
 """Step-3 data: prompts for PPO's generation, and the optional unsupervised (pre-training) blocks.
 
 Prompts. One stored sample (no padding):
-    prompt_input_ids  [L]  tokens of the prompt (L <= max_prompt_len)
+    prompt_input_ids  [L]  tokens of the prompt (L <= max_prompt_seq_len)
     source                 the --data-path value the row came from
 
 Choices, with the reason:
 - The prompt is tokenised as in steps 1 and 2 (sft.py): special tokens as the tokenizer adds them
   (e.g. Llama's BOS), no eos appended; an eos the tokenizer itself appends is removed, since the
   actor must continue the prompt, not see it end.
-- Prompts longer than max_prompt_len tokens are dropped, never truncated: a truncated prompt loses
+- Prompts longer than max_prompt_seq_len tokens are dropped, never truncated: a truncated prompt loses
   its " Assistant:" ending, so the actor would continue the question instead of answering it
   (DeepSpeed-Chat drops them too, PR #782). How many were dropped is recorded with the dataset
   (prompt_drop_counts), also when it comes from the cache.
@@ -77,15 +77,15 @@ def _prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return out
 
 
-def tokenize_prompts(batch: dict[str, list], tokenizer, max_prompt_len: int) -> dict[str, list]:
+def tokenize_prompts(batch: dict[str, list], tokenizer, max_prompt_seq_len: int) -> dict[str, list]:
     """Batched map function: {prompt, source?, ...} -> {prompt_input_ids, source?}. Drops prompts
-    longer than max_prompt_len tokens (the number dropped is the rows in minus the rows out)."""
+    longer than max_prompt_seq_len tokens (the number dropped is the rows in minus the rows out)."""
     out: dict[str, list] = {"prompt_input_ids": []}
     sources = batch.get("source")
     if sources is not None:
         out["source"] = []
     for i, ids in enumerate(_prompt_ids(tokenizer, batch["prompt"])):
-        if len(ids) > max_prompt_len:
+        if len(ids) > max_prompt_seq_len:
             continue
         out["prompt_input_ids"].append(ids)
         if sources is not None:
@@ -117,9 +117,9 @@ def collate_prompts(features: Sequence[dict[str, Any]], pad_token_id: int,
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def prompt_cache_key(data: DataOptions, tokenizer, *, max_prompt_len: int, seed: int) -> dict:
+def prompt_cache_key(data: DataOptions, tokenizer, *, max_prompt_seq_len: int, seed: int) -> dict:
     """Everything that changes step 3's tokenised prompts (--sft-only-data-path and --max-seq-len
-    do not: the first feeds step 1 only, the second is replaced by max_prompt_len)."""
+    do not: the first feeds step 1 only, the second is replaced by max_prompt_seq_len)."""
     return {
         "format": FORMAT_VERSION,
         "kind": "prompts",
@@ -128,7 +128,7 @@ def prompt_cache_key(data: DataOptions, tokenizer, *, max_prompt_len: int, seed:
         "split": list(parse_split(data.data_split)),
         "seed": seed,
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "max_prompt_len": max_prompt_len,
+        "max_prompt_seq_len": max_prompt_seq_len,
         "max_train_samples": data.max_train_samples,
         "max_eval_samples": data.max_eval_samples,
     }
@@ -143,11 +143,11 @@ def _read_counts(ds, tag: str) -> dict[str, int]:
 
 def prompt_drop_counts(ds) -> dict[str, int]:
     """What prompt_datasets dropped from this set: {"rows": phase rows read, "too_long": prompts
-    longer than max_prompt_len tokens, "kept": len}. Empty for a dataset it did not build."""
+    longer than max_prompt_seq_len tokens, "kept": len}. Empty for a dataset it did not build."""
     return _read_counts(ds, _COUNTS_TAG)
 
 
-def _tokenize_set(rows, tokenizer, max_prompt_len: int):
+def _tokenize_set(rows, tokenizer, max_prompt_seq_len: int):
     from datasets import Features, Sequence as Seq, Value
 
     features = Features({"prompt_input_ids": Seq(Value("int32"))})
@@ -156,7 +156,7 @@ def _tokenize_set(rows, tokenizer, max_prompt_len: int):
     ds = rows.map(tokenize_prompts, batched=True, batch_size=_BATCH,
                   remove_columns=rows.column_names, features=features, keep_in_memory=True,
                   load_from_cache_file=False,
-                  fn_kwargs={"tokenizer": tokenizer, "max_prompt_len": max_prompt_len},
+                  fn_kwargs={"tokenizer": tokenizer, "max_prompt_seq_len": max_prompt_seq_len},
                   desc="Tokenising (step 3)")
     counts = {"rows": len(rows), "too_long": len(rows) - len(ds), "kept": len(ds)}
     ds.info.description = _COUNTS_TAG + json.dumps(counts, sort_keys=True)
@@ -172,28 +172,28 @@ def _shortest_prompt(rows, tokenizer) -> int:
     return shortest or 0
 
 
-def prompt_datasets(data: DataOptions, tokenizer, *, max_prompt_len: int,
+def prompt_datasets(data: DataOptions, tokenizer, *, max_prompt_seq_len: int,
                     seed: int) -> tuple[Any, Any]:
     """Step 3's (train, eval) datasets of {prompt_input_ids, source}, tokenised and cached under
     data.data_cache_dir. Safe to call from every rank at once (see cache.py).
     prompt_drop_counts(train) tells how many prompts were too long."""
     from datasets import DatasetDict
 
-    if max_prompt_len < 1:
-        raise ConfigError("--max-prompt-seq-len", f"must be >= 1, got {max_prompt_len}")
+    if max_prompt_seq_len < 1:
+        raise ConfigError("--max-prompt-seq-len", f"must be >= 1, got {max_prompt_seq_len}")
 
     def build():
         train, eval_ = load_phase_rows(data, 3, seed)  # raises --data-split if step 3 has no rows
-        train_t = _tokenize_set(train, tokenizer, max_prompt_len)
+        train_t = _tokenize_set(train, tokenizer, max_prompt_seq_len)
         if len(train_t) == 0:
             raise ConfigError("--max-prompt-seq-len", f"all {len(train)} step-3 prompts are longer "
-                              f"than {max_prompt_len} tokens (the shortest has "
+                              f"than {max_prompt_seq_len} tokens (the shortest has "
                               f"{_shortest_prompt(train, tokenizer)}); raise --max-prompt-seq-len "
                               "or use a source with shorter prompts")
         return DatasetDict({"train": train_t,
-                            "eval": _tokenize_set(eval_, tokenizer, max_prompt_len)})
+                            "eval": _tokenize_set(eval_, tokenizer, max_prompt_seq_len)})
 
-    key = prompt_cache_key(data, tokenizer, max_prompt_len=max_prompt_len, seed=seed)
+    key = prompt_cache_key(data, tokenizer, max_prompt_seq_len=max_prompt_seq_len, seed=seed)
     dd = cached_dataset(data.data_cache_dir, key, build)
     return dd["train"], dd["eval"]
 

@@ -138,7 +138,7 @@ class FastGenerator:
                  top_p: float = 1.0, ignore_eos: bool = False, use_cuda_graph: bool | None = None,
                  check_every: int = 16,
                  bucket: int = 32, attention_backend: str | None = None,
-                 max_prompt_len: int = 0, rng: torch.Generator | None = None):
+                 max_prompt_seq_len: int = 0, rng: torch.Generator | None = None):
         self.model = model
         self.eos = int(eos_token_id)
         self.pad = int(pad_token_id)
@@ -151,9 +151,9 @@ class FastGenerator:
         self.rng = rng
         self.use_cuda_graph = use_cuda_graph
         self.check_every = check_every
-        # the cache holds max_prompt_len + max_new_tokens slots from the first rollout on (wider
+        # the cache holds max_prompt_seq_len + max_new_tokens slots from the first rollout on (wider
         # prompts grow it): its size, and so every rollout's numerics, never depend on history
-        self.max_prompt_len = max_prompt_len
+        self.max_prompt_seq_len = max_prompt_seq_len
         # attention context in buckets of this many slots: one CUDA graph per bucket; a decode
         # step reads at most bucket - 1 cache slots it does not need
         self.bucket = bucket
@@ -185,7 +185,7 @@ class FastGenerator:
     def _ensure_state(self, B: int, P: int, device, dtype) -> None:
         # The cache always holds P + max_new slots for the largest P seen: a new prompt width
         # within it reuses the buffers (and the captured graph).
-        L = max(P, self.max_prompt_len) + self.max_new
+        L = max(P, self.max_prompt_seq_len) + self.max_new
         if self._state_key is not None:
             b, l, dev, dt = self._state_key
             if b == B and l >= L and dev == device and dt == dtype:

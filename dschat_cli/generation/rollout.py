@@ -58,7 +58,7 @@ class RolloutGenerator:
     """# 1. generate: answers for a batch of left-padded prompts from the actor engine, with the
     engine --generation-engine chooses.
 
-        gen = RolloutGenerator(cfg.generation, tokenizer, max_prompt_len=..., zero3=..., world_size=...)
+        gen = RolloutGenerator(cfg.generation, tokenizer, max_prompt_seq_len=..., zero3=..., world_size=...)
         out = gen.generate(actor_engine.module, prompts, prompt_mask)   # Generated(seq, logprobs)
 
     fast: dschat's engine (generation/fast.py), built at the first rollout, returning the sampled
@@ -68,11 +68,11 @@ class RolloutGenerator:
     per rollout, not once per token.
     """
 
-    def __init__(self, options, tokenizer, *, max_prompt_len: int, zero3: bool, world_size: int):
+    def __init__(self, options, tokenizer, *, max_prompt_seq_len: int, zero3: bool, world_size: int):
         self.opts = options  # config/ppo.PPOGenerationOptions
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
-        self.max_prompt_len = max_prompt_len
+        self.max_prompt_seq_len = max_prompt_seq_len
         self.zero3 = zero3
         self.world_size = world_size
         self.ignore_eos = False  # benchmarks: answers of exactly --max-answer-seq-len tokens
@@ -94,7 +94,7 @@ class RolloutGenerator:
         return dict(eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
                     max_new_tokens=g.max_answer_seq_len, do_sample=g.do_sample,
                     temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                    ignore_eos=self.ignore_eos, max_prompt_len=self.max_prompt_len)
+                    ignore_eos=self.ignore_eos, max_prompt_seq_len=self.max_prompt_seq_len)
 
     def _fast(self, module, input_ids, attention_mask):
         from dschat_cli.generation.fast import FastGenerator

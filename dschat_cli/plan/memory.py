@@ -299,7 +299,7 @@ def estimate_single(step: str, arch: Arch, ds: dict, *, source: str, world_size:
 
 def estimate_ppo(archs: dict[str, Arch], configs: dict[str, dict], sources: dict[str, str], *,
                  world_size: int, generation_batch: int, training_batch: int,
-                 generation_batches: int, ppo_epochs: int, prompt_len: int, answer_len: int,
+                 generation_batches: int, ppo_epochs: int, max_prompt_seq_len: int, max_answer_seq_len: int,
                  actor_checkpointing: bool, critic_checkpointing: bool,
                  actor_lora: tuple[int, str, bool], critic_lora: tuple[int, str, bool],
                  actor_dropout: float | None, critic_dropout: float | None,
@@ -324,7 +324,7 @@ def estimate_ppo(archs: dict[str, Arch], configs: dict[str, dict], sources: dict
                           world_size=D, value_head=True)
     a, c = archs["actor"], archs["critic"]
     e = eng["actor"].elem
-    S, A, V = prompt_len + answer_len, answer_len, a.vocab
+    S, A, V = max_prompt_seq_len + max_answer_seq_len, max_answer_seq_len, a.vocab
     Bg, Bt = generation_batch, training_batch
     notes: list[str] = []
 
@@ -369,7 +369,7 @@ def estimate_ppo(archs: dict[str, Arch], configs: dict[str, dict], sources: dict
         notes.append(f"under ZeRO-3 each rollout gathers the whole actor on every GPU "
                      f"({gathered / GiB:.1f} GiB)")
     generation = resident - kv_resident + kv + sampling + gathered \
-        + forward_bytes(a, T * Bg * prompt_len, e)
+        + forward_bytes(a, T * Bg * max_prompt_seq_len, e)
     # 2. score: actor and ref logits over the whole sequence, answer slice in fp32
     score_logits = e * Bg * S * V + 8.0 * Bg * A * V
     scoring = resident + score_logits + forward_bytes(a, Bg * S, e)
@@ -377,7 +377,7 @@ def estimate_ppo(archs: dict[str, Arch], configs: dict[str, dict], sources: dict
     # critic's; the actor's bf16 logits stay referenced until the next mini-batch replaces them.
     # The loss's backward makes fp32 temporaries of the answer slice (16 B per element), then the
     # bf16 gradient of the whole logits tensor beside the logits themselves.
-    mini_batches = generation_batches * ppo_epochs * max(1, Bg // Bt)
+    mini_batches = ppo_epochs * -(-Bg * generation_batches // Bt)  # over pooled experience
     kept_logits = e * Bt * S * V
     previous = kept_logits if mini_batches > 1 else 0.0  # last mini-batch's, until reassigned
     actor_act = activation_bytes(a, Bt * S, e, checkpointing=actor_checkpointing,

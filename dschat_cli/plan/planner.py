@@ -156,8 +156,8 @@ def estimate_step(cfg, record: ResolvedRun, *, archs: dict[str, Arch] | None = N
                     "ref": f"{cfg.actor.model} (frozen copy)", "reward": str(cfg.reward_path)},
         world_size=world_size, generation_batch=t.per_device_generation_batch_size,
         training_batch=t.per_device_training_batch_size, generation_batches=t.generation_batches,
-        ppo_epochs=t.ppo_epochs, prompt_len=cfg.data.max_prompt_seq_len,
-        answer_len=cfg.generation.max_answer_seq_len,
+        ppo_epochs=t.ppo_epochs, max_prompt_seq_len=cfg.data.max_prompt_seq_len,
+        max_answer_seq_len=cfg.generation.max_answer_seq_len,
         actor_checkpointing=cfg.actor.gradient_checkpointing,
         critic_checkpointing=cfg.critic.gradient_checkpointing,
         actor_lora=(cfg.actor_lora.lora_dim, cfg.actor_lora.lora_module_name,
@@ -268,7 +268,9 @@ def explain_schedule(cfg, record: ResolvedRun, *, count_data: bool = True) -> li
     t = cfg.train
     gen_global = t.per_device_generation_batch_size * world
     experience = gen_global * t.generation_batches
-    mini = t.per_device_generation_batch_size // t.per_device_training_batch_size
+    # the experience of --generation-batches rollouts is pooled, then cut into mini-batches
+    mini = -(-t.per_device_generation_batch_size * t.generation_batches
+             // t.per_device_training_batch_size)
     gb = ds["actor"]["train_batch_size"]
     seq = cfg.data.max_prompt_seq_len + cfg.generation.max_answer_seq_len
     lines = [
@@ -280,7 +282,8 @@ def explain_schedule(cfg, record: ResolvedRun, *, count_data: bool = True) -> li
              f"{gen_global} x --generation-batches {t.generation_batches}: the actor and critic "
              f"train on it --ppo-epochs {t.ppo_epochs} time(s)"),
         Line("PPO mini-batch", f"{t.per_device_training_batch_size} per GPU",
-             f"--per-device-training-batch-size: {mini} mini-batch(es) per generation batch on "
+             f"--per-device-training-batch-size: {mini} mini-batch(es) per update (pooled "
+             f"experience of {t.generation_batches} generation batch(es)) on "
              "each GPU"),
         Line("global batch (actor, critic)", f"{gb} samples",
              f"per optimizer step: {t.per_device_training_batch_size} x {world} GPU(s) x "
@@ -292,7 +295,7 @@ def explain_schedule(cfg, record: ResolvedRun, *, count_data: bool = True) -> li
         lines.append(Line("PPO steps per epoch",
                           f"floor(floor(prompts / {world}) / {t.per_device_generation_batch_size})",
                           "incomplete batches are dropped (every rank runs the same steps)"))
-        lines.append(Line("optimizer steps", "PPO steps x "
+        lines.append(Line("optimizer steps", f"PPO steps / {t.generation_batches} x "
                           f"{t.ppo_epochs * mini} / {t.gradient_accumulation_steps}"
                           + (" (actor: x 2 with the unsupervised loss)" if unsup else ""),
                           "one per mini-batch and accumulation group, over every PPO epoch"))

@@ -4,7 +4,7 @@
     dschat bench --step sft --actor opt-1.3b --batch-size 32
 
 Step 3 runs the real PPOTrainer (the code `dschat ppo` runs) on synthetic prompts of exactly
---prompt-len tokens, answers of exactly --answer-len tokens (eos suppressed), warm-up steps, then
+--max-prompt-seq-len tokens, answers of exactly --max-answer-seq-len tokens (eos suppressed), warm-up steps, then
 --steps measured steps, with every phase timed between GPU synchronisations. Each phase is set
 against its floor: the FLOPs it must do at the device's measured matmul speed, or the bytes it
 must move at its measured copy bandwidth, whichever is larger. FLOPs counted per token of a
@@ -176,8 +176,8 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[models.dtype]
     ceilings = measure_ceilings(dist.device, dtype)
     actor, critic = model_shape(models.actor.module), model_shape(models.critic.module)
-    floors = ppo_floors(actor, critic, batch=cfg.batch_size, prompt=cfg.prompt_len,
-                        answer=cfg.answer_len, bytes_per_param=dtype.itemsize, ceilings=ceilings,
+    floors = ppo_floors(actor, critic, batch=cfg.batch_size, prompt=cfg.max_prompt_seq_len,
+                        answer=cfg.max_answer_seq_len, bytes_per_param=dtype.itemsize, ceilings=ceilings,
                         gradient_checkpointing=cfg.gradient_checkpointing)
     gen = torch.Generator().manual_seed(cfg.seed + dist.rank)
     results = {}
@@ -188,14 +188,14 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
             old_logprobs=g.old_logprobs if engine == "fast" else "forward"))
         trainer = PPOTrainer(models, ecfg, dist, timer=PhaseTimer(enabled=True))
         rollouts = trainer.maker.generator
-        rollouts.ignore_eos = True  # answers of exactly --answer-len tokens
+        rollouts.ignore_eos = True  # answers of exactly --max-answer-seq-len tokens
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         step_s, decode_s, decode_steps = [], 0.0, 0
         for i in range(total):
             if i == cfg.warmup:
                 trainer.timer.reset()
-            batch = _random_prompts(cfg.batch_size, cfg.prompt_len, models.tokenizer,
+            batch = _random_prompts(cfg.batch_size, cfg.max_prompt_seq_len, models.tokenizer,
                                     models.actor.device, gen)
             _sync(on_gpu)
             t0 = time.perf_counter()
@@ -214,7 +214,7 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
         phases = {k: v / n for k, v in trainer.timer.seconds.items()}
         tp = rollouts.tensor_parallel
         e_floors = floors if tp is None else ppo_floors(
-            actor, critic, batch=cfg.batch_size, prompt=cfg.prompt_len, answer=cfg.answer_len,
+            actor, critic, batch=cfg.batch_size, prompt=cfg.max_prompt_seq_len, answer=cfg.max_answer_seq_len,
             bytes_per_param=dtype.itemsize, ceilings=ceilings,
             gradient_checkpointing=cfg.gradient_checkpointing,
             decode_params=sum(p.numel() for p in tp.replica.parameters()))
@@ -224,12 +224,12 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
             decode_ms = decode_s / decode_steps * 1e3
             decode_kind = "decode step"
         else:  # hf: the rollout's time per generated token, prefill included
-            decode_ms = gen_s / cfg.answer_len * 1e3
+            decode_ms = gen_s / cfg.max_answer_seq_len * 1e3
             decode_kind = "generated token (prefill included)"
         used = {k: e_floors[k] for k in phases if k in e_floors}
         floor_step = sum(f[2] for f in used.values())
         flops = sum(f[0] for f in used.values())
-        tokens = cfg.batch_size * (cfg.prompt_len + cfg.answer_len) * dist.world_size
+        tokens = cfg.batch_size * (cfg.max_prompt_seq_len + cfg.max_answer_seq_len) * dist.world_size
         results[engine] = {
             "step_seconds": step, "step_seconds_all": step_s,
             "tokens_per_s": tokens / step, "samples_per_s": cfg.batch_size * dist.world_size / step,
@@ -254,8 +254,8 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     return {"step": "ppo", "device": _device_name(dist), "world_size": dist.world_size,
             "dtype": models.dtype, "actor": cfg.actor, "critic": cfg.critic,
             "actor_params": actor.params, "critic_params": critic.params,
-            "batch_size": cfg.batch_size, "prompt_len": cfg.prompt_len,
-            "answer_len": cfg.answer_len, "steps": cfg.steps, "warmup": cfg.warmup,
+            "batch_size": cfg.batch_size, "max_prompt_seq_len": cfg.max_prompt_seq_len,
+            "max_answer_seq_len": cfg.max_answer_seq_len, "steps": cfg.steps, "warmup": cfg.warmup,
             "actor_zero_stage": cfg.actor_zero_stage, "critic_zero_stage": cfg.critic_zero_stage,
             "old_logprobs": cfg.old_logprobs,
             "generation_tensor_parallel": cfg.generation_tensor_parallel, "ceilings": ceilings,
@@ -279,7 +279,7 @@ def _bench_sft(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     on_gpu = dist.device != "cpu"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     ceilings = measure_ceilings(dist.device, dtype)
-    S = cfg.prompt_len + cfg.answer_len
+    S = cfg.max_prompt_seq_len + cfg.max_answer_seq_len
     gen = torch.Generator().manual_seed(cfg.seed + dist.rank)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -346,8 +346,8 @@ def _print(r: dict) -> None:
         return
     engines = r["engines"]
     t = Table(title=f"step 3 per phase (seconds per PPO step): actor {r['actor']}, critic "
-                    f"{r['critic']}, batch {r['batch_size']} per GPU, {r['prompt_len']} + "
-                    f"{r['answer_len']} tokens", title_justify="left")
+                    f"{r['critic']}, batch {r['batch_size']} per GPU, {r['max_prompt_seq_len']} + "
+                    f"{r['max_answer_seq_len']} tokens", title_justify="left")
     t.add_column("phase")
     for e in engines:
         t.add_column(f"{e} s", justify="right")

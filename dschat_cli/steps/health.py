@@ -146,7 +146,7 @@ class HealthMonitor:
     # PPO only: the KL limit (resolve_max_kl) and --max-answer-seq-len
     max_kl: float | None = None
     max_kl_note: str = ""  # how an unset --max-kl was derived
-    max_answer_len: int | None = None
+    max_answer_seq_len: int | None = None
     history: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -210,8 +210,8 @@ class HealthMonitor:
                 + (f"; {self.max_kl_note}" if self.max_kl_note else ""),
                 "raise --kl-ctl or lower --actor-learning-rate", "--actor-learning-rate")
         min_len = o.min_answer_length
-        if self.max_answer_len:
-            min_len = min(min_len, self.max_answer_len / 2)
+        if self.max_answer_seq_len:
+            min_len = min(min_len, self.max_answer_seq_len / 2)
         if min_len > 0 and answer_length is not None and \
                 self._streak("length").update(answer_length < min_len, need):
             new("answer_length", "mean answer length (tokens)", answer_length,

@@ -168,7 +168,7 @@ def _health_monitor(cfg: PPOConfig, dist: Dist, models, out: Path, ckpt, saved: 
         "ppo", cfg.health, dtype=models.dtype, out=out, is_main=dist.is_main,
         last_checkpoint=ckpt.latest, state=saved,
         max_kl=resolve_max_kl(cfg.health.max_kl, cfg.ppo.kl_ctl, cfg.ppo.clip_reward_value),
-        max_answer_len=cfg.generation.max_answer_seq_len,
+        max_answer_seq_len=cfg.generation.max_answer_seq_len,
         max_kl_note="" if cfg.health.max_kl is not None else
         "the default, 2 x --clip-reward-value / --kl-ctl",
         lr_flags={"actor loss": "--actor-learning-rate", "unsupervised loss": "--unsup-coef",

@@ -11,7 +11,7 @@ import pytest
 def test_bench_ppo_both_engines(tmp_path, tiny_opt, invoke_dschat):
     out_json = tmp_path / "bench.json"
     r = invoke_dschat("bench", "--actor", tiny_opt, "--critic", tiny_opt, "--batch-size", "4",
-                      "--prompt-len", "6", "--answer-len", "5", "--steps", "2", "--warmup", "1",
+                      "--max-prompt-seq-len", "6", "--max-answer-seq-len", "5", "--steps", "2", "--warmup", "1",
                       "--actor-zero-stage", "0", "--critic-zero-stage", "0",
                       "--launcher", "none", "--output-dir", tmp_path / "run", "--json", out_json)
     assert r.code == 0, r.explain()
@@ -41,7 +41,7 @@ def test_bench_ppo_both_engines(tmp_path, tiny_opt, invoke_dschat):
 
 def test_bench_sft_and_generation_logprobs(tmp_path, tiny_llama, invoke_dschat):
     r = invoke_dschat("bench", "--step", "sft", "--actor", tiny_llama, "--batch-size", "2",
-                      "--prompt-len", "8", "--answer-len", "8", "--steps", "2", "--warmup", "0",
+                      "--max-prompt-seq-len", "8", "--max-answer-seq-len", "8", "--steps", "2", "--warmup", "0",
                       "--launcher", "none", "--output-dir", tmp_path / "sft")
     assert r.code == 0, r.explain()
     res = json.loads((tmp_path / "sft" / "bench.json").read_text())
@@ -49,7 +49,7 @@ def test_bench_sft_and_generation_logprobs(tmp_path, tiny_llama, invoke_dschat):
     assert res["tflops_per_gpu"] > 0
     # --old-logprobs generation: the actor's scoring forward only on checked rollouts (the first)
     r = invoke_dschat("bench", "--actor", tiny_llama, "--critic", tiny_llama, "--batch-size", "2",
-                      "--prompt-len", "4", "--answer-len", "3", "--steps", "1", "--warmup", "1",
+                      "--max-prompt-seq-len", "4", "--max-answer-seq-len", "3", "--steps", "1", "--warmup", "1",
                       "--generation-engine", "fast", "--old-logprobs", "generation",
                       "--launcher", "none", "--output-dir", tmp_path / "ppo")
     assert r.code == 0, r.explain()
@@ -65,7 +65,7 @@ def test_bench_bad_input(tmp_path, invoke_dschat):
 
 
 def test_bench_tensor_parallel_bad_input(tmp_path, tiny_opt, tiny_gpt2, invoke_dschat):
-    common = ("--batch-size", "2", "--prompt-len", "4", "--answer-len", "3",
+    common = ("--batch-size", "2", "--max-prompt-seq-len", "4", "--max-answer-seq-len", "3",
               "--output-dir", tmp_path / "run")
     r = invoke_dschat("bench", "--generation-engine", "hf", "--generation-tensor-parallel", "2")
     assert r.code == 2 and "--generation-tensor-parallel" in r.output

@@ -29,7 +29,7 @@ def prompt_loaders(cfg: PPOConfig, dist: Dist, tokenizer) -> PromptLoaders:
 
     with console.status("tokenising prompts"):
         train, heldout = prompt_datasets(cfg.data.as_data_options(), tokenizer,
-                                         max_prompt_len=cfg.data.max_prompt_seq_len,
+                                         max_prompt_seq_len=cfg.data.max_prompt_seq_len,
                                          seed=cfg.seed)
     dropped = prompt_drop_counts(train).get("too_long", 0)
     if dropped:

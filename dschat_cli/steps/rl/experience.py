@@ -36,7 +36,7 @@ class ExperienceMaker:
         self.dist = dist
         self.timer = timer or PhaseTimer(enabled=False)
         self.generator = RolloutGenerator(
-            cfg.generation, models.tokenizer, max_prompt_len=cfg.data.max_prompt_seq_len,
+            cfg.generation, models.tokenizer, max_prompt_seq_len=cfg.data.max_prompt_seq_len,
             zero3=cfg.deepspeed.actor_zero_stage == 3, world_size=dist.world_size)
         self.rollouts = 0  # rollouts made so far (numbers the parity checks; restored on resume)
         self.last_generation_s = 0.0
@@ -159,7 +159,7 @@ class ExperienceMaker:
                 dataclasses.replace(g, do_sample=False, generation_tensor_parallel=1,
                                     generation_engine="hf" if g.generation_tensor_parallel > 1
                                     else g.generation_engine),
-                self.m.tokenizer, max_prompt_len=self.cfg.data.max_prompt_seq_len,
+                self.m.tokenizer, max_prompt_seq_len=self.cfg.data.max_prompt_seq_len,
                 zero3=self.cfg.deepspeed.actor_zero_stage == 3, world_size=self.dist.world_size)
         batch = next(iter(loader))
         batch = {key: v[:k] for key, v in batch.items()}

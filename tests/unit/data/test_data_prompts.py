@@ -40,7 +40,7 @@ def test_long_prompts_dropped_not_truncated(data_tokenizer):
     assert out["source"] == ["a", "c"]
     assert out["prompt_input_ids"][0] == tok(SHORT)["input_ids"]  # as the tokenizer gives, no eos
     assert tok.eos_token_id not in out["prompt_input_ids"][1]
-    # exactly max_prompt_len tokens is kept
+    # exactly max_prompt_seq_len tokens is kept
     n = _tok_len(tok, SHORT)
     assert tokenize_prompts({"prompt": [SHORT]}, tok, n)["prompt_input_ids"] == [
         tok(SHORT)["input_ids"]]
@@ -99,7 +99,7 @@ def test_prompt_datasets_cached_keyed_and_counted(tmp_path, data_tokenizer, monk
                        data_cache_dir=str(tmp_path / "cache"))
     limit = 16
     assert _tok_len(tok, LONG) > limit >= _tok_len(tok, " Human: q 39? Assistant:")
-    train, ev = prompt_datasets(opts, tok, max_prompt_len=limit, seed=1234)
+    train, ev = prompt_datasets(opts, tok, max_prompt_seq_len=limit, seed=1234)
     assert calls[0][1] == 3  # phase 3 rows
     assert set(train.column_names) == {"prompt_input_ids", "source"}
     assert train.features["prompt_input_ids"].feature.dtype == "int32"
@@ -109,17 +109,17 @@ def test_prompt_datasets_cached_keyed_and_counted(tmp_path, data_tokenizer, monk
     texts = {tok.decode(ids) for ids in train["prompt_input_ids"]}
     assert texts == {f" Human: q {i}? Assistant:" for i in range(40) if i % 4}
 
-    train2, _ = prompt_datasets(opts, tok, max_prompt_len=limit, seed=1234)
+    train2, _ = prompt_datasets(opts, tok, max_prompt_seq_len=limit, seed=1234)
     assert len(calls) == 1 and train2["prompt_input_ids"] == train["prompt_input_ids"]
     assert prompt_drop_counts(train2)["too_long"] == 10  # counts survive the cache
-    key = prompt_cache_key(opts, tok, max_prompt_len=limit, seed=1234)
+    key = prompt_cache_key(opts, tok, max_prompt_seq_len=limit, seed=1234)
     assert key["kind"] == "prompts" and key["phase"] == 3
     assert cache_path(opts.data_cache_dir, key) != cache_path(
         opts.data_cache_dir, reward_cache_key(opts, tok, seed=1234))
     # each of these changes the key, so the data is rebuilt
-    prompt_datasets(opts, tok, max_prompt_len=limit + 1, seed=1234)
-    prompt_datasets(opts, tok, max_prompt_len=limit, seed=7)
-    prompt_datasets(replace(opts, max_train_samples=5), tok, max_prompt_len=limit, seed=1234)
+    prompt_datasets(opts, tok, max_prompt_seq_len=limit + 1, seed=1234)
+    prompt_datasets(opts, tok, max_prompt_seq_len=limit, seed=7)
+    prompt_datasets(replace(opts, max_train_samples=5), tok, max_prompt_seq_len=limit, seed=1234)
     assert len(calls) == 4
 
 
@@ -128,7 +128,7 @@ def test_every_prompt_too_long(tmp_path, data_tokenizer):
     opts = DataOptions(data_path=("local/jsonfile",), data_dir=str(d), data_split="0,0,1",
                        data_cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ConfigError) as e:
-        prompt_datasets(opts, data_tokenizer, max_prompt_len=8, seed=1234)
+        prompt_datasets(opts, data_tokenizer, max_prompt_seq_len=8, seed=1234)
     assert e.value.where == "--max-prompt-seq-len"
     assert "all 20 step-3 prompts are longer than 8 tokens" in e.value.message
     assert f"the shortest has {_tok_len(data_tokenizer, LONG)}" in e.value.message
@@ -139,7 +139,7 @@ def test_no_step3_rows(tmp_path, data_tokenizer, make_rows):
     opts = DataOptions(data_path=("local/jsonfile",), data_dir=str(d), data_split="1,1,0",
                        data_cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ConfigError) as e:
-        prompt_datasets(opts, data_tokenizer, max_prompt_len=64, seed=1234)
+        prompt_datasets(opts, data_tokenizer, max_prompt_seq_len=64, seed=1234)
     assert e.value.where == "--data-split"
 
 

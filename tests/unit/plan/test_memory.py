@@ -157,7 +157,7 @@ def test_ppo_kv_cache_and_phases():
     archs = dict.fromkeys(("actor", "critic", "ref", "reward"), ARCH)
     est = estimate_ppo(archs, configs, dict.fromkeys(archs, "m"), world_size=1,
                        generation_batch=16, training_batch=16, generation_batches=1, ppo_epochs=1,
-                       prompt_len=256, answer_len=256, actor_checkpointing=False,
+                       max_prompt_seq_len=256, max_answer_seq_len=256, actor_checkpointing=False,
                        critic_checkpointing=False, actor_lora=(0, "", False),
                        critic_lora=(0, "", False), actor_dropout=None, critic_dropout=None,
                        unsupervised=False, ema=False)

@@ -25,7 +25,7 @@ NAN, INF = float("nan"), float("inf")
 def ppo_monitor(**opts) -> HealthMonitor:
     o = PPOHealthOptions(**opts)
     return HealthMonitor("ppo", o, dtype="bf16", max_kl=resolve_max_kl(o.max_kl, 0.1, 5.0),
-                         max_answer_len=256,
+                         max_answer_seq_len=256,
                          lr_flags={"actor loss": "--actor-learning-rate"})
 
 
@@ -116,7 +116,7 @@ def test_answer_length_collapse_and_its_cap():
     assert "mean answer length (tokens) is 0 (below --min-answer-length 2 for 2 PPO steps)" in \
         a.message()
     # answers of at most 2 tokens by design: the limit is capped at 1 token
-    short = HealthMonitor("ppo", PPOHealthOptions(anomaly_patience=1), max_answer_len=2)
+    short = HealthMonitor("ppo", PPOHealthOptions(anomaly_patience=1), max_answer_seq_len=2)
     assert ppo_step(short, 1, answer_length=1.5) == []
     assert [a.kind for a in ppo_step(short, 2, answer_length=0.5)] == ["answer_length"]
     off = HealthMonitor("ppo", PPOHealthOptions(min_answer_length=0, anomaly_patience=1))
