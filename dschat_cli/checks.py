@@ -84,7 +84,7 @@ def check_generation_tp(cfg: PPOConfig, world_size: int) -> None:
     tp = cfg.generation.generation_tensor_parallel
     if tp <= 1:
         return
-    from dschat_cli.generation.tensor_parallel import FLAG, check_supported
+    from dschat_cli.generation.tp_layouts import FLAG, check_supported
 
     if world_size % tp:
         raise ConfigError(FLAG, f"{tp} must divide the run's {world_size} rank(s) (one per GPU) "

@@ -352,7 +352,7 @@ def estimate_ppo(archs: dict[str, Arch], configs: dict[str, dict], sources: dict
         kv += 2.0 * Bg * S * a.kv_dim * e
     resident += kv_resident
     if T > 1:
-        from dschat_cli.generation.tensor_parallel import LAYOUTS
+        from dschat_cli.generation.tp_layouts import LAYOUTS
 
         layout = LAYOUTS.get(a.model_type)
         names = (layout.column + layout.row) if layout else ()

@@ -168,6 +168,7 @@ def test_plan_arithmetic_imports_without_torch():
     code = ("import sys\n"
             "import dschat_cli.plan.memory, dschat_cli.plan.arch, dschat_cli.config.schedule\n"
             "import dschat_cli.plan.planner, dschat_cli.config.steps, dschat_cli.config.resolved\n"
+            "import dschat_cli.generation.tp_layouts  # plan and checks with tensor-parallel generation\n"
             "bad = sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules)\n"
             "assert not bad, bad\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True,
