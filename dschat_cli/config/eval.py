@@ -42,6 +42,10 @@ class EvalConfig:
                               "of {\"prompt\": ...}; default: six built-in prompts. Plain questions "
                               "are wrapped as ' Human: {q} Assistant:'.")
     output_file: str | None = opt(None, "Also write the answers as JSON lines to this file.")
+    reward_model: str | None = opt(None, "Score every answer with this reward model (a `dschat "
+                                   "reward` output folder): each answer's score in the table, the "
+                                   "mean score of each side with its standard error, and the "
+                                   "fine-tuned model's win rate over the baseline.")
     generation: GenerationOptions = section(GenerationOptions, panel="Generation")
     inference: InferenceOptions = section(InferenceOptions, panel="Inference")
 

@@ -109,3 +109,51 @@ def test_eval_prints_prompts_and_answers_verbatim(tmp_path, finetuned, invoke_ds
     assert "What does [/b] mean in a list [1, 2]?" in r.output
     assert "Why is [bold]this[/bold] odd?" in r.output
     assert len(_read_jsonl(answers)) == 2
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_opt, pairs_dir, tmp_path_factory, invoke_dschat):
+    out = tmp_path_factory.mktemp("eval_reward") / "rm"
+    r = invoke_dschat("reward", "--model", tiny_opt, "--data-path", "local/jsonfile", "--data-dir",
+                      pairs_dir, "--data-split", "0,10,0", "--output-dir", out,
+                      "--data-cache-dir", out.parent / "cache", "--num-train-epochs", "1",
+                      "--learning-rate", "1e-3", "--max-seq-len", "128", "--launcher", "none")
+    assert r.code == 0, r.explain()
+    return out
+
+
+def test_eval_scores_answers_with_a_reward_model(tmp_path, tiny_opt, finetuned, reward_model,
+                                                 invoke_dschat):
+    """--reward-model: every answer's score in the table and the output file, each side's mean
+    with its standard error, and the fine-tuned model's win rate over the baseline (ties half)."""
+    import math
+
+    answers = tmp_path / "eval.jsonl"
+    r = invoke_dschat("eval", "--baseline", tiny_opt, "--finetuned", finetuned,
+                      "--max-new-tokens", "8", "--reward-model", reward_model,
+                      "--output-file", answers)
+    assert r.code == 0, r.explain()
+    rows = _read_jsonl(answers)
+    assert len(rows) == len(DEFAULT_PROMPTS)
+    for row in rows:
+        assert set(row) == {"prompt", "baseline", "finetuned", "baseline_score", "finetuned_score"}
+        assert all(math.isfinite(row[k]) for k in ("baseline_score", "finetuned_score"))
+    assert "reward model scores" in r.output
+    n = len(rows)
+    for label in ("baseline", "finetuned"):
+        s = [row[f"{label}_score"] for row in rows]
+        mean = sum(s) / n
+        stderr = math.sqrt(sum((x - mean) ** 2 for x in s) / (n - 1) / n)
+        line = next(ln for ln in r.output.splitlines()
+                    if ln.replace("│", " ").split()[:1] == [label] and f"{mean:.3f}" in ln)
+        assert f"{mean:.3f}" in line and f"{stderr:.3f}" in line and f" {n}" in line, line
+    wins = sum(1.0 if row["finetuned_score"] > row["baseline_score"] else
+               0.5 if row["finetuned_score"] == row["baseline_score"] else 0.0 for row in rows)
+    win_line = next(ln for ln in r.output.splitlines() if "finetuned wins" in ln)
+    assert f"{wins / n:.1%}" in win_line, win_line
+
+
+def test_eval_refuses_a_reward_model_that_is_not_one(tmp_path, finetuned, invoke_dschat):
+    r = invoke_dschat("eval", "--finetuned", finetuned, "--reward-model", finetuned)
+    assert r.code == 2, r.explain()
+    assert r.output.strip().splitlines()[-1].startswith("error: --reward-model: "), r.output
