@@ -227,9 +227,12 @@ def step_metrics(plan: StepPlan) -> dict:
         return {"accuracy_start": start.get("accuracy"), "accuracy_end": end.get("accuracy"),
                 "chosen_end": end.get("chosen"), "rejected_end": end.get("rejected")}
     last = s.get("last") or {}
-    return {"reward_heldout_start": s.get("reward_heldout_start"),
-            "reward_heldout_end": s.get("reward_heldout_end"), "kl_last": last.get("kl"),
-            "steps": s.get("steps")}
+    keys = ("reward_heldout_start", "reward_heldout_end", "reward_heldout_start_stderr",
+            "reward_heldout_end_stderr", "true_reward_heldout_start", "true_reward_heldout_end",
+            "true_reward_heldout_start_stderr", "true_reward_heldout_end_stderr", "heldout_end_n",
+            "samples_start", "samples_end", "steps")
+    return {**{k: s.get(k) for k in keys}, "kl_last": last.get("kl"),
+            "repetition_last": last.get("repetition")}
 
 
 def _fmt(v, spec=".3f") -> str:
@@ -244,8 +247,37 @@ def _describe(plan: StepPlan, m: dict) -> str:
     if plan.name == "reward":
         return (f"accuracy {_fmt(m['accuracy_start'])} -> {_fmt(m['accuracy_end'])} "
                 f"(chosen {_fmt(m['chosen_end'])}, rejected {_fmt(m['rejected_end'])})")
-    return (f"held-out reward {_fmt(m['reward_heldout_start'])} -> "
-            f"{_fmt(m['reward_heldout_end'])}, KL {_fmt(m['kl_last'], '.4f')}")
+    text = (f"held-out reward {_pm(m, 'reward_heldout_start')} -> "
+            f"{_pm(m, 'reward_heldout_end')}")
+    if _finite(m.get("true_reward_heldout_end")):
+        text += (f"; true reward {_pm(m, 'true_reward_heldout_start')} -> "
+                 f"{_pm(m, 'true_reward_heldout_end')}")
+    return text + f" (n={m.get('heldout_end_n') or '-'}); KL {_fmt(m['kl_last'], '.4f')}"
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and v == v
+
+
+def _pm(m: dict, key: str) -> str:
+    """mean ± standard error of a held-out figure (older summaries have no error)."""
+    err = m.get(key + "_stderr")
+    return _fmt(m.get(key)) + (f" ± {err:.3f}" if _finite(err) else "")
+
+
+def _answers_table(rows: list[dict]):
+    """Step 3's greedy answers to the first held-out prompts, before and after, side by side."""
+    m = next((r["metrics"] for r in rows if r["name"] == "ppo" and r["metrics"]), None)
+    if not m or not m.get("samples_end"):
+        return None
+    table = Table(title="held-out answers (greedy), before and after step 3", show_lines=True,
+                  title_justify="left")
+    for col in ("prompt", "before (step-1 model)", "after (step 3)"):
+        table.add_column(col, ratio=1 if col == "prompt" else 2)
+    for before, after in list(zip(m.get("samples_start") or [], m["samples_end"]))[:4]:
+        table.add_row(Text(after["prompt"]), Text(before["answer"] or "(empty)"),
+                      Text(after["answer"] or "(empty)"))
+    return table
 
 
 def prepare_demo(cfg: PipelineConfig) -> PipelineConfig:
@@ -421,6 +453,9 @@ def _summarise(cfg: PipelineConfig, plans: list[StepPlan], rows: list[dict], tot
                       Text(_describe(p, r["metrics"])), Text(str(p.out)))
     table.add_row("total", "", f"{total / 60:.1f} min" if total >= 120 else f"{total:.1f} s", "", "")
     console.print(table)
+    answers = _answers_table(rows)
+    if answers is not None:
+        console.print(answers)
     root.mkdir(parents=True, exist_ok=True)
     summary = {"actor": cfg.actor, "reward": cfg.reward, "total_seconds": total, "steps": rows}
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -432,5 +467,12 @@ def _summarise(cfg: PipelineConfig, plans: list[StepPlan], rows: list[dict], tot
         lines.append(f"| {r['step']} ({r['name']}) | {r['status']} | {secs} | "
                      f"{_describe(p, r['metrics'])} | {p.out} |")
     lines.append(f"| total | | {total:.1f} | | |")
+    m = next((r["metrics"] for r in rows if r["name"] == "ppo" and r["metrics"]), {})
+    if m.get("samples_end"):
+        lines += ["", "## Held-out answers (greedy), before and after step 3", "",
+                  "| prompt | before (step-1 model) | after (step 3) |", "|---|---|---|"]
+        for before, after in zip(m.get("samples_start") or [], m["samples_end"]):
+            cells = (after["prompt"], before["answer"], after["answer"])
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     (root / "summary.md").write_text("\n".join(lines) + "\n")
     console.print(Text(f"summary written to {root / 'summary.md'} and summary.json"))

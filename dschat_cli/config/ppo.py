@@ -165,6 +165,12 @@ class PPOHealthOptions(HealthOptions):
                                 "answers (each answer's trigrams already seen earlier in it) stays "
                                 "above this: answers stuck repeating a word or phrase, the classic "
                                 "reward-model exploit; 0 disables.", min=0.0, max=1.0)
+    greedy_check_interval: int = opt(10, "Every N PPO steps, answer the first "
+                                     "--greedy-check-prompts held-out prompts greedily (what `dschat "
+                                     "chat` says; sampled answers can look healthy while greedy ones "
+                                     "repeat a token) and hold those answers to --max-repetition "
+                                     "too; logged as greedy_repetition. 0: never.", min=0)
+    greedy_check_prompts: int = opt(8, "Held-out prompts per greedy check (per GPU).", min=1)
     diversity_collapse: float = opt(0.3, "Anomaly when distinct-2 (unique bigrams / bigrams over a "
                                     "step's answers) stays below this fraction of its baseline (the "
                                     "first 3 PPO steps): every prompt gets an alike answer; 0 "

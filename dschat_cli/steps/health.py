@@ -172,7 +172,8 @@ class HealthMonitor:
               grad_norms: Mapping[str, Sequence[float]] | None = None, kl: float | None = None,
               answer_length: float | None = None, ema_reward: float | None = None,
               reward_spread: float | None = None, repetition: float | None = None,
-              distinct: float | None = None) -> list[Anomaly]:
+              distinct: float | None = None,
+              greedy_repetition: float | None = None) -> list[Anomaly]:
         """The anomalies that start at global step `step`. losses: {label: value};
         grad_norms: {label: norms of the optimizer steps since the last check}."""
         found: list[Anomaly] = []
@@ -195,7 +196,7 @@ class HealthMonitor:
                     new("grad_norm", label, norm, threshold, *self._nan_advice(label))
         if self.step_name == "ppo":
             self._check_ppo(new, kl, answer_length, ema_reward, reward_spread)
-            self._check_answers(new, repetition, distinct)
+            self._check_answers(new, repetition, distinct, greedy_repetition)
         return found
 
     def _check_ppo(self, new, kl, answer_length, ema_reward, reward_spread) -> None:
@@ -244,9 +245,10 @@ class HealthMonitor:
                     f"baseline {_fmt(base)}{after}: every prompt gets an alike answer",
                     f"reward collapse: {tame}", "--actor-learning-rate")
 
-    def _check_answers(self, new, repetition, distinct) -> None:
+    def _check_answers(self, new, repetition, distinct, greedy_repetition) -> None:
         """Degenerate answers, the classic reward-model exploits: stuck repeating a word or a
-        phrase, or one answer for every prompt."""
+        phrase (in the sampled answers, or in the greedy answers of the periodic check, counted
+        over consecutive checks), or one answer for every prompt."""
         o = self.opts
         need = o.anomaly_patience
         after = f" for {need} PPO steps" if need > 1 else ""
@@ -258,6 +260,15 @@ class HealthMonitor:
             new("repetition", "share of repeated trigrams in the answers", repetition,
                 f"above --max-repetition {_fmt(o.max_repetition)}{after}: answers stuck "
                 "repeating a word or phrase", advice, "--actor-learning-rate")
+        checks = f" for {need} greedy checks in a row" if need > 1 else ""
+        if o.max_repetition > 0 and greedy_repetition is not None and \
+                math.isfinite(greedy_repetition) and \
+                self._streak("greedy_repetition").update(greedy_repetition > o.max_repetition,
+                                                         need):
+            new("repetition", "share of repeated trigrams in the greedy answers to held-out "
+                "prompts", greedy_repetition,
+                f"above --max-repetition {_fmt(o.max_repetition)}{checks}: what `dschat chat` "
+                "would say is stuck repeating a word or phrase", advice, "--actor-learning-rate")
         if distinct is None or not math.isfinite(distinct):
             return
         if len(self._distinct_baseline) < BASELINE_STEPS:

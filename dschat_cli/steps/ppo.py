@@ -29,8 +29,8 @@ from dschat_cli.steps.health import HealthMonitor, resolve_max_kl
 from dschat_cli.steps.rl.data import prompt_loaders, unsupervised_batches
 from dschat_cli.steps.rl.engines import PPOModels
 from dschat_cli.steps.rl.experience import Heldout
-from dschat_cli.steps.rl.observers import (Checkpointer, Clock, HealthWatch, MetricsRecorder,
-                                           ProgressView, Update, reward_spread)
+from dschat_cli.steps.rl.observers import (Checkpointer, Clock, GreedyProbe, HealthWatch,
+                                           MetricsRecorder, ProgressView, Update, reward_spread)
 from dschat_cli.steps.rl.state import RunState
 from dschat_cli.steps.rl.trainer import PPOTrainer
 from dschat_cli.ui.console import console
@@ -69,7 +69,7 @@ def run(cfg: PPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
         f"{schedule.ppo_steps} PPO steps of {t.per_device_generation_batch_size * dist.world_size}"
         f" prompts, {schedule.optimizer_steps} optimizer steps")
     if saved is None and data.heldout is not None:
-        start = maker.heldout(data.heldout)
+        start = maker.heldout(data.heldout, cfg.health.greedy_check_prompts)
         state.heldout_start = start.summary("start")
         console.print(f"held-out reward before PPO: {start.line()}", markup=False)
 
@@ -86,7 +86,11 @@ def run(cfg: PPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
                                                         completed=state.step, metrics=""),
                             tokenizer=tokenizer, print_answers=cfg.generation.print_answers,
                             interval=cfg.generation.print_answers_interval)
-        observers = [MetricsRecorder(metrics, dist=dist, models=models, learner=learner,
+        h = cfg.health
+        observers = [GreedyProbe(maker, data.heldout, interval=h.greedy_check_interval,
+                                 prompts=h.greedy_check_prompts,
+                                 eos_token_id=tokenizer.eos_token_id, dist=dist),
+                     MetricsRecorder(metrics, dist=dist, models=models, learner=learner,
                                      maker=maker),
                      HealthWatch(health, unsupervised=learner.unsup_iter is not None,
                                  printer=progress.console, metrics=metrics),  # before any save
@@ -116,7 +120,12 @@ def run(cfg: PPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     checkpointer.save_final(state)
     elapsed = time.perf_counter() - t_start
     # save ---------------------------------------------------------------------------------------
-    end = maker.heldout(data.heldout) if data.heldout is not None else Heldout(nan, nan, 0)
+    end = maker.heldout(data.heldout, cfg.health.greedy_check_prompts) \
+        if data.heldout is not None else Heldout(nan, nan, 0)
+    if cfg.health.greedy_check_interval and end.greedy:  # the model about to be handed back
+        health.act(health.check(state.step, losses={},
+                                greedy_repetition=end.greedy["greedy_repetition"]),
+                   metrics=metrics, printer=console)
     _save_models(cfg, models, trainer, out, dist)
     result = _summary(cfg, dist, state, end, elapsed, out, ckpt, health, optimizer_steps={
         "actor": models.actor.global_steps, "critic": models.critic.global_steps,
@@ -221,6 +230,12 @@ def _summary(cfg: PPOConfig, dist: Dist, state: RunState, end: Heldout, elapsed:
     if cfg.ppo.true_reward != "none":
         rows.append((f"held-out true reward, {cfg.ppo.true_reward} (before -> after)",
                      f"{pm('true_reward_heldout_start')} -> {pm('true_reward_heldout_end')}"))
+    if "greedy_repetition_end" in result:
+        rows.append(("greedy answers to held-out prompts (before -> after)",
+                     f"repeated trigrams {result.get('greedy_repetition_start', nan):.3f} -> "
+                     f"{result['greedy_repetition_end']:.3f}, distinct-2 "
+                     f"{result.get('greedy_distinct_start', nan):.3f} -> "
+                     f"{result['greedy_distinct_end']:.3f}"))
     for before, after in list(zip(start["samples_start"], end.samples))[:2]:
         rows.append((f"greedy answer to: {after['prompt']}",
                      f"before: {before['answer']}\nafter:  {after['answer']}"))

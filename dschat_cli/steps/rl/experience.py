@@ -25,6 +25,7 @@ from dschat_cli.generation.fast import check_parity
 from dschat_cli.generation.rollout import RolloutGenerator
 from dschat_cli.models.reward import positions_from_mask
 from dschat_cli.rlhf.ppo import Rollout, answer_logprobs, answer_positions
+from dschat_cli.rlhf.quality import distinct_ngrams, ended_with_eos, repeated_ngram_fraction
 from dschat_cli.rlhf.reward import sequence_scores
 from dschat_cli.steps.common import PhaseTimer
 
@@ -122,11 +123,11 @@ class ExperienceMaker:
         return gen.logprobs if from_generation else logprobs
 
     @torch.no_grad()
-    def heldout(self, loader, samples: int = 4) -> "Heldout":
+    def heldout(self, loader, greedy_prompts: int = 8) -> "Heldout":
         """The held-out figures over all ranks: the reward score (and --true-reward) of one sampled
         answer per prompt, with n and standard error; answers of <= 1 token (dropped in training)
-        do not count. Plus the greedy answers to the first `samples` prompts (rank 0's), which is
-        what `dschat chat` would say."""
+        do not count. Plus the greedy answers to the first `greedy_prompts` prompts, what `dschat
+        chat` would say: their quality figures (all ranks) and texts (rank 0's)."""
         sums = {"reward": [0.0, 0.0], "true": [0.0, 0.0]}  # [sum, sum of squares]
         count = 0
         for batch in loader:
@@ -143,16 +144,19 @@ class ExperienceMaker:
                    for k, (a, b) in sums.items()}
         if self.judge is None:
             figures["true"] = (math.nan, math.nan)
+        greedy = self.greedy_rollout(loader, greedy_prompts)
+        quality = answer_quality(greedy, greedy.action_mask.sum(1) > 0,
+                                 self.m.tokenizer.eos_token_id, self.dist)
         return Heldout(reward=figures["reward"][0], reward_stderr=figures["reward"][1], n=n,
                        true_reward=figures["true"][0], true_reward_stderr=figures["true"][1],
-                       samples=self.greedy_samples(loader, samples))
+                       samples=self.samples(greedy),
+                       greedy={f"greedy_{k}": v for k, v in quality.items()
+                               if k != "true_reward" or greedy.true_scores is not None})
 
     @torch.no_grad()
-    def greedy_samples(self, loader, k: int) -> list[dict]:
-        """Greedy answers to the first k prompts of the loader's first batch, scored (every rank
-        generates, under ZeRO-3 all must; rank 0's are returned)."""
-        if k <= 0:
-            return []
+    def greedy_rollout(self, loader, k: int) -> Rollout:
+        """The greedy answers to the first k prompts of the loader's first batch, scored: what
+        `dschat chat` would say (every rank generates; under ZeRO-3 all must)."""
         if self._greedy is None:
             g = self.cfg.generation
             self._greedy = RolloutGenerator(
@@ -162,12 +166,38 @@ class ExperienceMaker:
                 self.m.tokenizer, max_prompt_seq_len=self.cfg.data.max_prompt_seq_len,
                 zero3=self.cfg.deepspeed.actor_zero_stage == 3, world_size=self.dist.world_size)
         batch = next(iter(loader))
-        batch = {key: v[:k] for key, v in batch.items()}
-        r = self.make(batch, generator=self._greedy)
+        return self.make({key: v[:k] for key, v in batch.items()}, generator=self._greedy)
+
+    def samples(self, r: Rollout) -> list[dict]:
+        """A rollout as text: [{prompt, answer, reward (, true_reward)}]."""
         P = r.prompts.shape[1]
         return [{"prompt": p.strip(), "answer": a.strip(), "reward": float(r.scores[i]),
                  **({"true_reward": float(r.true_scores[i])} if r.true_scores is not None else {})}
                 for i, (p, a) in enumerate(self.texts(r.seq, r.attention_mask, P))]
+
+
+def answer_quality(exp: Rollout, kept: torch.Tensor, eos_token_id: int, dist: Dist) -> dict:
+    """Repetition, diversity, eos share and the true reward of the kept answers, over all
+    ranks (distinct-2 is each rank's, averaged over the ranks that kept an answer)."""
+    P = exp.prompts.shape[1]
+    answers, mask = exp.seq[:, P:][kept], exp.action_mask[kept]
+    total = dist.all_reduce_sum
+    n = total(float(len(answers)))
+    distinct = distinct_ngrams(answers, mask, n=2)
+    ranks = total(1.0 if distinct == distinct else 0.0)  # ranks with a finite figure
+    figures = {
+        "repetition": total(float(repeated_ngram_fraction(answers, mask, n=3).sum())),
+        "distinct": total(distinct if distinct == distinct else 0.0),
+        "eos_share": total(float(ended_with_eos(answers, mask,
+                                                eos_token_id).sum())),
+        "true_reward": total(float(exp.true_scores[kept].sum()))
+        if exp.true_scores is not None else float("nan"),
+    }
+    nan = float("nan")
+    return {"repetition": figures["repetition"] / n if n else nan,
+            "distinct": figures["distinct"] / ranks if ranks else nan,
+            "eos_share": figures["eos_share"] / n if n else nan,
+            "true_reward": figures["true_reward"] / n if n else nan}
 
 
 @dataclass
@@ -178,6 +208,7 @@ class Heldout:
     true_reward: float = math.nan  # mean --true-reward (nan without one)
     true_reward_stderr: float = math.nan
     samples: list[dict] = field(default_factory=list)  # greedy answers to the first prompts
+    greedy: dict = field(default_factory=dict)  # their greedy_repetition, greedy_distinct, ...
 
     def summary(self, when: str) -> dict:
         """The train_summary.json keys of this evaluation, `when` = start or end."""
@@ -186,7 +217,8 @@ class Heldout:
                 f"heldout_{when}_n": self.n,
                 f"true_reward_heldout_{when}": self.true_reward,
                 f"true_reward_heldout_{when}_stderr": self.true_reward_stderr,
-                f"samples_{when}": self.samples}
+                f"samples_{when}": self.samples,
+                **{f"{k}_{when}": v for k, v in self.greedy.items()}}
 
     def line(self) -> str:
         text = f"{self.reward:.4f} ± {self.reward_stderr:.4f}"

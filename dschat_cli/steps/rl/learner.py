@@ -22,9 +22,9 @@ from dschat_cli.rlhf.advantages import Advantages
 from dschat_cli.rlhf.experience import minibatch_slices, take_rows, trim_padding
 from dschat_cli.rlhf.ppo import (PPOStats, Rollout, answer_logprobs, answer_positions,
                                  masked_mean, policy_loss, sequence_kl, value_loss)
-from dschat_cli.rlhf.quality import distinct_ngrams, ended_with_eos, repeated_ngram_fraction
 from dschat_cli.steps.common import PhaseTimer, move_batch
 from dschat_cli.steps.health import GradNorms
+from dschat_cli.steps.rl.experience import answer_quality
 
 
 class Learner:
@@ -118,27 +118,4 @@ class Learner:
             approx_kl=mean.get("approx_kl", nan),
             advantage_mean=avg(masked_mean(adv.advantages, exp.action_mask)).item(),
             return_mean=avg(masked_mean(returns, exp.action_mask)).item(), minibatches=n,
-            **self._answer_quality(exp, kept))
-
-    def _answer_quality(self, exp: Rollout, kept: torch.Tensor) -> dict:
-        """Repetition, diversity, eos share and the true reward of the kept answers, over all
-        ranks (distinct-2 is each rank's, averaged over the ranks that kept an answer)."""
-        P = exp.prompts.shape[1]
-        answers, mask = exp.seq[:, P:][kept], exp.action_mask[kept]
-        total = self.dist.all_reduce_sum
-        n = total(float(len(answers)))
-        distinct = distinct_ngrams(answers, mask, n=2)
-        ranks = total(1.0 if distinct == distinct else 0.0)  # ranks with a finite figure
-        figures = {
-            "repetition": total(float(repeated_ngram_fraction(answers, mask, n=3).sum())),
-            "distinct": total(distinct if distinct == distinct else 0.0),
-            "eos_share": total(float(ended_with_eos(answers, mask,
-                                                    self.m.tokenizer.eos_token_id).sum())),
-            "true_reward": total(float(exp.true_scores[kept].sum()))
-            if exp.true_scores is not None else float("nan"),
-        }
-        nan = float("nan")
-        return {"repetition": figures["repetition"] / n if n else nan,
-                "distinct": figures["distinct"] / ranks if ranks else nan,
-                "eos_share": figures["eos_share"] / n if n else nan,
-                "true_reward": figures["true_reward"] / n if n else nan}
+            **answer_quality(exp, kept, self.m.tokenizer.eos_token_id, self.dist))

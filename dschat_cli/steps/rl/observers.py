@@ -1,6 +1,7 @@
 """What watches the step-3 loop. After every update the loop builds one Update record and hands it
 to each observer in turn; none of them changes what is trained.
 
+    GreedyProbe      every --greedy-check-interval PPO steps: greedy answers to held-out prompts
     MetricsRecorder  the metrics row (metrics.jsonl, TensorBoard, the summary's history)
     HealthWatch      the health monitor (may stop the run: before any save of this update)
     ProgressView     the progress bar's live figures, and sample answers with --print-answers
@@ -30,6 +31,7 @@ class Update:
     generation_s: float  # of which generating
     reward_spread: float  # std of the kept answers' scores over all ranks
     grad_norms: dict[str, list[float]] = field(default_factory=dict)  # each optimizer step's
+    greedy: dict = field(default_factory=dict)  # the greedy check's figures (GreedyProbe fills)
     row: dict = field(default_factory=dict)  # the metrics row (MetricsRecorder fills it)
 
 
@@ -42,6 +44,42 @@ def reward_spread(experience: Rollout, dist: Dist) -> float:
     if n < 2:
         return float("nan")
     return math.sqrt(max(squares - total * total / n, 0.0) / (n - 1))
+
+
+class GreedyProbe:
+    """Sampled answers can look healthy (varied, no repeats) while the greedy answer, what a user
+    gets from `dschat chat`, repeats one token: every --greedy-check-interval PPO steps, answer
+    the first --greedy-check-prompts held-out prompts greedily and measure those answers."""
+
+    def __init__(self, maker, heldout_loader, *, interval: int, prompts: int, eos_token_id: int,
+                 dist: Dist):
+        self.maker = maker
+        self.loader = heldout_loader
+        self.interval = interval
+        self.prompts = prompts
+        self.eos_token_id = eos_token_id
+        self.dist = dist
+
+    def due(self, u: Update) -> bool:
+        """When this update's PPO steps reach a multiple of the interval (so a resumed run checks
+        at the same steps as an uninterrupted one)."""
+        n = self.interval
+        return bool(n) and self.loader is not None and \
+            (u.state.step - u.rollouts) // n < u.state.step // n
+
+    def after_update(self, u: Update) -> None:
+        if not self.due(u):
+            return
+        u.greedy.update(self.measure())
+
+    def measure(self) -> dict:
+        """{greedy_repetition, greedy_distinct, greedy_eos_share (, greedy_true_reward)}."""
+        from dschat_cli.steps.rl.experience import answer_quality
+
+        r = self.maker.greedy_rollout(self.loader, self.prompts)
+        q = answer_quality(r, r.action_mask.sum(1) > 0, self.eos_token_id, self.dist)
+        return {f"greedy_{k}": v for k, v in q.items()
+                if k != "true_reward" or r.true_scores is not None}
 
 
 class MetricsRecorder:
@@ -70,6 +108,7 @@ class MetricsRecorder:
             row["logprob_gap"] = self.maker.last_parity[0]
         if self.learner.skipped_minibatches:
             row["skipped_minibatches"] = self.learner.skipped_minibatches
+        row.update(u.greedy)
         u.row.update(row)
         s.history.append({"step": s.step, **row})
         self.metrics.log(s.step, **row)
@@ -93,7 +132,8 @@ class HealthWatch:
             u.state.step, losses=losses,
             grad_norms={f"{k} gradient norm": v for k, v in u.grad_norms.items()},
             kl=st.kl, answer_length=st.answer_length, ema_reward=u.state.ema_reward,
-            reward_spread=u.reward_spread, repetition=st.repetition, distinct=st.distinct),
+            reward_spread=u.reward_spread, repetition=st.repetition, distinct=st.distinct,
+            greedy_repetition=u.greedy.get("greedy_repetition")),
             metrics=self.metrics, printer=self.printer)
 
 
