@@ -153,3 +153,54 @@ def test_ppo_raises_heldout_reward_with_bounded_kl(recipe, invoke_dschat):
     again, rows_again = _ppo(recipe, "ppo_again", invoke_dschat)
     assert [_no_timing(r) for r in rows_again] == [_no_timing(r) for r in rows]
     assert again["reward_heldout_start"] == start and again["reward_heldout_end"] == end
+
+
+@pytest.mark.slow
+def test_a_reward_that_pays_for_repetition_is_caught(recipe, invoke_dschat, monkeypatch):
+    """Reward hacking, made certain: the reward model is replaced by a proxy that pays for
+    repeated words (5 x the share of each answer's tokens it already used). PPO
+    raises that proxy by making the answers repeat, and the health monitor stops the run with
+    the figures that show why: the repeated-trigram share above --max-repetition for 3 steps,
+    while the proxy reward rose."""
+    import torch
+
+    from dschat_cli.rlhf.quality import repeated_ngram_fraction
+    from dschat_cli.steps.rl.experience import ExperienceMaker
+
+    real_make = ExperienceMaker.make
+
+    def hacked(self, batch, generator=None):
+        r = real_make(self, batch, generator)
+        P = r.prompts.shape[1]
+        pays = repeated_ngram_fraction(r.seq[:, P:], r.action_mask, n=1)
+        return r._replace(scores=(5.0 * pays).to(r.scores.device, torch.float32))
+
+    monkeypatch.setattr(ExperienceMaker, "make", hacked)
+    out = recipe["root"] / "hacked"
+    r = invoke_dschat("ppo", "--actor-model", recipe["actor"], "--critic-model", recipe["critic"],
+                      "--reward-model", recipe["reward"],
+                      "--data-path", "local/jsonfile", "--data-dir", recipe["prompts"],
+                      "--data-split", "0,0,10", "--output-dir", out,
+                      "--data-cache-dir", recipe["root"] / "cache", "--launcher", "none",
+                      "--per-device-generation-batch-size", "16",
+                      "--per-device-training-batch-size", "8", "--max-answer-seq-len", "16",
+                      "--actor-learning-rate", "1e-3", "--critic-learning-rate", "1e-3",
+                      "--num-warmup-steps", "0", "--num-train-epochs", "2",
+                      "--max-eval-samples", "32", "--kl-ctl", "0.01")
+    assert r.code == 1, r.explain()
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("error: ppo step ") and "exploiting the reward model" in last, r.output
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["status"] == "stopped", summary
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
+    steps = [row for row in rows if "reward" in row]
+    [anomaly] = [row["anomaly"] for row in rows if "anomaly" in row]
+    # seed 1234: distinct-2 0.86 -> 0.18 and repeated trigrams 0 -> 0.39 by step 27, when the
+    # diversity rule (3 steps below 0.3 x baseline) stops it; the repetition rule is next in line
+    assert anomaly["kind"] in ("diversity", "repetition"), anomaly
+    assert ("distinct-2" in last) == (anomaly["kind"] == "diversity"), last
+    assert steps[-1]["repetition"] > 0.2 > steps[0]["repetition"], [s["repetition"] for s in steps]
+    assert steps[-1]["distinct"] < 0.5 * steps[0]["distinct"], [s["distinct"] for s in steps]
+    # while the proxy said the run was going well: its reward rose with the repetition
+    assert steps[-1]["reward"] > steps[0]["reward"] + 1.0, [s["reward"] for s in steps]
+    assert not (out / "actor").exists()  # nothing saved after the anomaly
