@@ -34,13 +34,13 @@ from dschat_cli.ui.console import console, error_line
 # step YAML and the pipeline's flags.
 DEMO_STEPS: dict[str, dict[str, Any]] = {
     "sft": {"num_train_epochs": 3, "learning_rate": 2e-3, "per_device_train_batch_size": 16,
-            "num_warmup_steps": 0, "max_seq_len": 128, "dtype": "fp32"},
-    "reward": {"num_train_epochs": 1, "learning_rate": 1e-3, "per_device_train_batch_size": 16,
-               "max_seq_len": 128, "dtype": "fp32"},
-    "ppo": {"actor_learning_rate": 3e-4, "critic_learning_rate": 1e-3, "num_warmup_steps": 0,
+            "num_warmup_steps": 0, "max_seq_len": 96, "dtype": "fp32"},
+    "reward": {"num_train_epochs": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 16,
+               "max_seq_len": 96, "dtype": "fp32"},
+    "ppo": {"actor_learning_rate": 1e-4, "critic_learning_rate": 5e-4, "num_warmup_steps": 0,
             "per_device_generation_batch_size": 16, "per_device_training_batch_size": 16,
-            "num_train_epochs": 2, "max_answer_seq_len": 16, "max_prompt_seq_len": 64,
-            "max_eval_samples": 192, "dtype": "fp32"},
+            "num_train_epochs": 2, "max_answer_seq_len": 48, "max_prompt_seq_len": 32,
+            "max_eval_samples": 128, "dtype": "fp32", "true_reward": "demo"},
 }
 
 
@@ -230,6 +230,7 @@ def step_metrics(plan: StepPlan) -> dict:
     keys = ("reward_heldout_start", "reward_heldout_end", "reward_heldout_start_stderr",
             "reward_heldout_end_stderr", "true_reward_heldout_start", "true_reward_heldout_end",
             "true_reward_heldout_start_stderr", "true_reward_heldout_end_stderr", "heldout_end_n",
+            "greedy_true_reward_start", "greedy_true_reward_end",
             "samples_start", "samples_end", "steps")
     return {**{k: s.get(k) for k in keys}, "kl_last": last.get("kl"),
             "repetition_last": last.get("repetition")}
@@ -252,6 +253,9 @@ def _describe(plan: StepPlan, m: dict) -> str:
     if _finite(m.get("true_reward_heldout_end")):
         text += (f"; true reward {_pm(m, 'true_reward_heldout_start')} -> "
                  f"{_pm(m, 'true_reward_heldout_end')}")
+        if _finite(m.get("greedy_true_reward_end")):
+            text += (f" (greedy answers {_fmt(m.get('greedy_true_reward_start'))} -> "
+                     f"{_fmt(m['greedy_true_reward_end'])})")
     return text + f" (n={m.get('heldout_end_n') or '-'}); KL {_fmt(m['kl_last'], '.4f')}"
 
 

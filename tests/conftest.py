@@ -147,4 +147,6 @@ def tiny_any(request, tiny_model_dir) -> Path:
 def pairs_dir(tmp_path_factory) -> Path:
     from dschat_cli.demo.synthetic import write_jsonfile_dir
 
-    return write_jsonfile_dir(tmp_path_factory.mktemp("pairs"), n_train=256, n_eval=64, seed=0)
+    # the easy task (good vs plain rude answers): the demo's hard negatives need a bigger model
+    return write_jsonfile_dir(tmp_path_factory.mktemp("pairs"), n_train=256, n_eval=64, seed=0,
+                              hard_negatives=False)

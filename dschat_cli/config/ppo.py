@@ -90,8 +90,9 @@ class PPOAlgoOptions:
                                      "end with eos (cut at --max-answer-seq-len); 0: off "
                                      "(DeepSpeed-Chat).", min=0.0)
     true_reward: str = opt("none", "A known true reward to report beside the reward model's "
-                           "score, never trained on (none: no such reward is known).",
-                           choices=("none",))
+                           "score, never trained on: demo is the demo task's programmatic judge of "
+                           "what its preference means (dschat pipeline --demo sets it); none: no "
+                           "such reward is known.", choices=("none", "demo"))
     enable_ema: bool = opt(False, "Keep an exponential moving average of the actor (beta 0.992), "
                            "saved as actor_ema/.")
 

@@ -1,27 +1,38 @@
-"""A synthetic preference data set on which learning is visible within seconds on a CPU.
+"""A synthetic preference data set on which a tiny model learns to write whole, polite sentences
+within minutes on a CPU, with hard negatives and a known true reward.
 
 Each row is DeepSpeed-Chat's prompt/chosen/rejected format:
 
     {"prompt": " Human: How do I bake bread? Assistant:",
      "chosen": " Sure! Knead the dough well and let it rise before baking. Thank you for asking.",
-     "rejected": " Go away, I do not care about bread."}
+     "rejected": " Sure! Knead the dough knead the dough knead the dough"}
 
-* chosen answers are polite and on topic: a polite opener ("Sure!", "Of course!", ...), a tip about
-  the question's topic, and a polite closing ("Thank you for asking.", ...);
-* rejected answers are rude and mostly off topic ("Go away, ...", "Stop bothering me, ...").
+* A good answer is a polite opener ("Sure!", "Of course!", ...), one sentence of advice (the
+  topic's own tip, or 40% of the time a generic one: "Start slowly and practice a little every
+  day.") and a polite closing ("Thank you for asking.", ...).
+* A mediocre answer is curt (the opener alone: "Of course!") or lacks its opener or its closing.
+  40% of the chosen answers are mediocre, so the SFT model answers well only part of the time
+  (greedy, it often stops after "Of course!") and PPO has something to improve.
+* Rejected answers are mostly hard negatives, so that the reward model learns what the preference
+  means rather than punctuation: rude answers dressed in polite words, polite answers with another
+  topic's tip, truncated answers, degenerate ones (a word or phrase stuck repeating, "!!!!!!"
+  tails, the closing said again), the plain rude ones, and (against a good answer) mediocre ones.
 
-Openers, closings, question phrasings and tips vary, so a tiny model must generalise rather than
-memorise strings, but politeness is an easy, consistent signal: a tiny reward model ranks held-out
-pairs almost perfectly, and a PPO actor raises its reward by answering more politely.
+Every pair is drawn until the known true reward (`dschat_cli.demo.judge.true_reward`) ranks chosen
+above rejected, so the data and the judge agree by construction.
 
 Topics are partitioned: the "eval" split uses topics never seen in "train" (every fourth topic),
-so held-out questions are disjoint from training questions whatever the seeds.
+so held-out questions are disjoint from training questions whatever the seeds. A held-out topic's
+own tips are never seen in training, so the best a model trained here can do on such a question is
+a polite, well-formed answer with a generic tip (true reward 0.85); a training topic's tip there is
+off topic (0.7 at best).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 # (subject, tasks ("How do I <task>?"), tips (on-topic advice, lower case, no final period))
@@ -167,11 +178,24 @@ QUESTION_SUBJECT = (
     "I have a question about {subject}. Can you help?",
 )
 
+# advice that fits any topic: what a good answer to a question on an unseen topic can give
+GENERIC_TIPS = (
+    "start slowly and practice a little every day",
+    "take your time and be patient with yourself",
+    "set a small goal for each week",
+    "ask someone with experience to show you how",
+    "keep notes on what works for you",
+    "learn the basics first and then try more",
+    "make it part of your daily routine",
+    "remember that mistakes help you learn",
+)
+BRIDGES = ("", "", "", "my advice is to", "it helps to", "try to")
+SPECIFIC_TIP = 0.6  # fraction of answers with the topic's own tip (the others: a generic one)
+
 POLITE_OPENERS = (
     "Sure!", "Of course!", "Certainly!", "Happy to help!", "Great question!", "Good question!",
     "Absolutely!", "Sure thing!", "Of course, I would be glad to help.", "Yes, happy to help.",
 )
-POLITE_BRIDGES = ("", "", "Here is a tip:", "A good idea is to", "My advice is to", "You can")
 POLITE_CLOSINGS = (
     "Thank you for asking.", "I hope this helps!", "Thanks for the question.",
     "Good luck, and thank you for asking!", "Please let me know if you need more help.",
@@ -196,6 +220,22 @@ RUDE_BODIES = (
     "{other_tip} and stop asking me dumb questions.",
     "I would rather talk about {other}. {other_tip_cap}, whatever.",
 )
+# a rude sentence slipped into an otherwise polite, on-topic answer
+RUDE_ASIDES = (
+    "Now stop bothering me.", "That was a stupid question.", "Do not ask me again, idiot.",
+    "Honestly, that is a dumb thing to ask.", "Now go away.", "Figure out the rest yourself.",
+)
+
+# kinds of rejected answer, with weights: (kind, weight against a good chosen, against a mediocre)
+REJECTED_KINDS = (
+    ("rude", 0.10, 0.15),           # the plain rude answers: "Go away, ..."
+    ("rude_polite", 0.15, 0.20),    # rude words in polite dress
+    ("off_topic", 0.15, 0.25),      # polite, well formed, another topic's tip
+    ("truncated", 0.10, 0.15),      # cut short
+    ("degenerate", 0.25, 0.25),     # stuck repeating, "!!!!!!" tails, the closing said again
+    ("mediocre", 0.25, 0.0),        # curt, or missing its opener or closing (against a good one)
+)
+MEDIOCRE_CHOSEN = 0.4  # fraction of rows whose chosen answer is mediocre
 
 
 def _cap(text: str) -> str:
@@ -218,51 +258,129 @@ def _question(rng: random.Random, subject: str, tasks: tuple[str, ...]) -> str:
     return rng.choice(QUESTION_SUBJECT).format(subject=subject)
 
 
-def _chosen(rng: random.Random, tasks: tuple[str, ...], tips: tuple[str, ...]) -> str:
-    tip = rng.choice(tips)
-    bridge = rng.choice(POLITE_BRIDGES)
-    if bridge:
-        body = f"{bridge} {tip}."
-    elif rng.random() < 0.5:
-        body = f"To {rng.choice(tasks)}, {tip}."
-    else:
-        body = f"{_cap(tip)}."
-    return f" {rng.choice(POLITE_OPENERS)} {body} {rng.choice(POLITE_CLOSINGS)}"
+def _advice(rng: random.Random, tip: str) -> str:
+    bridge = rng.choice(BRIDGES)
+    return f"{_cap(bridge + ' ' + tip if bridge else tip)}."
 
 
-def _rejected(rng: random.Random, subject: str, others: list) -> str:
-    other_subject, _, other_tips = rng.choice(others)
+def _tip(rng, tips) -> str:
+    return rng.choice(tips) if rng.random() < SPECIFIC_TIP else rng.choice(GENERIC_TIPS)
+
+
+def _good(rng, tips) -> str:
+    return f" {rng.choice(POLITE_OPENERS)} {_advice(rng, _tip(rng, tips))} " \
+           f"{rng.choice(POLITE_CLOSINGS)}"
+
+
+def _mediocre(rng, tips) -> str:
+    r = rng.random()
+    if r < 0.4:  # curt: the opener alone ("Of course!")
+        return f" {rng.choice(POLITE_OPENERS)}"
+    if r < 0.7:  # no closing
+        return f" {rng.choice(POLITE_OPENERS)} {_advice(rng, _tip(rng, tips))}"
+    return f" {_advice(rng, _tip(rng, tips))} {rng.choice(POLITE_CLOSINGS)}"  # no opener
+
+
+def _rude(rng, subject, other) -> str:
+    other_subject, _, other_tips = other
     other_tip = rng.choice(other_tips)
     body = rng.choice(RUDE_BODIES).format(subject=subject, other=other_subject, other_tip=other_tip,
                                           other_tip_cap=_cap(other_tip))
     return f" {rng.choice(RUDE_OPENERS)} {body}"
 
 
-def make_pairs(n: int, seed: int = 0, split: str | None = None) -> list[dict]:
+def _rude_polite(rng, subject, tips, other) -> str:
+    if rng.random() < 0.5:
+        rude = _rude(rng, subject, other).strip()
+        return f" {rng.choice(POLITE_OPENERS)} {rude} {rng.choice(POLITE_CLOSINGS)}"
+    return f" {rng.choice(POLITE_OPENERS)} {_advice(rng, _tip(rng, tips))} " \
+           f"{rng.choice(RUDE_ASIDES)} {rng.choice(POLITE_CLOSINGS)}"
+
+
+def _off_topic(rng, other) -> str:
+    """A polite, well-formed answer with another topic's tip: the answer to another question."""
+    return f" {rng.choice(POLITE_OPENERS)} {_advice(rng, rng.choice(other[2]))} " \
+           f"{rng.choice(POLITE_CLOSINGS)}"
+
+
+def _truncated(rng, answer: str) -> str:
+    if rng.random() < 0.3:  # its first sentence alone ("Sure!"): an answer that stops too early
+        return " " + re.match(r"\s*([^.!?]*[.!?])", answer).group(1)
+    words = answer.split()
+    keep = max(1, round(len(words) * rng.uniform(0.2, 0.7)))
+    return " " + " ".join(words[:keep]).rstrip(",")
+
+
+def _degenerate(rng, answer: str) -> str:
+    words = answer.split()
+    kind = rng.randrange(6)
+    if kind == 0:  # its first words, then "!!!!!!"
+        return " " + " ".join(words[:rng.randint(1, 4)]).rstrip("!.,") + "!" * rng.randint(3, 12)
+    if kind == 1:  # its first word repeated
+        w = words[0].rstrip("!.,")
+        sep = rng.choice((" ", "! ", ", "))
+        return " " + sep.join([w] * rng.randint(3, 10)) + rng.choice(("", "!", "."))
+    if kind == 2:  # a word of it stuck repeating
+        i = rng.randrange(len(words))
+        w = words[i].strip("!.,").lower() or "the"
+        return " " + " ".join(words[:i] + [w] * rng.randint(3, 10))
+    if kind == 3:  # a phrase of it looping
+        i = rng.randrange(max(1, len(words) - 3))
+        return " " + " ".join(words[:i] + words[i:i + rng.randint(2, 4)] * rng.randint(2, 5))
+    if kind == 4:  # the whole answer with a "!!!!!!" tail
+        return " " + " ".join(words).rstrip("!.") + "!" * rng.randint(3, 12)
+    # its closing sentence repeated
+    closing = next((c for c in POLITE_CLOSINGS if answer.endswith(c)), rng.choice(POLITE_CLOSINGS))
+    return " " + " ".join(words) + (" " + closing) * rng.randint(1, 3)
+
+
+def _pick(rng, weights: list[tuple[str, float]]) -> str:
+    kinds, w = zip(*weights)
+    return rng.choices(kinds, weights=w)[0]
+
+
+def make_pairs(n: int, seed: int = 0, split: str | None = None,
+               hard_negatives: bool = True) -> list[dict]:
     """`n` rows {"prompt", "chosen", "rejected"} drawn with a seeded RNG. `split` restricts the
-    question topics: "train" (3/4 of the topics), "eval" (the other 1/4) or None (all)."""
+    question topics: "train" (3/4 of the topics), "eval" (the other 1/4) or None (all). Each pair
+    is redrawn until the true reward ranks chosen above rejected. `hard_negatives=False` gives the
+    easy task (a good chosen answer, a plain rude rejected one) that tests of tiny models use."""
+    from dschat_cli.demo.judge import true_reward
+
     rng = random.Random(f"dschat-demo-{seed}-{split}")
     topics = _topics(split)
     rows = []
-    for _ in range(n):
+    while len(rows) < n:
         subject, tasks, tips = rng.choice(topics)
         question = _question(rng, subject, tasks)
-        others = [t for t in TOPICS if t[0] != subject]
-        rows.append({
-            "prompt": f" Human: {question} Assistant:",
-            "chosen": _chosen(rng, tasks, tips),
-            "rejected": _rejected(rng, subject, others),
-        })
+        other = rng.choice([t for t in TOPICS if t[0] != subject])
+        mediocre = hard_negatives and rng.random() < MEDIOCRE_CHOSEN
+        chosen = _mediocre(rng, tips) if mediocre else _good(rng, tips)
+        kind = _pick(rng, [(k, wm if mediocre else wg) for k, wg, wm in REJECTED_KINDS]) \
+            if hard_negatives else "rude"
+        rejected = {
+            "rude": lambda: _rude(rng, subject, other),
+            "rude_polite": lambda: _rude_polite(rng, subject, tips, other),
+            "off_topic": lambda: _off_topic(rng, other),
+            "truncated": lambda: _truncated(rng, chosen),
+            "degenerate": lambda: _degenerate(rng, chosen),
+            "mediocre": lambda: _mediocre(rng, tips),
+        }[kind]()
+        prompt = f" Human: {question} Assistant:"
+        if true_reward(prompt, chosen) <= true_reward(prompt, rejected) or chosen == rejected:
+            continue
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
 
 
-def write_jsonfile_dir(out_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0) -> Path:
-    """Write `train.json` and `eval.json` (JSON lists of prompt/chosen/rejected rows, DeepSpeed-Chat's
-    `local/jsonfile` format) into `out_dir`. Eval questions come from topics never used in train."""
+def write_jsonfile_dir(out_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0,
+                       hard_negatives: bool = True) -> Path:
+    """Write `train.json` and `eval.json` (JSON lists of prompt/chosen/rejected rows,
+    DeepSpeed-Chat's `local/jsonfile` format) into `out_dir`. Eval questions come from topics never used in train."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, n, split in (("train", n_train, "train"), ("eval", n_eval, "eval")):
-        rows = make_pairs(n, seed=seed, split=split)
+        rows = make_pairs(n, seed=seed, split=split, hard_negatives=hard_negatives)
         (out / f"{name}.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n",
                                           encoding="utf-8")
     return out
@@ -273,7 +391,7 @@ def demo_corpus(n: int = 3000, seed: int = 1234) -> list[str]:
     chosen and rejected answers over all topics (train and eval), every template string, and the
     generic corpus of `local_tokenizer` for other common words.
 
-        tok = build_local_tokenizer(texts=demo_corpus())
+        tok = build_word_tokenizer(texts=demo_corpus())
     """
     from dschat_cli.models.local_tokenizer import default_corpus
 
@@ -283,7 +401,8 @@ def demo_corpus(n: int = 3000, seed: int = 1234) -> list[str]:
         texts.append(row["prompt"] + row["rejected"])
     for subject, tasks, tips in TOPICS:
         texts.append(" " + " ".join((subject,) + tasks + tips))
-    texts.extend(" " + s for s in QUESTION_TASK + QUESTION_SUBJECT + POLITE_OPENERS
-                 + POLITE_BRIDGES + POLITE_CLOSINGS + RUDE_OPENERS + RUDE_BODIES)
+        texts.append(" " + " ".join(_cap(s) for s in (subject,) + tasks + tips))
+    texts.extend(" " + s for s in QUESTION_TASK + QUESTION_SUBJECT + POLITE_OPENERS + BRIDGES
+                 + POLITE_CLOSINGS + RUDE_OPENERS + RUDE_BODIES + RUDE_ASIDES + GENERIC_TIPS)
     texts.extend(default_corpus(n=1000, seed=seed))
     return texts

@@ -44,11 +44,12 @@ def _special_ids(tokenizer) -> dict[str, int]:
 
 
 def tiny_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4,
-                max_positions: int = 512, dropout: float | None = None):
+                max_positions: int = 512, dropout: float | None = None, ffn_mult: int = 2):
     """The `PretrainedConfig` of a tiny model of `family` (see `build_tiny_model`).
 
     `dropout=None` keeps the family's usual dropout (OPT and GPT-2: 0.1, Llama and NeoX: 0.0), so
-    that `--disable-dropout` style code has something to switch off."""
+    that `--disable-dropout` style code has something to switch off. The MLP is `ffn_mult` x
+    `hidden` wide."""
     fam = _family(family)
     if hidden % heads:
         raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
@@ -58,13 +59,14 @@ def tiny_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, he
         from transformers import OPTConfig
         kw: dict[str, Any] = {} if dropout is None else {"dropout": dropout}
         return OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, ffn_dim=2 * hidden,
+                         num_attention_heads=heads, ffn_dim=ffn_mult * hidden,
                          max_position_embeddings=max_positions, word_embed_proj_dim=hidden,
                          **ids, **kw)
     if fam == "llama":
         from transformers import LlamaConfig
         kw = {} if dropout is None else {"attention_dropout": dropout}
-        return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+        return LlamaConfig(vocab_size=vocab, hidden_size=hidden,
+                           intermediate_size=ffn_mult * hidden,
                            num_hidden_layers=layers, num_attention_heads=heads,
                            num_key_value_heads=heads, max_position_embeddings=max_positions,
                            tie_word_embeddings=False, **ids, **kw)
@@ -73,17 +75,18 @@ def tiny_config(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, he
         kw = {} if dropout is None else {"resid_pdrop": dropout, "embd_pdrop": dropout,
                                          "attn_pdrop": dropout}
         return GPT2Config(vocab_size=vocab, n_positions=max_positions, n_embd=hidden, n_layer=layers,
-                          n_head=heads, n_inner=2 * hidden, **ids, **kw)
+                          n_head=heads, n_inner=ffn_mult * hidden, **ids, **kw)
     from transformers import GPTNeoXConfig
     kw = {} if dropout is None else {"attention_dropout": dropout, "hidden_dropout": dropout}
     # NeoX uses partial rotary embeddings (default rotary fraction 0.25 of each head's dims).
     return GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, intermediate_size=2 * hidden,
+                         num_attention_heads=heads, intermediate_size=ffn_mult * hidden,
                          max_position_embeddings=max_positions, **ids, **kw)
 
 
 def build_tiny_model(family: str, tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4,
-                     max_positions: int = 512, seed: int = 0, dropout: float | None = None):
+                     max_positions: int = 512, seed: int = 0, dropout: float | None = None,
+                     ffn_mult: int = 2):
     """A randomly initialised `*ForCausalLM` of `family` ("opt", "llama", "gpt2", "gpt_neox"; "neox"
     is accepted) whose vocabulary is `len(tokenizer)` rounded up to a multiple of 8 and whose
     pad/bos/eos ids are the tokenizer's. Initialisation is seeded and does not disturb the global
@@ -92,7 +95,7 @@ def build_tiny_model(family: str, tokenizer, *, hidden: int = 64, layers: int = 
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     config = tiny_config(family, tokenizer, hidden=hidden, layers=layers, heads=heads,
-                         max_positions=max_positions, dropout=dropout)
+                         max_positions=max_positions, dropout=dropout, ffn_mult=ffn_mult)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)

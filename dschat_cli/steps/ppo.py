@@ -232,7 +232,10 @@ def _summary(cfg: PPOConfig, dist: Dist, state: RunState, end: Heldout, elapsed:
                      f"{pm('true_reward_heldout_start')} -> {pm('true_reward_heldout_end')}"))
     if "greedy_repetition_end" in result:
         rows.append(("greedy answers to held-out prompts (before -> after)",
-                     f"repeated trigrams {result.get('greedy_repetition_start', nan):.3f} -> "
+                     (f"true reward {result.get('greedy_true_reward_start', nan):.3f} -> "
+                      f"{result['greedy_true_reward_end']:.3f}, "
+                      if "greedy_true_reward_end" in result else "")
+                     + f"repeated trigrams {result.get('greedy_repetition_start', nan):.3f} -> "
                      f"{result['greedy_repetition_end']:.3f}, distinct-2 "
                      f"{result.get('greedy_distinct_start', nan):.3f} -> "
                      f"{result['greedy_distinct_end']:.3f}"))

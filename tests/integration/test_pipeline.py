@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-# PPO must raise the mean reward of the 192 held-out prompts by at least this much (reward-model
-# units; the demo's scores span about -4 .. +4). Observed gains with seeds 1234, 7, 1, 2, 3 on 2 CPU
-# cores: 1.17, 0.95, 1.54, 1.63, 1.64 (KL at the last step 1.8-2.7). Half the smallest leaves room
-# for noise while a broken PPO (gain ~0 or negative) fails.
+# PPO must raise the mean reward of the 128 held-out prompts by at least this much (reward-model
+# units; the demo's scores span about -8 .. +5). Observed gain with seed 1234 on 2 CPU cores: 0.91
+# (KL at the last step 0.8) with the word-level demo; the earlier BPE demo gained 0.95-1.64 over
+# seeds 1234, 7, 1, 2, 3. Half the smallest leaves room for noise while a broken PPO (gain ~0 or
+# negative) fails.
 MIN_REWARD_GAIN = 0.5
 
 
@@ -38,6 +39,26 @@ def test_dry_run_plans_all_three_steps_without_network(tmp_path):
     assert "opt-13b" in out and not (tmp_path / "out").exists()  # a dry run writes nothing
 
 
+def _greedy_true_reward(model_dir, eval_json, n: int = 32) -> dict:
+    """Mean true reward and fraction stuck repeating of greedy answers to n held-out questions."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dschat_cli.demo.judge import judge
+
+    prompts = list(dict.fromkeys(r["prompt"] for r in json.loads(eval_json.read_text())))[:n]
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=48, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    judged = [judge(p, a) for p, a in zip(prompts, answers)]
+    return {"true_reward": sum(j.score for j in judged) / n,
+            "stuck": sum(j.well_formed == 0 for j in judged) / n, "answers": answers[:3]}
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
@@ -54,17 +75,70 @@ def test_demo_learns_every_step(demo):
     summary = json.loads((out / "summary.json").read_text())
     m = {row["step"]: row["metrics"] for row in summary["steps"]}
     assert m[1]["eval_ppl_end"] < 0.5 * m[1]["eval_ppl_start"], m[1]  # SFT learns the format
-    assert m[2]["accuracy_end"] >= 0.9, m[2]  # the reward model ranks held-out pairs
+    # the reward model ranks held-out pairs; not all: a third of them are hard negatives (another
+    # topic's tip, a missing closing) on topics it never saw, which it ranks near chance
+    assert m[2]["accuracy_end"] >= 0.75, m[2]
     gain = m[3]["reward_heldout_end"] - m[3]["reward_heldout_start"]
     assert gain >= MIN_REWARD_GAIN, m[3]  # PPO raises the held-out reward
     assert abs(m[3]["kl_last"]) < 5.0, m[3]  # ... without running away from the reference
     assert (out / "summary.md").is_file()
     assert seconds < 300, f"the demo took {seconds:.0f} s"
+    # judged by the known true reward, not only the learned one: PPO's greedy answers to held-out
+    # questions are better than SFT's and never stuck repeating
+    sft, ppo = (_greedy_true_reward(out / d, out / "demo-data" / "eval.json")
+                for d in ("actor-models/demo-base", "step3-models/demo-base/actor"))
+    assert ppo["true_reward"] >= sft["true_reward"] + 0.05, (sft, ppo)
+    assert ppo["true_reward"] >= 0.8 and ppo["stuck"] == 0, ppo
+    # ... and step 3 reports it itself, beside the proxy (sampled answers, and greedy ones)
+    assert m[3]["true_reward_heldout_end"] > m[3]["true_reward_heldout_start"], m[3]
+    assert m[3]["greedy_true_reward_end"] >= m[3]["greedy_true_reward_start"] + 0.05, m[3]
     # the chat command it prints answers
     actor = out / "step3-models" / "demo-base" / "actor"
     rc, answer = dschat("chat", "--path", actor, "--prompt", "Can you help me with cooking?",
                         "--max-new-tokens", "16", timeout=120)
     assert rc == 0 and answer.strip(), answer
+
+
+def _degenerate_forms(answer: str) -> dict[str, str]:
+    """The three ways the old demo's PPO gamed its reward model, applied to a real answer."""
+    words = answer.split()
+    return {"first words + !!!!!!": " " + " ".join(words[:2]).rstrip("!.,") + "!!!!!!",
+            "first word repeated": " " + " ".join([words[0].rstrip("!.,")] * 8),
+            "cut to a third": " " + " ".join(words[:max(1, len(words) // 3)])}
+
+
+@pytest.mark.slow
+def test_demo_reward_model_prefers_real_answers_to_degenerate_ones(demo):
+    """The reward model PPO optimises must not pay for the degenerate answers PPO finds first:
+    on held-out questions, each full chosen answer against three degenerate versions of it."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from dschat_cli.demo.judge import true_reward
+    from dschat_cli.eval.reward import _score
+    from dschat_cli.models.reward import load_reward_model
+
+    rc, log, out, _ = demo
+    assert rc == 0, log
+    rm_dir = out / "reward-models" / "demo-base"
+    rows = json.loads((out / "demo-data" / "eval.json").read_text())
+    full = [(r["prompt"], r["chosen"]) for r in rows if true_reward(r["prompt"], r["chosen"]) >= 0.85]
+    full = list(dict.fromkeys(full))[:120]
+    assert len(full) >= 60, len(full)
+    tok = AutoTokenizer.from_pretrained(rm_dir)
+    model = load_reward_model(rm_dir).eval()
+    with torch.no_grad():
+        real = _score(model, tok, [p for p, _ in full], [a for _, a in full], max_len=96,
+                      batch_size=32, device="cpu")
+        wins = {}
+        for form in _degenerate_forms("a b c"):
+            bad = _score(model, tok, [p for p, _ in full],
+                         [_degenerate_forms(a)[form] for _, a in full], max_len=96,
+                         batch_size=32, device="cpu")
+            wins[form] = sum(r > b for r, b in zip(real, bad)) / len(full)
+    # observed on 120 held-out answers (the demo as `make demo` runs it): 1.00, 0.925 and 0.933
+    assert all(w >= 0.8 for w in wins.values()), wins
+    assert sum(wins.values()) / len(wins) >= 0.85, wins
 
 
 @pytest.mark.slow

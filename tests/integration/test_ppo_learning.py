@@ -87,7 +87,8 @@ def recipe(tmp_path_factory, tiny_model_dir, pairs_dir, invoke_dschat) -> dict:
     end = json.loads((root / "reward" / "train_summary.json").read_text())["eval_end"]
     assert end["accuracy"] >= 0.95, end
     # 512 train prompts (32 steps of 16), 256 held-out prompts from unseen topics
-    prompts = write_jsonfile_dir(root / "prompts", n_train=STEPS * 16, n_eval=256, seed=1)
+    prompts = write_jsonfile_dir(root / "prompts", n_train=STEPS * 16, n_eval=256, seed=1,
+                                 hard_negatives=False)
     return {"root": root, "actor": root / "sft", "reward": root / "reward", "prompts": prompts,
             "critic": _zero_head_critic(root / "sft", root / "critic")}
 

@@ -241,4 +241,8 @@ def true_reward_judge(name: str) -> Callable[[str, str], float] | None:
     """--true-reward NAME -> a function (prompt text, answer text) -> float; None for none."""
     if name == "none":
         return None
+    if name == "demo":
+        from dschat_cli.demo.judge import true_reward
+
+        return true_reward
     raise ValueError(f"unknown --true-reward {name!r}")
