@@ -255,20 +255,18 @@ class HealthMonitor:
         advice = ("the actor is exploiting the reward model: raise --kl-ctl (or set --kl-target), "
                   "lower --actor-learning-rate, and check the reward model on degenerate answers "
                   "(dschat eval-reward)")
-        if o.max_repetition > 0 and repetition is not None and math.isfinite(repetition) and \
-                self._streak("repetition").update(repetition > o.max_repetition, need):
-            new("repetition", "share of repeated trigrams in the answers", repetition,
-                f"above --max-repetition {_fmt(o.max_repetition)}{after}: answers stuck "
-                "repeating a word or phrase", advice, "--actor-learning-rate")
         checks = f" for {need} greedy checks in a row" if need > 1 else ""
-        if o.max_repetition > 0 and greedy_repetition is not None and \
-                math.isfinite(greedy_repetition) and \
-                self._streak("greedy_repetition").update(greedy_repetition > o.max_repetition,
-                                                         need):
-            new("repetition", "share of repeated trigrams in the greedy answers to held-out "
-                "prompts", greedy_repetition,
-                f"above --max-repetition {_fmt(o.max_repetition)}{checks}: what `dschat chat` "
-                "would say is stuck repeating a word or phrase", advice, "--actor-learning-rate")
+        for key, value, figure, over, what in (
+                ("repetition", repetition, "share of repeated trigrams in the answers", after,
+                 "answers stuck repeating a word or phrase"),
+                ("greedy_repetition", greedy_repetition, "share of repeated trigrams in the greedy "
+                 "answers to held-out prompts", checks,
+                 "what `dschat chat` would say is stuck repeating a word or phrase")):
+            if o.max_repetition > 0 and value is not None and math.isfinite(value) and \
+                    self._streak(key).update(value > o.max_repetition, need):
+                new("repetition", figure, value,
+                    f"above --max-repetition {_fmt(o.max_repetition)}{over}: {what}", advice,
+                    "--actor-learning-rate")
         if distinct is None or not math.isfinite(distinct):
             return
         if len(self._distinct_baseline) < BASELINE_STEPS:
