@@ -305,3 +305,18 @@ def test_zero_disables_the_answer_rules():
     m = ppo_monitor(max_repetition=0.0, diversity_collapse=0.0, anomaly_patience=1)
     for step in range(1, 8):
         assert ppo_step(m, step, repetition=1.0, distinct=0.01 if step > 3 else 0.9) == []
+
+
+def test_greedy_repetition_counts_consecutive_checks_not_steps():
+    """Greedy checks run every --greedy-check-interval steps; the steps between them (None) do
+    not break the streak, a healthy check does."""
+    m = ppo_monitor(max_repetition=0.5, anomaly_patience=2)
+    assert ppo_step(m, 10, repetition=0.0, distinct=0.8, greedy_repetition=0.9) == []
+    assert ppo_step(m, 11, repetition=0.0, distinct=0.8) == []  # no check this step
+    assert ppo_step(m, 20, repetition=0.0, distinct=0.8, greedy_repetition=0.1) == []  # healthy
+    assert ppo_step(m, 30, repetition=0.0, distinct=0.8, greedy_repetition=0.8) == []
+    assert ppo_step(m, 35, repetition=0.0, distinct=0.8) == []
+    [a] = ppo_step(m, 40, repetition=0.0, distinct=0.8, greedy_repetition=0.85)
+    assert a.kind == "repetition" and a.global_step == 40
+    assert "greedy answers to held-out prompts is 0.85" in a.message()
+    assert "for 2 greedy checks in a row" in a.message() and "dschat chat" in a.message()
