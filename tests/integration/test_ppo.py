@@ -279,8 +279,11 @@ IN_PROCESS = {
     # starts from exactly the rollout policy, so the PPO ratio is 1 (approx_kl 0, no clipping)
     "llama-z2-lora": (("sft", "llama"), "llama", 2, 2, 4, 4, 2, False, False, 4, ()),
     # old logprobs from the fast engine's sampling pass, checked against a forward every 2
+    # also the adaptive KL coefficient (checked below) and the missing-eos penalty
     "gpt2raw-z3-full-ema": (("raw", "gpt2"), "opt", 3, 1, 0, 0, 3, True, False, 2,
-                            ("--old-logprobs", "generation", "--parity-check-interval", "2")),
+                            ("--old-logprobs", "generation", "--parity-check-interval", "2",
+                             "--kl-target", "0.5", "--kl-horizon", "20",
+                             "--missing-eos-penalty", "1.0")),
     # regression: OPT has dropout 0.1; rollouts must be scored with dropout off (eval mode), so
     # with LoRA (identical to the reference at step 1) the step-1 KL is exactly 0 (the PPO update
     # itself runs in train mode, with dropout, as the reference does)
@@ -311,6 +314,16 @@ def test_ppo_in_process(case, tmp_path, actor_dir, reward_dir, tiny_model_dir, p
                      ema=ema, ref_offload=ref_off, train_batch=tb,
                      dropout_free=True)  # rollouts are scored in eval mode: no dropout noise
     assert any(cache.iterdir()), "tokenised prompts not cached in --data-cache-dir"
+    if "--kl-target" in extra:  # Ziegler's rule, from the logged KL of each update
+        rows = read_jsonl(out / "metrics.jsonl")
+        assert rows[0]["kl_coef"] == pytest.approx(0.1), rows[0]
+        for before, after in zip(rows, rows[1:]):
+            error = min(max(before["kl"] / 0.5 - 1.0, -0.2), 0.2)
+            assert after["kl_coef"] == pytest.approx(
+                before["kl_coef"] * (1 + error * GEN_BATCH / 20), rel=1e-5), (before, after)
+        assert rows[-1]["kl_coef"] != pytest.approx(0.1), rows
+    else:
+        assert all(r["kl_coef"] == 0.1 for r in read_jsonl(out / "metrics.jsonl"))
     if "--old-logprobs" in extra:  # checked on rollouts 1 and 3: fp32 on CPU, same numbers
         rows = read_jsonl(out / "metrics.jsonl")
         assert all(0.0 <= row["logprob_gap"] < 1e-4 for row in rows), rows
