@@ -33,13 +33,13 @@ from dschat_cli.ui.console import console, error_line
 # tiny models on 2 CPU cores, a few minutes in all. They sit where the size presets do: under the
 # step YAML and the pipeline's flags.
 DEMO_STEPS: dict[str, dict[str, Any]] = {
-    "sft": {"num_train_epochs": 3, "learning_rate": 2e-3, "per_device_train_batch_size": 16,
+    "sft": {"num_train_epochs": 5, "learning_rate": 2e-3, "per_device_train_batch_size": 16,
             "num_warmup_steps": 0, "max_seq_len": 96, "dtype": "fp32"},
     "reward": {"num_train_epochs": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 16,
                "max_seq_len": 96, "dtype": "fp32"},
-    "ppo": {"actor_learning_rate": 1e-4, "critic_learning_rate": 5e-4, "num_warmup_steps": 0,
-            "per_device_generation_batch_size": 16, "per_device_training_batch_size": 16,
-            "num_train_epochs": 2, "max_answer_seq_len": 48, "max_prompt_seq_len": 32,
+    "ppo": {"actor_learning_rate": 1e-4, "critic_learning_rate": 5e-4, "kl_ctl": 0.3,
+            "num_warmup_steps": 0, "per_device_generation_batch_size": 16,
+            "per_device_training_batch_size": 16, "num_train_epochs": 2, "max_answer_seq_len": 48, "max_prompt_seq_len": 32,
             "max_eval_samples": 128, "dtype": "fp32", "true_reward": "demo"},
 }
 

@@ -18,7 +18,8 @@ from dschat_cli.demo.synthetic import demo_corpus, write_jsonfile_dir
 DEMO_SPLIT = "4,4,2"
 # The model: big enough to write whole sentences, small enough to train on 2 CPU cores in a minute.
 DEMO_MODEL = {"hidden": 192, "layers": 4, "heads": 6, "ffn_mult": 4, "max_positions": 256}
-# Training rows (split DEMO_SPLIT over the steps) and held-out rows (topics never seen in training).
+# Training rows (split DEMO_SPLIT over the steps) and held-out rows (the training topics in
+# question phrasings never seen in training).
 DEMO_ROWS = {"n_train": 3000, "n_eval": 640}
 
 

@@ -8,7 +8,7 @@ Each row is DeepSpeed-Chat's prompt/chosen/rejected format:
      "rejected": " Sure! Knead the dough knead the dough knead the dough"}
 
 * A good answer is a polite opener ("Sure!", "Of course!", ...), one sentence of advice (the
-  topic's own tip, or 40% of the time a generic one: "Start slowly and practice a little every
+  topic's own tip, or 15% of the time a generic one: "Start slowly and practice a little every
   day.") and a polite closing ("Thank you for asking.", ...).
 * A mediocre answer is curt (the opener alone: "Of course!") or lacks its opener or its closing.
   40% of the chosen answers are mediocre, so the SFT model answers well only part of the time
@@ -21,11 +21,14 @@ Each row is DeepSpeed-Chat's prompt/chosen/rejected format:
 Every pair is drawn until the known true reward (`dschat_cli.demo.judge.true_reward`) ranks chosen
 above rejected, so the data and the judge agree by construction.
 
-Topics are partitioned: the "eval" split uses topics never seen in "train" (every fourth topic),
-so held-out questions are disjoint from training questions whatever the seeds. A held-out topic's
-own tips are never seen in training, so the best a model trained here can do on such a question is
-a polite, well-formed answer with a generic tip (true reward 0.85); a training topic's tip there is
-off topic (0.7 at best).
+Held-out questions are new phrasings of the training topics: the "eval" split asks them only in
+question templates that "train" never uses (EVAL_QUESTION_TASK, EVAL_QUESTION_SUBJECT), so
+held-out question strings are disjoint from training ones whatever the seeds, while each topic's
+own tip is learnable: the best answer to a held-out question is polite, well formed and gives the
+topic's tip (true reward 1.0); a generic tip earns 0.85 and another topic's tip 0.7 at best. The
+demo uses only the first TIPS_PER_TOPIC tip(s) of each topic, so a tiny model can learn which tip
+goes with which question, and the reward model sees pairs that prefer the topic's own tip to a
+generic one and to another topic's.
 """
 
 from __future__ import annotations
@@ -177,8 +180,14 @@ QUESTION_SUBJECT = (
     "Do you have any advice about {subject}?",
     "I have a question about {subject}. Can you help?",
 )
+# The held-out ("eval") questions: the training topics asked in these phrasings, never used in
+# "train", so held-out question strings are disjoint from training ones whatever the seeds.
+EVAL_QUESTION_TASK = ("Could you explain how to {task}?", "What should I do to {task}?")
+EVAL_QUESTION_SUBJECT = ("Can you help me with {subject}?",)
+N_TOPICS = 24  # the demo's questions are on the first N_TOPICS topics (the judge knows all of them)
+TIPS_PER_TOPIC = 1  # the demo uses each topic's first tip(s) only: fewer associations to learn
 
-# advice that fits any topic: what a good answer to a question on an unseen topic can give
+# advice that fits any topic (half the topic credit of the topic's own tip)
 GENERIC_TIPS = (
     "start slowly and practice a little every day",
     "take your time and be patient with yourself",
@@ -190,7 +199,8 @@ GENERIC_TIPS = (
     "remember that mistakes help you learn",
 )
 BRIDGES = ("", "", "", "my advice is to", "it helps to", "try to")
-SPECIFIC_TIP = 0.6  # fraction of answers with the topic's own tip (the others: a generic one)
+RESTATE = 0.8  # fraction of advice sentences that restate the question first ("To bake bread, ...")
+SPECIFIC_TIP = 0.85  # fraction of answers with the topic's own tip (the others: a generic one)
 
 POLITE_OPENERS = (
     "Sure!", "Of course!", "Certainly!", "Happy to help!", "Great question!", "Good question!",
@@ -228,12 +238,13 @@ RUDE_ASIDES = (
 
 # kinds of rejected answer, with weights: (kind, weight against a good chosen, against a mediocre)
 REJECTED_KINDS = (
-    ("rude", 0.10, 0.15),           # the plain rude answers: "Go away, ..."
-    ("rude_polite", 0.15, 0.20),    # rude words in polite dress
-    ("off_topic", 0.15, 0.25),      # polite, well formed, another topic's tip
+    ("rude", 0.08, 0.15),           # the plain rude answers: "Go away, ..."
+    ("rude_polite", 0.10, 0.20),    # rude words in polite dress
+    ("off_topic", 0.12, 0.25),      # polite, well formed, another topic's tip
+    ("generic", 0.03, 0.0),         # polite, well formed, a generic tip (against the topic's own)
     ("truncated", 0.10, 0.15),      # cut short
     ("degenerate", 0.25, 0.25),     # stuck repeating, "!!!!!!" tails, the closing said again
-    ("mediocre", 0.25, 0.0),        # curt, or missing its opener or closing (against a good one)
+    ("mediocre", 0.32, 0.0),        # curt, or missing its opener or closing (against a good one)
 )
 MEDIOCRE_CHOSEN = 0.4  # fraction of rows whose chosen answer is mediocre
 
@@ -242,43 +253,59 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _topics(split: str | None) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+def _templates(split: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(task templates, subject templates) of a split's questions."""
     if split is None:
-        return list(TOPICS)
+        return QUESTION_TASK, QUESTION_SUBJECT
     if split == "train":
-        return [t for i, t in enumerate(TOPICS) if i % 4 != 3]
+        return (tuple(t for t in QUESTION_TASK if t not in EVAL_QUESTION_TASK),
+                tuple(t for t in QUESTION_SUBJECT if t not in EVAL_QUESTION_SUBJECT))
     if split == "eval":
-        return [t for i, t in enumerate(TOPICS) if i % 4 == 3]
+        return EVAL_QUESTION_TASK, EVAL_QUESTION_SUBJECT
     raise ValueError(f"split must be 'train', 'eval' or None, not {split!r}")
 
 
-def _question(rng: random.Random, subject: str, tasks: tuple[str, ...]) -> str:
+def _question(rng: random.Random, subject: str, tasks: tuple[str, ...],
+              split=None) -> tuple[str, str]:
+    """-> (the question, the lead an answer restating it starts its advice with: "To bake
+    bread" for "How do I bake bread?", "For yoga" for "Can you help me with yoga?")."""
+    task_templates, subject_templates = _templates(split)
     if rng.random() < 0.75:
-        return rng.choice(QUESTION_TASK).format(task=rng.choice(tasks))
-    return rng.choice(QUESTION_SUBJECT).format(subject=subject)
+        task = rng.choice(tasks)
+        return rng.choice(task_templates).format(task=task), \
+            "To " + f" {task} ".replace(" my ", " your ").strip()
+    return rng.choice(subject_templates).format(subject=subject), f"For {subject}"
 
 
-def _advice(rng: random.Random, tip: str) -> str:
+def _advice(rng: random.Random, tip: str, lead: str = "") -> str:
+    """One sentence of advice; most of the time it restates the question first ("To bake bread,
+    knead the dough ..."), as a good answer does, so the model learns whose advice to give."""
     bridge = rng.choice(BRIDGES)
-    return f"{_cap(bridge + ' ' + tip if bridge else tip)}."
+    text = bridge + " " + tip if bridge else tip
+    if lead and rng.random() < RESTATE:
+        text = f"{lead}, {text}"
+    return f"{_cap(text)}."
 
 
 def _tip(rng, tips) -> str:
-    return rng.choice(tips) if rng.random() < SPECIFIC_TIP else rng.choice(GENERIC_TIPS)
+    return rng.choice(tips[:TIPS_PER_TOPIC]) if rng.random() < SPECIFIC_TIP \
+        else rng.choice(GENERIC_TIPS)
 
 
-def _good(rng, tips) -> str:
-    return f" {rng.choice(POLITE_OPENERS)} {_advice(rng, _tip(rng, tips))} " \
+def _good(rng, tips, lead="") -> str:
+    return f" {rng.choice(POLITE_OPENERS)} {_advice(rng, _tip(rng, tips), lead)} " \
            f"{rng.choice(POLITE_CLOSINGS)}"
 
 
-def _mediocre(rng, tips) -> str:
-    r = rng.random()
+def _mediocre(rng, tips, lead="", chosen: bool = False) -> str:
+    """Curt, no closing, or (only as a rejected answer) no opener: a chosen answer always opens
+    politely, so that the reward model never learns that an answer without one is preferred."""
+    r = rng.random() * (0.7 if chosen else 1.0)
     if r < 0.4:  # curt: the opener alone ("Of course!")
         return f" {rng.choice(POLITE_OPENERS)}"
     if r < 0.7:  # no closing
-        return f" {rng.choice(POLITE_OPENERS)} {_advice(rng, _tip(rng, tips))}"
-    return f" {_advice(rng, _tip(rng, tips))} {rng.choice(POLITE_CLOSINGS)}"  # no opener
+        return f" {rng.choice(POLITE_OPENERS)} {_advice(rng, _tip(rng, tips), lead)}"
+    return f" {_advice(rng, _tip(rng, tips), lead)} {rng.choice(POLITE_CLOSINGS)}"  # no opener
 
 
 def _rude(rng, subject, other) -> str:
@@ -289,17 +316,19 @@ def _rude(rng, subject, other) -> str:
     return f" {rng.choice(RUDE_OPENERS)} {body}"
 
 
-def _rude_polite(rng, subject, tips, other) -> str:
+def _rude_polite(rng, subject, tips, other, lead="") -> str:
     if rng.random() < 0.5:
         rude = _rude(rng, subject, other).strip()
         return f" {rng.choice(POLITE_OPENERS)} {rude} {rng.choice(POLITE_CLOSINGS)}"
-    return f" {rng.choice(POLITE_OPENERS)} {_advice(rng, _tip(rng, tips))} " \
+    return f" {rng.choice(POLITE_OPENERS)} {_advice(rng, _tip(rng, tips), lead)} " \
            f"{rng.choice(RUDE_ASIDES)} {rng.choice(POLITE_CLOSINGS)}"
 
 
-def _off_topic(rng, other) -> str:
-    """A polite, well-formed answer with another topic's tip: the answer to another question."""
-    return f" {rng.choice(POLITE_OPENERS)} {_advice(rng, rng.choice(other[2]))} " \
+def _off_topic(rng, other, lead="") -> str:
+    """A polite, well-formed answer with another topic's tip (after the question's own lead, or
+    none): the answer to another question."""
+    tip = rng.choice(other[2][:TIPS_PER_TOPIC])
+    return f" {rng.choice(POLITE_OPENERS)} {_advice(rng, tip, lead)} " \
            f"{rng.choice(POLITE_CLOSINGS)}"
 
 
@@ -342,29 +371,32 @@ def _pick(rng, weights: list[tuple[str, float]]) -> str:
 def make_pairs(n: int, seed: int = 0, split: str | None = None,
                hard_negatives: bool = True) -> list[dict]:
     """`n` rows {"prompt", "chosen", "rejected"} drawn with a seeded RNG. `split` restricts the
-    question topics: "train" (3/4 of the topics), "eval" (the other 1/4) or None (all). Each pair
+    question phrasings: "train" (most templates), "eval" (templates train never uses) or None
+    (all); every split asks about all topics. Each pair
     is redrawn until the true reward ranks chosen above rejected. `hard_negatives=False` gives the
     easy task (a good chosen answer, a plain rude rejected one) that tests of tiny models use."""
     from dschat_cli.demo.judge import true_reward
 
     rng = random.Random(f"dschat-demo-{seed}-{split}")
-    topics = _topics(split)
+    _templates(split)  # checks the split
     rows = []
     while len(rows) < n:
-        subject, tasks, tips = rng.choice(topics)
-        question = _question(rng, subject, tasks)
-        other = rng.choice([t for t in TOPICS if t[0] != subject])
+        subject, tasks, tips = rng.choice(TOPICS[:N_TOPICS])
+        question, lead = _question(rng, subject, tasks, split)
+        other = rng.choice([t for t in TOPICS[:N_TOPICS] if t[0] != subject])
         mediocre = hard_negatives and rng.random() < MEDIOCRE_CHOSEN
-        chosen = _mediocre(rng, tips) if mediocre else _good(rng, tips)
+        chosen = _mediocre(rng, tips, lead, chosen=True) if mediocre else _good(rng, tips, lead)
         kind = _pick(rng, [(k, wm if mediocre else wg) for k, wg, wm in REJECTED_KINDS]) \
             if hard_negatives else "rude"
         rejected = {
             "rude": lambda: _rude(rng, subject, other),
-            "rude_polite": lambda: _rude_polite(rng, subject, tips, other),
-            "off_topic": lambda: _off_topic(rng, other),
+            "rude_polite": lambda: _rude_polite(rng, subject, tips, other, lead),
+            "off_topic": lambda: _off_topic(rng, other, lead),
+            "generic": lambda: f" {rng.choice(POLITE_OPENERS)} "
+                               f"{_advice(rng, rng.choice(GENERIC_TIPS))} {rng.choice(POLITE_CLOSINGS)}",
             "truncated": lambda: _truncated(rng, chosen),
             "degenerate": lambda: _degenerate(rng, chosen),
-            "mediocre": lambda: _mediocre(rng, tips),
+            "mediocre": lambda: _mediocre(rng, tips, lead),
         }[kind]()
         prompt = f" Human: {question} Assistant:"
         if true_reward(prompt, chosen) <= true_reward(prompt, rejected) or chosen == rejected:
@@ -376,7 +408,8 @@ def make_pairs(n: int, seed: int = 0, split: str | None = None,
 def write_jsonfile_dir(out_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0,
                        hard_negatives: bool = True) -> Path:
     """Write `train.json` and `eval.json` (JSON lists of prompt/chosen/rejected rows,
-    DeepSpeed-Chat's `local/jsonfile` format) into `out_dir`. Eval questions come from topics never used in train."""
+    DeepSpeed-Chat's `local/jsonfile` format) into `out_dir`. Eval questions use phrasings never
+    used in train."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, n, split in (("train", n_train, "train"), ("eval", n_eval, "eval")):

@@ -9,8 +9,8 @@
                 value head (saved as a reward folder), so the only source of reward is the
                 reward model's score on the finished answer. 32 steps of 16 prompts (512 train
                 prompts, one epoch), actor lr 3e-4, critic lr 1e-3, answers of up to 16 tokens,
-                default KL coefficient 0.1; the held-out reward is measured on 256 prompts from
-                topics never seen in training.
+                default KL coefficient 0.1; the held-out reward is measured on 256 prompts in
+                question phrasings never seen in training.
 
 Why not the usual critic (initialised from the reward model)? It also raises the reward, by more
 (+2.3 .. +3.4), but a critic that already scores prefixes feeds the reward model's preferences
@@ -86,7 +86,7 @@ def recipe(tmp_path_factory, tiny_model_dir, pairs_dir, invoke_dschat) -> dict:
     assert rm.code == 0, rm.explain()
     end = json.loads((root / "reward" / "train_summary.json").read_text())["eval_end"]
     assert end["accuracy"] >= 0.95, end
-    # 512 train prompts (32 steps of 16), 256 held-out prompts from unseen topics
+    # 512 train prompts (32 steps of 16), 256 held-out prompts in unseen phrasings
     prompts = write_jsonfile_dir(root / "prompts", n_train=STEPS * 16, n_eval=256, seed=1,
                                  hard_negatives=False)
     return {"root": root, "actor": root / "sft", "reward": root / "reward", "prompts": prompts,

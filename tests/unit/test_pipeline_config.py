@@ -12,7 +12,7 @@ from dschat_cli.pipeline import plan_pipeline
 # The demo's step settings by field path (what the demo was tuned and measured with, issue 15):
 # the pipeline speaks flag names, and each must land on its field.
 DEMO = {
-    "sft": {("optim", "num_train_epochs"): 3, ("optim", "learning_rate"): 2e-3,
+    "sft": {("optim", "num_train_epochs"): 5, ("optim", "learning_rate"): 2e-3,
             ("optim", "per_device_train_batch_size"): 16, ("optim", "num_warmup_steps"): 0,
             ("data", "max_seq_len"): 96, ("deepspeed", "dtype"): "fp32"},
     "reward": {("optim", "num_train_epochs"): 2, ("optim", "learning_rate"): 1e-3,
@@ -23,7 +23,7 @@ DEMO = {
             ("train", "per_device_training_batch_size"): 16, ("train", "num_train_epochs"): 2,
             ("generation", "max_answer_seq_len"): 48, ("data", "max_prompt_seq_len"): 32,
             ("data", "max_eval_samples"): 128, ("deepspeed", "dtype"): "fp32",
-            ("ppo", "true_reward"): "demo"},
+            ("ppo", "true_reward"): "demo", ("ppo", "kl_ctl"): 0.3},
 }
 
 

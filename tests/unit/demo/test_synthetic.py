@@ -93,7 +93,8 @@ def test_word_tokenizer_round_trips_demo_text(tmp_path):
     for row in make_pairs(50, seed=0, split="eval"):
         for text in (row["prompt"] + row["chosen"], row["prompt"] + row["rejected"]):
             ids = tok(text)["input_ids"]
-            assert tok.unk_token_id not in ids and len(ids) < 64
+            # every pair fits the demo's --max-seq-len (96) whole: nothing trains on a cut answer
+            assert tok.unk_token_id not in ids and len(ids) <= 96
             assert tok.decode(ids) == text
     ids = tok(" Sure!!!")["input_ids"]
     assert tok.convert_ids_to_tokens(ids) == ["ĠSure", "!", "!", "!"]
