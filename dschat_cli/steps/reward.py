@@ -65,9 +65,11 @@ def evaluate_pairs(engine, loader, dist: Dist) -> dict:
     n = totals[3]
     if not n:
         return {"chosen": float("nan"), "rejected": float("nan"), "accuracy": float("nan"),
-                "pairs": 0}
-    return {"chosen": totals[0] / n, "rejected": totals[1] / n, "accuracy": totals[2] / n,
-            "pairs": int(n)}
+                "accuracy_stderr": float("nan"), "pairs": 0}
+    accuracy = totals[2] / n
+    return {"chosen": totals[0] / n, "rejected": totals[1] / n, "accuracy": accuracy,
+            # a binomial proportion over n pairs: its standard error
+            "accuracy_stderr": (accuracy * (1 - accuracy) / n) ** 0.5, "pairs": int(n)}
 
 
 def run(cfg: RewardConfig, dist: Dist, resolved: ResolvedRun) -> dict:
@@ -226,7 +228,8 @@ def run(cfg: RewardConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     metrics.close()
 
     def fmt_eval(ev):
-        return "-" if ev is None else (f"acc {ev['accuracy']:.3f}, chosen {ev['chosen']:.3f}, "
+        return "-" if ev is None else (f"acc {ev['accuracy']:.3f} ± {ev['accuracy_stderr']:.3f} "
+                                       f"(n={ev['pairs']}), chosen {ev['chosen']:.3f}, "
                                        f"rejected {ev['rejected']:.3f}")
     print_summary("reward summary", [
         ("optimizer steps", str(step)),
