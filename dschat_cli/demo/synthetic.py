@@ -10,8 +10,9 @@ Each row is DeepSpeed-Chat's prompt/chosen/rejected format:
 * A good answer is a polite opener ("Sure!", "Of course!", ...), one sentence of advice (the
   topic's own tip, or 15% of the time a generic one: "Start slowly and practice a little every
   day.") and a polite closing ("Thank you for asking.", ...).
-* A mediocre answer is curt (the opener alone: "Of course!") or lacks its opener or its closing.
-  40% of the chosen answers are mediocre, so the SFT model answers well only part of the time
+* A mediocre answer is curt (the opener alone: "Of course!") or lacks its closing (as a rejected
+  answer, also one that lacks its opener: a chosen answer always opens politely, so the reward
+  model never learns that no opener is preferred). 40% of the chosen answers are mediocre, so the SFT model answers well only part of the time
   (greedy, it often stops after "Of course!") and PPO has something to improve.
 * Rejected answers are mostly hard negatives, so that the reward model learns what the preference
   means rather than punctuation: rude answers dressed in polite words, polite answers with another

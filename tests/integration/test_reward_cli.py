@@ -4,7 +4,7 @@
         --zero-stage 3 --lora-dim 8 --output-dir out
     dschat eval-reward --path out            # its held-out pairs: table, accuracy
 
-The synthetic pairs (`pairs_dir`: 256 train, 64 eval pairs whose questions come from topics never
+The synthetic pairs (`pairs_dir`: 256 train, 64 eval pairs whose questions use phrasings never
 seen in training) prefer a polite answer to a rude one; one epoch (16 steps of 16 pairs at lr 1e-3)
 takes a tiny model from about chance to held-out accuracy 1.0 (>= 0.9 is asserted).
 
