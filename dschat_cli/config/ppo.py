@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dschat_cli.config.estimators import (ESTIMATORS, KL_ESTIMATORS, KL_PLACEMENTS,
+                                          LOSS_AGGREGATIONS, RLSettings, rl_settings)
 from dschat_cli.config.schema import ConfigError, opt, section
 from dschat_cli.config.sections import (DTYPES, SCHEDULERS, CheckpointOptions, DataOptions,
                                         HealthOptions, LaunchOptions, LoraOptions, ModelOptions,
@@ -48,8 +50,12 @@ class PromptDataOptions:
 @dataclass(frozen=True)
 class PPOTrainOptions:
     per_device_generation_batch_size: int = opt(16, "Prompts per GPU per generation batch.", min=1)
-    per_device_training_batch_size: int = opt(16, "Experience samples per GPU per PPO mini-batch.",
-                                              min=1)
+    per_device_training_batch_size: int = opt(16, "Experience samples (answers) per GPU per PPO "
+                                              "mini-batch.", min=1)
+    samples_per_prompt: int = opt(1, "Answers sampled per prompt: a rollout holds --per-device-"
+                                  "generation-batch-size prompts x this many answers. The group "
+                                  "estimators (grpo, dr-grpo, rloo, reinforce++-baseline) need >= 2 "
+                                  "(GRPO's papers and TRL use 8).", min=1)
     generation_batches: int = opt(1, "Generation batches collected before each PPO update.", min=1)
     ppo_epochs: int = opt(1, "Passes of PPO updates over each collected experience.", min=1)
     num_train_epochs: int = opt(1, "Passes over the prompt data.", min=1)
@@ -70,10 +76,40 @@ class PPOTrainOptions:
 
 @dataclass(frozen=True)
 class PPOAlgoOptions:
-    kl_ctl: float = opt(0.1, "KL penalty coefficient on (logprob - ref_logprob) per answer token.",
-                        min=0.0)
+    advantage_estimator: str = opt(
+        "gae", "How each answer's advantage is estimated. gae: PPO with a learned critic "
+        "(DeepSpeed-Chat). Critic-free (no critic is built, trained or saved; the reward model is "
+        "--reward-model, or --critic-model, DeepSpeed-Chat's name for the step-2 output): grpo "
+        "(group mean and std), dr-grpo (group mean), rloo (leave-one-out mean), reinforce++ "
+        "(batch-whitened returns), reinforce++-baseline (group mean, then whitened).",
+        choices=tuple(ESTIMATORS))
+    kl_ctl: float | None = opt(None, "KL coefficient to the reference model; unset: the "
+                               "estimator's default (gae 0.1, grpo 0.04, dr-grpo 0, rloo 0.05, "
+                               "reinforce++ and reinforce++-baseline 0.01).", min=0.0)
+    kl_placement: str = opt("auto", "Where the KL to the reference goes. reward: -coef x KL in the "
+                            "reward (per token; the group estimators subtract each answer's summed "
+                            "KL from its score); loss: + coef x KL in the actor loss. auto: the "
+                            "estimator's (loss for grpo and dr-grpo, reward otherwise).",
+                            choices=("auto", *KL_PLACEMENTS))
+    kl_estimator: str = opt("auto", "Per-token KL estimate, with d = logprob - ref_logprob: k1 = d, "
+                            "k2 = d^2 / 2, k3 = exp(-d) - 1 + d. auto: k3 with --kl-placement loss, "
+                            "else k1.", choices=("auto", *KL_ESTIMATORS))
+    loss_aggregation: str = opt("auto", "How the per-token policy loss of a mini-batch becomes one "
+                                "number. token-mean: every answer token weighs the same; "
+                                "seq-mean-token-mean: every answer weighs the same; "
+                                "seq-mean-token-sum-norm (Dr. GRPO): sum over tokens / (answers x "
+                                "--max-answer-seq-len). auto: the estimator's (seq-mean-token-mean "
+                                "for grpo, seq-mean-token-sum-norm for dr-grpo, token-mean "
+                                "otherwise).", choices=("auto", *LOSS_AGGREGATIONS))
     clip_reward_value: float = opt(5.0, "The reward score is clipped to +- this value.", min=0.0)
-    cliprange: float = opt(0.2, "PPO clip range of the policy ratio.", min=0.0)
+    cliprange: float = opt(0.2, "PPO clip range of the policy ratio (below 1; above too unless "
+                           "--cliprange-high).", min=0.0)
+    cliprange_high: float | None = opt(None, "Clip-higher (DAPO): the ratio's upper clip is 1 + this "
+                                       "(e.g. 0.28), so unlikely tokens with a positive advantage "
+                                       "can still rise; unset: --cliprange.", min=0.0)
+    dual_clip: float | None = opt(None, "Dual-clip PPO: for a negative advantage the loss is capped "
+                                  "at this x |advantage| (verl's 3.0), so one very unlikely "
+                                  "sampled token cannot blow the update up; unset: off.", min=1.0)
     cliprange_value: float = opt(0.2, "Clip range of the value function around the old values.",
                                  min=0.0)
     gamma: float = opt(1.0, "Discount factor.", min=0.0, max=1.0)
@@ -95,6 +131,11 @@ class PPOAlgoOptions:
                            "such reward is known.", choices=("none", "demo"))
     enable_ema: bool = opt(False, "Keep an exponential moving average of the actor (beta 0.992), "
                            "saved as actor_ema/.")
+
+    @property
+    def settings(self) -> RLSettings:
+        """The algorithm with the estimator's defaults filled in (config/estimators.py)."""
+        return rl_settings(self)
 
 
 @dataclass(frozen=True)
@@ -208,6 +249,11 @@ class PPOConfig:
     def reward_path(self) -> str:
         return self.reward_model or str(self.critic.model)
 
+    @property
+    def has_critic(self) -> bool:
+        """Whether the run builds, trains and saves a critic (the estimator reads its values)."""
+        return self.ppo.settings.needs_critic
+
     def optim_for(self, role: str) -> OptimOptions:
         """The generic optimizer section for 'actor' or 'critic' (what the DS builder takes)."""
         t = self.train
@@ -233,8 +279,11 @@ class PPOConfig:
         if not self.actor.model:
             raise ConfigError("--actor-model", "is required (the step-1 output folder, a hub id or "
                               "a preset)")
-        if not self.critic.model:
+        if self.has_critic and not self.critic.model:
             raise ConfigError("--critic-model", "is required (the step-2 reward model folder)")
+        if not self.has_critic:
+            self._check_critic_free()
+        self._check_estimator()
         if not self.output_dir:
             raise ConfigError("--output-dir", "is required")
         for role, lora in (("actor", self.actor_lora), ("critic", self.critic_lora)):
@@ -255,9 +304,57 @@ class PPOConfig:
                 raise ConfigError("--generation-tensor-parallel", "needs --generation-engine fast")
         t = self.train
         per_rollout = t.per_device_generation_batch_size * t.generation_batches
-        if per_rollout % t.per_device_training_batch_size:
+        if per_rollout * t.samples_per_prompt % t.per_device_training_batch_size:
+            what = ("--per-device-generation-batch-size x --samples-per-prompt x "
+                    "--generation-batches" if t.samples_per_prompt > 1 else
+                    "--per-device-generation-batch-size x --generation-batches")
             raise ConfigError("--per-device-training-batch-size",
                               f"{t.per_device_training_batch_size} must divide the experience per "
-                              f"GPU (--per-device-generation-batch-size x --generation-batches = "
-                              f"{per_rollout})")
+                              f"GPU ({what} = {per_rollout * t.samples_per_prompt})")
+
+    def _check_critic_free(self) -> None:
+        """A critic-free estimator builds no critic: its flags would be accepted and ignored, so
+        they are refused; --critic-model names the reward model, as in DeepSpeed-Chat."""
+        name = self.ppo.advantage_estimator
+        if not (self.reward_model or self.critic.model):
+            raise ConfigError("--reward-model", f"is required (the step-2 reward model folder; "
+                              f"--critic-model, DeepSpeed-Chat's name for it, works too)")
+        if self.reward_model and self.critic.model and \
+                str(self.reward_model) != str(self.critic.model):
+            raise ConfigError("--critic-model", f"--advantage-estimator {name} trains no critic, "
+                              "so --critic-model can only name the reward model, and "
+                              "--reward-model names another; give the reward model once")
+        defaults = {"train": PPOTrainOptions(), "ppo": PPOAlgoOptions(),
+                    "critic": ModelOptions(), "critic_lora": LoraOptions()}
+        refused = [("train", "critic_learning_rate"), ("train", "critic_weight_decay"),
+                   ("ppo", "cliprange_value"), ("ppo", "lam"), ("critic", "dropout"),
+                   ("critic", "gradient_checkpointing"), ("critic", "tokenizer"),
+                   *(("critic_lora", f) for f in ("lora_dim", "lora_alpha", "lora_module_name",
+                                                  "only_optimize_lora", "lora_learning_rate"))]
+        for section_name, field in refused:
+            if getattr(getattr(self, section_name), field) != \
+                    getattr(defaults[section_name], field):
+                flag = (("--critic-" if section_name.startswith("critic") else "--")
+                        + field.replace("_", "-"))
+                raise ConfigError(flag, f"--advantage-estimator {name} builds no critic, so this "
+                                  "option has nothing to act on; drop it, or use "
+                                  "--advantage-estimator gae (PPO with a critic)")
+
+    def _check_estimator(self) -> None:
+        s, t, p = self.ppo.settings, self.train, self.ppo
+        name = s.estimator.name
+        if s.estimator.needs_group and t.samples_per_prompt < 2:
+            raise ConfigError("--samples-per-prompt", f"--advantage-estimator {name} compares the "
+                              "answers to the same prompt, so it needs >= 2 of them (e.g. "
+                              "--samples-per-prompt 8); got 1")
+        if not s.estimator.returns_to_go and p.gamma != PPOAlgoOptions().gamma:
+            raise ConfigError("--gamma", f"--advantage-estimator {name} gives every token of an "
+                              "answer the same advantage, so there is nothing to discount; drop "
+                              "--gamma")
+        if s.estimator.whitens and p.whiten_advantages:
+            raise ConfigError("--whiten-advantages", f"--advantage-estimator {name} already "
+                              "whitens its advantages over the experience; drop the flag")
+        if self.ppo.kl_target is not None and s.kl_coef == 0:
+            raise ConfigError("--kl-target", "adaptive KL scales the KL coefficient, which is 0; "
+                              "give a starting --kl-ctl > 0")
 

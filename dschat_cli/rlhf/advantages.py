@@ -81,4 +81,4 @@ def estimator_for(opts) -> Estimator:
 def estimate_advantages(exp: Rollout, opts, kl_coef: float | None = None) -> Advantages:
     """# 3. advantages: the selected estimator over the pooled experience, with the KL coefficient
     of this update (default: the options' fixed kl_ctl)."""
-    return estimator_for(opts).compute(exp, opts, opts.kl_ctl if kl_coef is None else kl_coef)
+    return estimator_for(opts).compute(exp, opts, opts.settings.kl_coef if kl_coef is None else kl_coef)

@@ -176,7 +176,7 @@ def _health_monitor(cfg: PPOConfig, dist: Dist, models, out: Path, ckpt, saved: 
     return HealthMonitor.for_run(
         "ppo", cfg.health, dtype=models.dtype, out=out, is_main=dist.is_main,
         last_checkpoint=ckpt.latest, state=saved,
-        max_kl=resolve_max_kl(cfg.health.max_kl, cfg.ppo.kl_ctl, cfg.ppo.clip_reward_value),
+        max_kl=resolve_max_kl(cfg.health.max_kl, cfg.ppo.settings.kl_coef, cfg.ppo.clip_reward_value),
         max_answer_seq_len=cfg.generation.max_answer_seq_len,
         max_kl_note="" if cfg.health.max_kl is not None else
         "the default, 2 x --clip-reward-value / --kl-ctl",

@@ -38,7 +38,7 @@ class PPOTrainer:
         self.maker.generator.profile = self.timer.enabled  # split prefill / decode
         self.learner = Learner(models, cfg, dist, unsup_iter=unsup_iter, ema=self.ema,
                                timer=self.timer)
-        self.kl = kl_controller(cfg.ppo.kl_ctl, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+        self.kl = kl_controller(cfg.ppo.settings.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         self.dist = dist
         # Models are built (identically on every rank); from here each rank samples its own
         # answers, so the sampling seed differs per rank.
