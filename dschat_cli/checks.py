@@ -54,8 +54,9 @@ def validate_ppo(cfg: PPOConfig) -> None:
         raise ConfigError("--actor-model", f"{cfg.actor.model} is a dschat reward model, not a "
                           "causal LM; give the step-1 (dschat sft) output folder")
     check_tokenizer_source(cfg.actor, flag="--actor-tokenizer")
-    critics = [("--critic-model", cfg.critic)]
-    if cfg.reward_model:  # the frozen reward model follows the critic's trust-remote-code
+    critics = [("--critic-model", cfg.critic)] if cfg.critic.model else []
+    if cfg.reward_model and cfg.reward_model != cfg.critic.model:
+        # the frozen reward model follows the critic's trust-remote-code
         critics.append(("--reward-model", ModelOptions(
             model=cfg.reward_model, trust_remote_code=cfg.critic.trust_remote_code)))
     actor_tok = load_tokenizer(cfg.actor)
@@ -69,7 +70,8 @@ def validate_ppo(cfg: PPOConfig) -> None:
             check_tokenizer_source(opts, flag="--critic-tokenizer")
         check_same_tokenizer(actor_tok, load_tokenizer(opts), flag=flag, other_path=str(opts.model))
     check_lora_targets(cfg.actor, cfg.actor_lora, flag_prefix="actor-")
-    check_lora_targets(cfg.critic, cfg.critic_lora, backbone_only=True, flag_prefix="critic-")
+    if cfg.has_critic:
+        check_lora_targets(cfg.critic, cfg.critic_lora, backbone_only=True, flag_prefix="critic-")
     load_phase_rows(cfg.data.as_data_options(), phase=3, seed=cfg.seed)
     if cfg.data.unsupervised_dataset_name:
         from dschat_cli.data.prompts import check_unsupervised_source

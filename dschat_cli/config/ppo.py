@@ -289,8 +289,10 @@ class PPOConfig:
         for role, lora in (("actor", self.actor_lora), ("critic", self.critic_lora)):
             if lora.only_optimize_lora and lora.lora_dim == 0:
                 raise ConfigError(f"--{role}-only-optimize-lora", f"needs --{role}-lora-dim > 0")
-        if self.deepspeed.offload and 0 in (self.deepspeed.actor_zero_stage,
-                                            self.deepspeed.critic_zero_stage):
+        if self.deepspeed.offload and not self.has_critic and self.deepspeed.actor_zero_stage == 0:
+            raise ConfigError("--offload", "needs --actor-zero-stage >= 1")
+        if self.deepspeed.offload and self.has_critic and 0 in (self.deepspeed.actor_zero_stage,
+                                                                self.deepspeed.critic_zero_stage):
             raise ConfigError("--offload", "needs --actor-zero-stage and --critic-zero-stage >= 1")
         if self.data.unsupervised_dataset_config_name and not self.data.unsupervised_dataset_name:
             raise ConfigError("--unsupervised-dataset-config-name",

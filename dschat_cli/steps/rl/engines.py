@@ -10,7 +10,9 @@ The actor and the critic train (each with its optimizer and LR schedule over the
 steps); the reference (a frozen copy of the initial actor) and the reward model are engines
 without an optimizer, so that under ZeRO-3 they are partitioned like the trained ones. The
 critic starts from the reward model (--critic-model); the frozen reward model is --reward-model,
-by default the same folder.
+by default the same folder. A critic-free estimator (grpo, rloo, ...) builds no critic at all
+(`critic` is None); its reward model is --reward-model, or --critic-model (DeepSpeed-Chat's name
+for the step-2 output).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dschat_cli.models.loading import apply_lora, load_causal_lm, load_tokenizer
 class PPOModels:
     actor: object
     ref: object
-    critic: object
+    critic: object | None  # None: a critic-free estimator (--advantage-estimator grpo, ...)
     reward: object
     tokenizer: object
     dtype: str  # the resolved precision: bf16 / fp16 / fp32
@@ -39,7 +41,8 @@ class PPOModels:
     @property
     def trained(self) -> dict:
         """{name: engine} of the models that train (what checkpoints hold)."""
-        return {"actor": self.actor, "critic": self.critic}
+        return {"actor": self.actor} if self.critic is None else \
+            {"actor": self.actor, "critic": self.critic}
 
     @classmethod
     def build(cls, cfg: PPOConfig, dist: Dist, actor_steps: int, critic_steps: int,
@@ -50,17 +53,21 @@ class PPOModels:
         if resolved is None:
             resolved = this_machine(cfg, dist)
         dtype = resolved.dtype
-        configs = {role: resolved.ds_config(role) for role in ("actor", "critic", "ref", "reward")}
+        roles = ("actor", "critic", "ref", "reward") if cfg.has_critic else \
+            ("actor", "ref", "reward")
+        configs = {role: resolved.ds_config(role) for role in roles}
         tokenizer = load_tokenizer(cfg.actor)
         reward_opts = ModelOptions(model=cfg.reward_model,
                                    trust_remote_code=cfg.critic.trust_remote_code) \
             if cfg.reward_model else frozen(cfg.critic)
         # both read the actor's token ids: the same vocabulary and eos, or they score garbage
-        check_same_tokenizer(tokenizer, load_tokenizer(cfg.critic), flag="--critic-model",
-                             other_path=str(cfg.critic.model))
-        if cfg.reward_model:
-            check_same_tokenizer(tokenizer, load_tokenizer(reward_opts), flag="--reward-model",
-                                 other_path=str(cfg.reward_model))
+        if cfg.has_critic:
+            check_same_tokenizer(tokenizer, load_tokenizer(cfg.critic), flag="--critic-model",
+                                 other_path=str(cfg.critic.model))
+        if cfg.reward_model or not cfg.has_critic:
+            check_same_tokenizer(tokenizer, load_tokenizer(reward_opts),
+                                 flag="--reward-model" if cfg.reward_model else "--critic-model",
+                                 other_path=str(reward_opts.model))
 
         actor_model = load_causal_lm(cfg.actor, tokenizer, dtype=dtype, ds_config=configs["actor"],
                                      device=dist.device)
@@ -74,13 +81,15 @@ class PPOModels:
                                    ds_config=configs["ref"], device=dist.device)
         ref = _engine(ref_model, configs["ref"], None, 0)
 
-        torch.manual_seed(cfg.seed)  # LoRA of the critic starts identical on every rank
-        critic_model = build_reward_model(cfg.critic, tokenizer, dtype=dtype,
-                                          ds_config=configs["critic"], device=dist.device,
-                                          lora=cfg.critic_lora)
-        critic = _engine(critic_model, configs["critic"], _Optim(
-            t.critic_weight_decay, cfg.critic_lora.lora_learning_rate, t.lr_scheduler_type,
-            t.num_warmup_steps), critic_steps)
+        critic = None  # a critic-free estimator builds none: no weights, no optimizer states
+        if cfg.has_critic:
+            torch.manual_seed(cfg.seed)  # LoRA of the critic starts identical on every rank
+            critic_model = build_reward_model(cfg.critic, tokenizer, dtype=dtype,
+                                              ds_config=configs["critic"], device=dist.device,
+                                              lora=cfg.critic_lora)
+            critic = _engine(critic_model, configs["critic"], _Optim(
+                t.critic_weight_decay, cfg.critic_lora.lora_learning_rate, t.lr_scheduler_type,
+                t.num_warmup_steps), critic_steps)
 
         reward_model = build_reward_model(reward_opts, tokenizer, dtype=dtype,
                                           ds_config=configs["reward"], device=dist.device,

@@ -5,7 +5,8 @@
     heldout = maker.heldout(eval_loader) # Heldout: reward (and true reward) with n and stderr
 
 Scoring runs the actor (old logprobs, unless the fast engine's own are used), the frozen
-reference, the critic and the frozen reward model over the generated sequences, and with
+reference, the critic (when the estimator has one) and the frozen reward model over the generated
+sequences, and with
 --true-reward a known judge of the decoded answers (reported, never trained on).
 """
 
@@ -46,13 +47,21 @@ class ExperienceMaker:
         self._greedy: RolloutGenerator | None = None  # for the summary's sample answers
 
     @torch.no_grad()
-    def make(self, batch: dict, generator: RolloutGenerator | None = None) -> Rollout:
+    def make(self, batch: dict, generator: RolloutGenerator | None = None,
+             samples: int | None = None) -> Rollout:
+        """One rollout: `samples` answers (default --samples-per-prompt) to each prompt of the
+        batch, the answers to one prompt on consecutive rows (a group)."""
         # experience is scored as the policy acts: dropout off (the learner turns it back on)
         self.m.actor.eval()
-        self.m.critic.eval()
+        if self.m.critic is not None:
+            self.m.critic.eval()
         dev = self.m.actor.device
         prompts = batch["input_ids"].to(dev)
         prompt_mask = batch["attention_mask"].to(dev)
+        n = self.cfg.train.samples_per_prompt if samples is None else samples
+        if n > 1:
+            prompts = prompts.repeat_interleave(n, dim=0)
+            prompt_mask = prompt_mask.repeat_interleave(n, dim=0)
         self.rollouts += 1
         t0 = time.perf_counter()
         with self.timer("generation"):
@@ -76,8 +85,11 @@ class ExperienceMaker:
             ref_logprobs = answer_logprobs(self.m.ref(input_ids=seq, attention_mask=attention_mask,
                                                       position_ids=pos, use_cache=False).logits,
                                            seq, P)
-        with self.timer("critic_forward"):
-            values = answer_positions(self.m.critic(seq, attention_mask, position_ids=pos), P)
+        if self.m.critic is not None:
+            with self.timer("critic_forward"):
+                values = answer_positions(self.m.critic(seq, attention_mask, position_ids=pos), P)
+        else:  # critic-free: no values (the estimator reads none)
+            values = torch.zeros(action_mask.shape, dtype=torch.float32, device=seq.device)
         with self.timer("reward_forward"):
             scores = sequence_scores(self.m.reward(seq, attention_mask, position_ids=pos),
                                      attention_mask)
@@ -131,7 +143,7 @@ class ExperienceMaker:
         sums = {"reward": [0.0, 0.0], "true": [0.0, 0.0]}  # [sum, sum of squares]
         count = 0
         for batch in loader:
-            r = self.make(batch)
+            r = self.make(batch, samples=1)
             kept = r.action_mask.sum(1) > 0
             count += int(kept.sum())
             for key, x in (("reward", r.scores), ("true", r.true_scores)):
@@ -166,7 +178,8 @@ class ExperienceMaker:
                 self.m.tokenizer, max_prompt_seq_len=self.cfg.data.max_prompt_seq_len,
                 zero3=self.cfg.deepspeed.actor_zero_stage == 3, world_size=self.dist.world_size)
         batch = next(iter(loader))
-        return self.make({key: v[:k] for key, v in batch.items()}, generator=self._greedy)
+        return self.make({key: v[:k] for key, v in batch.items()}, generator=self._greedy,
+                         samples=1)
 
     def samples(self, r: Rollout) -> list[dict]:
         """A rollout as text: [{prompt, answer, reward (, true_reward)}]."""
