@@ -37,8 +37,16 @@ _EXAMPLES = {
     "sft": "dschat plan sft --model opt-1.3b --zero-stage 2 --per-device-train-batch-size 32",
     "reward": "dschat plan reward --model opt-350m --gpu-memory 80",
     "ppo": "dschat plan ppo --actor-model opt-1.3b --critic-model opt-350m --actor-zero-stage 2 "
-           "--critic-zero-stage 2",
+           "--critic-zero-stage 2. Critic-free, 8 answers per prompt: dschat plan ppo "
+           "--actor-model opt-1.3b --critic-model opt-350m --advantage-estimator grpo "
+           "--samples-per-prompt 8",
     "pipeline": "dschat plan pipeline --actor opt-13b --deployment-type single_node",
+}
+_NOTES = {
+    "ppo": "With a critic-free --advantage-estimator (grpo, dr-grpo, rloo, reinforce++, "
+           "reinforce++-baseline) the plan has no critic (no weights, optimizer states or "
+           "training phases); --samples-per-prompt N sizes generation and scoring for "
+           "--per-device-generation-batch-size prompts x N answers. ",
 }
 PIPELINE_HELP = "Plan all three steps as `dschat pipeline` sets them up (size presets included)."
 
@@ -73,8 +81,8 @@ def register(app: typer.Typer) -> None:
         example = _EXAMPLES.get(name)
         config_command(plan_app, name, cls, handler=_handler(name),
                        help=help_text + f" Takes the flags of `dschat {name}`, plus --gpu-memory "
-                       "and --json. Exit code 0: fits (or no GPU to compare with); 1: does not "
-                       "fit.",
+                       "and --json. " + _NOTES.get(name, "") + "Exit code 0: fits (or no GPU to "
+                       "compare with); 1: does not fit.",
                        extra=list(_EXTRA), epilog=f"Example: {example}" if example else None,
                        with_dry_run=False, check=False)
     app.add_typer(plan_app, name="plan")

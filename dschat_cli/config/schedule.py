@@ -30,6 +30,7 @@ def optimizer_steps(n_batches: int, optim) -> int:
 @dataclass(frozen=True)
 class PPOSchedule:
     ppo_steps: int  # generation batches (rollouts) in the run: one "PPO step" each
+    rows_per_rollout: int  # answers per rollout per GPU: prompts x --samples-per-prompt
     mini_batches: int  # mini-batches per pooled experience (--generation-batches rollouts)
     updates: int  # actor (and critic) forward/backward passes in the run
     optimizer_steps: int  # the critic's (and the actor's PPO loss) optimizer steps
@@ -38,20 +39,22 @@ class PPOSchedule:
 
 def ppo_schedule(n_batches: int, train, unsupervised: bool) -> PPOSchedule:
     """Step 3 over `n_batches` prompt batches per epoch (`train`: PPOConfig.train), as the loop in
-    steps/ppo.py runs it: every generation batch is one PPO step; the experience of
-    --generation-batches of them is pooled (the run's last pool may hold fewer) and trained on
-    --ppo-epochs times, cut in order into mini-batches of --per-device-training-batch-size rows
-    (the last one shorter if the rows do not divide). DeepSpeed steps the optimizer (and the LR
+    steps/ppo.py runs it: every generation batch is one PPO step, a rollout of
+    --per-device-generation-batch-size prompts x --samples-per-prompt answers (rows); the
+    experience of --generation-batches of them is pooled (the run's last pool may hold fewer) and
+    trained on --ppo-epochs times, cut in order into mini-batches of
+    --per-device-training-batch-size rows (the last one shorter if the rows do not divide). DeepSpeed steps the optimizer (and the LR
     scheduler) once per --gradient-accumulation-steps mini-batches, counted over the whole run."""
     t = train
     ppo_steps = n_batches * t.num_train_epochs
     if t.test_stop_step:
         ppo_steps = min(ppo_steps, t.test_stop_step)
     full_pools, rest = divmod(ppo_steps, t.generation_batches)
-    rows = t.per_device_generation_batch_size
+    rows = t.per_device_generation_batch_size * t.samples_per_prompt
     per_pool = math.ceil(rows * t.generation_batches / t.per_device_training_batch_size)
     last_pool = math.ceil(rows * rest / t.per_device_training_batch_size)
     updates = (full_pools * per_pool + last_pool) * t.ppo_epochs
     steps = max(1, updates // t.gradient_accumulation_steps)
-    return PPOSchedule(ppo_steps=ppo_steps, mini_batches=per_pool, updates=updates,
-                       optimizer_steps=steps, actor_steps=steps * (2 if unsupervised else 1))
+    return PPOSchedule(ppo_steps=ppo_steps, rows_per_rollout=rows, mini_batches=per_pool,
+                       updates=updates, optimizer_steps=steps,
+                       actor_steps=steps * (2 if unsupervised else 1))

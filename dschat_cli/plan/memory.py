@@ -42,10 +42,11 @@ runtime/zero/stage_1_and_2.py, runtime/zero/stage3.py):
               backward, 8 B in the no-grad scoring)
   KV cache    2 (keys, values) x layers x B x (P + A) x kv width x p: the fast engine's static
               cache, kept between rollouts; HF generate's dynamic cache, freed after each
-              rollout, plus one layer's copy while it grows
+              rollout, plus one layer's copy while it grows. For PPO, B counts the rollout's
+              sequences: prompts x --samples-per-prompt (each prompt repeated per answer)
 
 Each phase (training forward/backward, optimizer step, evaluation; for PPO generation, scoring,
-actor and critic training and steps) adds its transients to what stays resident; the peak is the
+actor and critic training and steps; no critic for a critic-free estimator) adds its transients to what stays resident; the peak is the
 largest. A backward pass is judged at its three heaviest moments (see `_backward_peak`).
 """
 
@@ -304,36 +305,50 @@ def estimate_ppo(archs: dict[str, Arch], configs: dict[str, dict], sources: dict
                  actor_lora: tuple[int, str, bool], critic_lora: tuple[int, str, bool],
                  actor_dropout: float | None, critic_dropout: float | None,
                  unsupervised: bool, ema: bool, generation_engine: str = "hf",
-                 generation_tp: int = 1) -> Estimate:
+                 generation_tp: int = 1, samples_per_prompt: int = 1) -> Estimate:
     """Step 3: actor and critic train; ref and reward are frozen. `archs` and `sources` are keyed
-    actor / critic / ref / reward; `configs` are the four DeepSpeed configs by the same keys.
+    actor / critic / ref / reward; `configs` are the DeepSpeed configs by the same keys. Without
+    a "critic" in `archs` (a critic-free estimator: grpo, rloo, ...) there is no critic at all: no
+    weights, gradients, optimizer states, activations or training phases.
+    `generation_batch` counts prompts; a rollout holds `generation_batch` x `samples_per_prompt`
+    answers, and generation (KV cache, sampling buffers, prefill) and scoring are sized for them.
     `generation_engine`: "fast" keeps one static KV cache of the full length for the whole run
     (generation/fast.py reuses it for every rollout), "hf" grows a dynamic cache per rollout and
     frees it. `generation_tp` > 1: the tensor-parallel replica of the actor (generation/
     tensor_parallel.py) stays allocated, the group's prompts are decoded together."""
-    eng = {k: Engine.from_ds(configs[k]) for k in ("actor", "critic", "ref", "reward")}
+    has_critic = "critic" in archs
+    roles = ("actor", "critic", "ref", "reward") if has_critic else ("actor", "ref", "reward")
+    eng = {k: Engine.from_ds(configs[k]) for k in roles}
     D = world_size
     actor = trained_model(archs["actor"], eng["actor"], role="actor", source=sources["actor"],
                           world_size=D, lora_dim=actor_lora[0], lora_filter=actor_lora[1],
                           only_lora=actor_lora[2])
     critic = trained_model(archs["critic"], eng["critic"], role="critic", source=sources["critic"],
                            world_size=D, lora_dim=critic_lora[0], lora_filter=critic_lora[1],
-                           only_lora=critic_lora[2], value_head=True)
+                           only_lora=critic_lora[2], value_head=True) if has_critic else None
     ref = frozen_model(archs["ref"], eng["ref"], role="ref", source=sources["ref"], world_size=D)
     reward = frozen_model(archs["reward"], eng["reward"], role="reward", source=sources["reward"],
                           world_size=D, value_head=True)
-    a, c = archs["actor"], archs["critic"]
+    a = archs["actor"]
     e = eng["actor"].elem
     S, A, V = max_prompt_seq_len + max_answer_seq_len, max_answer_seq_len, a.vocab
-    Bg, Bt = generation_batch, training_batch
+    # rows of a rollout: every prompt is repeated for each of its answers (no shared prefix)
+    Bg, Bt = generation_batch * samples_per_prompt, training_batch
     notes: list[str] = []
+    if samples_per_prompt > 1:
+        notes.append(f"a rollout holds {generation_batch} prompts x {samples_per_prompt} answers "
+                     f"= {Bg} sequences per GPU: generation and scoring are sized for them")
+    if not has_critic:
+        notes.append("no critic: the advantage estimator needs none (no critic weights, "
+                     "gradients, optimizer states or training)")
 
     ema_bytes = 0.0
     if ema and actor.stage != 3:  # rank 0 keeps an fp32 copy beside the model (ZeRO-3: on CPU)
         ema_bytes = 4.0 * actor.params
         notes.append(f"--enable-ema keeps an fp32 copy of the actor on GPU 0 "
                      f"({ema_bytes / GiB:.1f} GiB, included)")
-    resident = actor.resident + critic.resident + ref.weights + reward.weights + ema_bytes
+    resident = actor.resident + (critic.resident if critic else 0.0) + ref.weights \
+        + reward.weights + ema_bytes
 
     # 1. generate: keys and values of the whole batch at full length (the fast engine's static
     # cache, or HF's dynamic cache at its end, which grows by concatenation: one layer twice);
@@ -388,22 +403,25 @@ def estimate_ppo(archs: dict[str, Arch], configs: dict[str, dict], sources: dict
                                             previous + 2 * kept_logits, actor_one,
                                             eng["actor"].grad_accum)
     actor_step = resident + actor.grads + actor.step_extra + kept_logits
-    critic_act = activation_bytes(c, Bt * S, e, checkpointing=critic_checkpointing,
-                                  dropout=critic_dropout)
-    critic_one = Bt * S * c.activation_bytes(e, critic_dropout)
-    critic_train = resident + kept_logits + _backward_peak(critic, critic_act, 0.0, 0.0, critic_one,
-                                                           eng["critic"].grad_accum)
-    critic_step = resident + kept_logits + critic.grads + critic.step_extra
     phases = {"generation": generation, "scoring": scoring,
-              "actor training": actor_train, "actor step": actor_step,
-              "critic training": critic_train, "critic step": critic_step}
+              "actor training": actor_train, "actor step": actor_step}
+    if critic is not None:
+        c = archs["critic"]
+        critic_act = activation_bytes(c, Bt * S, e, checkpointing=critic_checkpointing,
+                                      dropout=critic_dropout)
+        critic_one = Bt * S * c.activation_bytes(e, critic_dropout)
+        phases["critic training"] = resident + kept_logits + _backward_peak(
+            critic, critic_act, 0.0, 0.0, critic_one, eng["critic"].grad_accum)
+        phases["critic step"] = resident + kept_logits + critic.grads + critic.step_extra
     if unsupervised:  # the LM loss on pretraining text, after the PPO loss (its logits alive)
         lm = 12.0 * Bt * S * V
         phases["unsupervised LM loss"] = resident + kept_logits + _backward_peak(
             actor, actor_act, lm, e * Bt * S * V, actor_one, eng["actor"].grad_accum)
     actor = replace(actor, activations=max(actor_act + actor_logits, score_logits), kv_cache=kv)
-    critic = replace(critic, activations=critic_act)
     ref = replace(ref, activations=score_logits)
     reward = replace(reward, activations=forward_bytes(archs["reward"], Bg * S, e))
-    return Estimate(step="ppo", world_size=D, dtype=eng["actor"].dtype,
-                    models=[actor, critic, ref, reward], phases=phases, notes=notes)
+    models = [actor, ref, reward]
+    if critic is not None:
+        models.insert(1, replace(critic, activations=critic_act))
+    return Estimate(step="ppo", world_size=D, dtype=eng["actor"].dtype, models=models,
+                    phases=phases, notes=notes)

@@ -115,6 +115,10 @@ def step_archs(step: str, cfg) -> dict[str, Arch]:
     if _single(step):
         return {"model": load_arch(cfg.model.model, cfg.model.dropout)}
     actor = load_arch(cfg.actor.model, cfg.actor.dropout, flag="--actor-model")
+    if not cfg.has_critic:  # a critic-free estimator: the reward model only
+        reward = load_arch(cfg.reward_path,
+                           flag="--reward-model" if cfg.reward_model else "--critic-model")
+        return {"actor": actor, "ref": load_arch(cfg.actor.model), "reward": reward}
     critic = load_arch(cfg.critic.model, cfg.critic.dropout, flag="--critic-model")
     reward = load_arch(cfg.reward_model, flag="--reward-model") if cfg.reward_model else critic
     return {"actor": actor, "critic": critic, "ref": load_arch(cfg.actor.model), "reward": reward}
@@ -129,10 +133,12 @@ def pipeline_ppo_archs(cfg, actor_source: str, reward_source: str) -> dict[str, 
         where = str(path) if (Path(str(path)) / "config.json").is_file() else fallback
         return load_arch(where, dropout, flag=flag)
 
-    return {"actor": arch(cfg.actor.model, actor_source, "--actor", cfg.actor.dropout),
-            "critic": arch(cfg.critic.model, reward_source, "--reward", cfg.critic.dropout),
-            "ref": arch(cfg.actor.model, actor_source, "--actor"),
-            "reward": arch(cfg.reward_path, reward_source, "--reward")}
+    archs = {"actor": arch(cfg.actor.model, actor_source, "--actor", cfg.actor.dropout),
+             "ref": arch(cfg.actor.model, actor_source, "--actor"),
+             "reward": arch(cfg.reward_path, reward_source, "--reward")}
+    if cfg.has_critic:  # a critic-free estimator builds none
+        archs["critic"] = arch(cfg.critic.model, reward_source, "--reward", cfg.critic.dropout)
+    return archs
 
 
 def estimate_step(cfg, record: ResolvedRun, *, archs: dict[str, Arch] | None = None) -> Estimate:
@@ -151,10 +157,13 @@ def estimate_step(cfg, record: ResolvedRun, *, archs: dict[str, Arch] | None = N
                                lora_dim=lora.lora_dim, lora_filter=lora.lora_module_name,
                                only_lora=lora.only_optimize_lora, dropout=cfg.model.dropout)
     t = cfg.train
+    if not cfg.has_critic:  # nothing of a critic in the estimate, even if archs has one
+        archs = {k: v for k, v in archs.items() if k != "critic"}
+    sources = {"actor": str(cfg.actor.model), "critic": str(cfg.critic.model),
+               "ref": f"{cfg.actor.model} (frozen copy)", "reward": str(cfg.reward_path)}
     return estimate_ppo(
-        archs, ds, {"actor": str(cfg.actor.model), "critic": str(cfg.critic.model),
-                    "ref": f"{cfg.actor.model} (frozen copy)", "reward": str(cfg.reward_path)},
-        world_size=world_size, generation_batch=t.per_device_generation_batch_size,
+        archs, ds, sources, world_size=world_size,
+        generation_batch=t.per_device_generation_batch_size,
         training_batch=t.per_device_training_batch_size, generation_batches=t.generation_batches,
         ppo_epochs=t.ppo_epochs, max_prompt_seq_len=cfg.data.max_prompt_seq_len,
         max_answer_seq_len=cfg.generation.max_answer_seq_len,
@@ -167,7 +176,8 @@ def estimate_step(cfg, record: ResolvedRun, *, archs: dict[str, Arch] | None = N
         actor_dropout=cfg.actor.dropout, critic_dropout=cfg.critic.dropout,
         unsupervised=bool(cfg.data.unsupervised_dataset_name), ema=cfg.ppo.enable_ema,
         generation_engine=getattr(cfg.generation, "generation_engine", "hf"),
-        generation_tp=getattr(cfg.generation, "generation_tensor_parallel", 1))
+        generation_tp=getattr(cfg.generation, "generation_tensor_parallel", 1),
+        samples_per_prompt=t.samples_per_prompt)
 
 
 def plan_step(cfg, record: ResolvedRun, target: Target, *,
@@ -266,30 +276,47 @@ def explain_schedule(cfg, record: ResolvedRun, *, count_data: bool = True) -> li
         return lines
 
     t = cfg.train
+    k = t.samples_per_prompt
     gen_global = t.per_device_generation_batch_size * world
-    experience = gen_global * t.generation_batches
+    answers = gen_global * k  # a rollout holds every prompt's --samples-per-prompt answers
+    experience = answers * t.generation_batches
     # the experience of --generation-batches rollouts is pooled, then cut into mini-batches
-    mini = -(-t.per_device_generation_batch_size * t.generation_batches
+    mini = -(-t.per_device_generation_batch_size * k * t.generation_batches
              // t.per_device_training_batch_size)
     gb = ds["actor"]["train_batch_size"]
     seq = cfg.data.max_prompt_seq_len + cfg.generation.max_answer_seq_len
+    critic = cfg.has_critic
+    estimator = cfg.ppo.advantage_estimator
+    unit = "samples" if k == 1 else "answers"
+    lengths = (f"each answer up to {cfg.generation.max_answer_seq_len} tokens after a prompt of up "
+               f"to {cfg.data.max_prompt_seq_len} (up to {_n(answers * seq)} tokens)")
     lines = [
         Line("prompts per PPO step", f"{gen_global}",
-             f"generation batch: {t.per_device_generation_batch_size} per GPU x {world} GPU(s); "
-             f"each answer up to {cfg.generation.max_answer_seq_len} tokens after a prompt of up "
-             f"to {cfg.data.max_prompt_seq_len} (up to {_n(gen_global * seq)} tokens)"),
-        Line("experience per update", f"{experience} samples",
-             f"{gen_global} x --generation-batches {t.generation_batches}: the actor and critic "
-             f"train on it --ppo-epochs {t.ppo_epochs} time(s)"),
+             f"generation batch: {t.per_device_generation_batch_size} per GPU x {world} GPU(s)"
+             + ("; " + lengths if k == 1 else "")),
+    ]
+    if k > 1:
+        lines.append(Line("answers per PPO step", f"{answers}",
+                          f"{gen_global} prompts x --samples-per-prompt {k} "
+                          f"({t.per_device_generation_batch_size * k} sequences per GPU are "
+                          f"generated and scored together); {lengths}"))
+    lines += [
+        Line("experience per update", f"{experience} {unit}",
+             f"{answers} x --generation-batches {t.generation_batches}: "
+             + ("the actor and critic train" if critic else "the actor trains")
+             + f" on it --ppo-epochs {t.ppo_epochs} time(s)"
+             + ("" if critic else f" (no critic: {estimator})")),
         Line("PPO mini-batch", f"{t.per_device_training_batch_size} per GPU",
-             f"--per-device-training-batch-size: {mini} mini-batch(es) per update (pooled "
-             f"experience of {t.generation_batches} generation batch(es)) on "
-             "each GPU"),
-        Line("global batch (actor, critic)", f"{gb} samples",
+             f"--per-device-training-batch-size{' (answers)' if k > 1 else ''}: {mini} "
+             f"mini-batch(es) per update (pooled experience of {t.generation_batches} generation "
+             "batch(es)) on each GPU"),
+        Line("global batch (actor, critic)" if critic else "global batch (actor)",
+             f"{gb} {unit}",
              f"per optimizer step: {t.per_device_training_batch_size} x {world} GPU(s) x "
              f"{t.gradient_accumulation_steps} accumulation step(s)"),
     ]
     unsup = bool(cfg.data.unsupervised_dataset_name)
+    no_critic = f"no critic ({estimator})"
     if n is None:
         lines.append(Line("training prompts", "unknown", origin))
         lines.append(Line("PPO steps per epoch",
@@ -297,7 +324,8 @@ def explain_schedule(cfg, record: ResolvedRun, *, count_data: bool = True) -> li
                           "incomplete batches are dropped (every rank runs the same steps)"))
         lines.append(Line("optimizer steps", f"PPO steps / {t.generation_batches} x "
                           f"{t.ppo_epochs * mini} / {t.gradient_accumulation_steps}"
-                          + (" (actor: x 2 with the unsupervised loss)" if unsup else ""),
+                          + (" (actor: x 2 with the unsupervised loss)" if unsup else "")
+                          + ("" if critic else f" for the actor, {no_critic}"),
                           "one per mini-batch and accumulation group, over every PPO epoch"))
         return lines
     batches = loader_batches(n, t.per_device_generation_batch_size, world, drop_last=True)
@@ -310,7 +338,8 @@ def explain_schedule(cfg, record: ResolvedRun, *, count_data: bool = True) -> li
         Line("total PPO steps", _n(s.ppo_steps),
              f"{_n(batches)} x {t.num_train_epochs} epoch(s)"
              + (f", capped by --test-stop-step {t.test_stop_step}" if t.test_stop_step else "")),
-        Line("optimizer steps", f"actor {_n(s.actor_steps)}, critic {_n(s.optimizer_steps)}",
+        Line("optimizer steps", f"actor {_n(s.actor_steps)}, "
+             + (f"critic {_n(s.optimizer_steps)}" if critic else no_critic),
              f"{_n(s.updates)} mini-batch updates / {t.gradient_accumulation_steps} accumulation"
              + (" (the actor steps again on the unsupervised loss)" if unsup else "")),
     ]
@@ -360,6 +389,8 @@ def _candidates(step: str, cfg, world: int) -> list[tuple[str, str, dict]]:
                          ("optim", "gradient_accumulation_steps"): k}))
         return out
     d, t = cfg.deepspeed, cfg.train
+    if not cfg.has_critic:
+        return out + _critic_free_candidates(cfg, world)
     if world > 1 and (d.actor_zero_stage < 3 or d.critic_zero_stage < 3):
         out.append(("zero", f"ZeRO-3 for actor and critic: partition them over the {world} GPUs",
                     {("deepspeed", "actor_zero_stage"): 3, ("deepspeed", "critic_zero_stage"): 3}))
@@ -379,6 +410,38 @@ def _candidates(step: str, cfg, world: int) -> list[tuple[str, str, dict]]:
                     {("deepspeed", "offload"): True, ("deepspeed", "offload_reference_model"): True,
                      ("deepspeed", "offload_reward_model"): True,
                      ("deepspeed", "actor_zero_stage"): 3, ("deepspeed", "critic_zero_stage"): 3}))
+    return out + _ppo_common_candidates(cfg)
+
+
+def _critic_free_candidates(cfg, world: int) -> list[tuple[str, str, dict]]:
+    """Step 3 without a critic (--advantage-estimator grpo, ...): the same changes, none of them
+    touching an option of the critic (the run would refuse those, and they would save nothing).
+    The frozen reward model is moved to CPU memory by --offload-reward-model alone."""
+    d, out = cfg.deepspeed, []
+    if world > 1 and d.actor_zero_stage < 3:
+        out.append(("zero", f"ZeRO-3 for the actor: partition it over the {world} GPUs",
+                    {("deepspeed", "actor_zero_stage"): 3}))
+    if not cfg.actor.gradient_checkpointing:
+        out.append(("checkpointing", "gradient checkpointing of the actor",
+                    {("actor", "gradient_checkpointing"): True}))
+    if not (d.offload and d.offload_reference_model and d.offload_reward_model):
+        out.append(("offload", "offload optimizer states, reference and reward model to CPU memory",
+                    {("deepspeed", "offload"): True, ("deepspeed", "offload_reference_model"): True,
+                     ("deepspeed", "offload_reward_model"): True,
+                     ("deepspeed", "actor_zero_stage"): max(d.actor_zero_stage, 2)}))
+    if d.actor_zero_stage < 3:
+        out.append(("offload-3", "ZeRO-3 with offload: the actor's weights and optimizer states, "
+                    "the reference and reward models in CPU memory (slow)",
+                    {("deepspeed", "offload"): True, ("deepspeed", "offload_reference_model"): True,
+                     ("deepspeed", "offload_reward_model"): True,
+                     ("deepspeed", "actor_zero_stage"): 3}))
+    return out + _ppo_common_candidates(cfg)
+
+
+def _ppo_common_candidates(cfg) -> list[tuple[str, str, dict]]:
+    """Step 3's actor LoRA and smaller batches (with or without a critic). A mini-batch counts
+    answers: a generation batch of g prompts holds g x --samples-per-prompt of them."""
+    t, out = cfg.train, []
     if not (cfg.actor_lora.lora_dim and cfg.actor_lora.only_optimize_lora):
         out.append(("lora", "LoRA for the actor: train rank-128 adapters only",
                     {("actor_lora", "lora_dim"): cfg.actor_lora.lora_dim or 128,
@@ -393,7 +456,7 @@ def _candidates(step: str, cfg, world: int) -> list[tuple[str, str, dict]]:
         out.append(("generation batch", f"generation batch {bg} (fewer prompts per step)",
                     {("train", "per_device_generation_batch_size"): bg,
                      ("train", "per_device_training_batch_size"):
-                         min(t.per_device_training_batch_size, bg)}))
+                         min(t.per_device_training_batch_size, bg * t.samples_per_prompt)}))
     return out
 
 

@@ -188,3 +188,73 @@ def test_ppo_plan_counts_the_tensor_parallel_copy_and_refuses_what_the_launcher_
     assert any("--generation-tensor-parallel 4" in n for n in tp["notes"])
     r = plan(*common, "--generation-tensor-parallel", "3")
     assert r.exit_code == 2 and "--generation-tensor-parallel" in r.output
+
+
+def test_critic_free_plan_has_no_critic_and_sizes_the_rollout_for_every_answer(pairs_dir):
+    """`dschat plan ppo --advantage-estimator grpo --samples-per-prompt 8`: no critic anywhere
+    (models, phases, step counts), generation and scoring for 8 x the sequences of gae's rollout."""
+    common = ("ppo", "--actor-model", "opt-1.3b", "--critic-model", "opt-350m",
+              "--per-device-generation-batch-size", "4", "--per-device-training-batch-size", "4",
+              "--data-path", "local/jsonfile", "--data-dir", str(pairs_dir),
+              "--gpu-memory", "140", "--json")
+    gae = json.loads(plan(*common).output)
+    grpo1 = json.loads(plan(*common, "--advantage-estimator", "reinforce++").output)
+    r = plan(*common, "--advantage-estimator", "grpo", "--samples-per-prompt", "8")
+    assert r.exit_code == 0, r.output
+    grpo = json.loads(r.output)
+    assert [m["role"] for m in grpo["models"]] == ["actor", "ref", "reward"]
+    assert not any("critic" in phase for phase in grpo["phases_gib"])
+    # the reward model is --critic-model's OPT-350M with its value head
+    assert grpo["models"][2]["params"] == 331_196_416 + 512
+    # 4 prompts x 8 answers = 32 sequences per GPU: 8 x gae's KV cache (the fast engine's)
+    actor, actor_gae = grpo["models"][0], gae["models"][0]
+    assert actor["kv_cache_gib"] == pytest.approx(8 * actor_gae["kv_cache_gib"], rel=1e-3)
+    # scoring: the logits of 32 sequences, 2 x 32 x 512 x 50,272 bf16 + 8 x 32 x 256 x 50,272
+    # fp32 answer slice = 4.6 GiB (0.6 GiB for 4), and the cache grows from 0.4 to 3.0 GiB
+    assert grpo["phases_gib"]["scoring"] > grpo1["phases_gib"]["scoring"] + 6.5
+    assert grpo["phases_gib"]["generation"] > grpo1["phases_gib"]["generation"]
+    # without a critic (same 4 sequences per rollout) every phase needs less than gae's
+    for phase, gib in grpo1["phases_gib"].items():
+        assert gib < gae["phases_gib"][phase], phase
+    lines = {x["what"]: x["value"] for x in grpo["schedule"]}
+    # 102 prompts (step 3's part of pairs_dir), 4 per step: 25 PPO steps; 32 answers per rollout
+    # in mini-batches of 4: 8 updates per step, 200 optimizer steps
+    assert lines["prompts per PPO step"] == "4" and lines["answers per PPO step"] == "32"
+    assert lines["experience per update"] == "32 answers"
+    assert lines["total PPO steps"] == "25"
+    assert lines["optimizer steps"] == "actor 200, no critic (grpo)"
+    assert "global batch (actor)" in lines
+    assert "answers per PPO step" not in {x["what"] for x in gae["schedule"]}
+    assert {x["what"]: x["value"] for x in gae["schedule"]}["optimizer steps"] == \
+        "actor 25, critic 25"
+    text = plan(*common[:-1], "--advantage-estimator", "grpo", "--samples-per-prompt", "8").output
+    text = " ".join(text.split())  # the notes wrap
+    assert "no critic: the advantage estimator needs none" in text
+    assert "a rollout holds 4 prompts x 8 answers = 32 sequences per GPU" in text
+
+
+def test_critic_free_suggestions_never_touch_the_critic():
+    args = ("ppo", "--actor-model", "opt-1.3b", "--critic-model", "opt-350m",
+            "--advantage-estimator", "grpo", "--samples-per-prompt", "8",
+            "--per-device-generation-batch-size", "16", "--per-device-training-batch-size", "16",
+            "--gpu-memory", "40", "--json")
+    r = plan(*args)
+    assert r.exit_code == 1, r.output
+    doc = json.loads(r.output)
+    assert doc["suggestions"], doc
+    for s in doc["suggestions"]:
+        assert not any("critic" in f for f in s["flags"]), s
+        # each suggestion, added to the command, is accepted and gives that estimate
+        again = plan(*args, *" ".join(s["flags"]).split())
+        assert again.exit_code in (0, 1), again.output
+        assert json.loads(again.output)["peak_gib"] == pytest.approx(s["peak_gib"])
+
+
+def test_critic_free_plan_bad_input_names_the_flag():
+    r = plan("ppo", "--actor-model", "opt-125m", "--critic-model", "opt-125m",
+             "--advantage-estimator", "grpo")
+    assert r.exit_code == 2 and "--samples-per-prompt" in r.output and "Traceback" not in r.output
+    r = plan("ppo", "--actor-model", "opt-125m", "--critic-model", "opt-125m",
+             "--advantage-estimator", "rloo", "--samples-per-prompt", "4",
+             "--critic-zero-stage", "2", "--critic-gradient-checkpointing")
+    assert r.exit_code == 2 and "--critic-gradient-checkpointing" in r.output
