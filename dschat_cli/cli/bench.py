@@ -26,6 +26,11 @@ def register(app: typer.Typer) -> None:
     config_command(app, "bench", BenchConfig, handler=_run,
                    help=step("bench").summary[:-1] + ": per-phase seconds, tokens/s, TFLOP/s, "
                         "decode speed against the memory-bandwidth floor; the fast engine beside "
-                        "transformers' generate.",
+                        "transformers' generate. --advantage-estimator picks step 3's estimator "
+                        "(a critic-free one has no critic phases); --batch-size counts answers, "
+                        "--batch-size / --samples-per-prompt prompts per GPU, so tokens/s compare "
+                        "like for like.",
                    epilog="Example: dschat bench --actor opt-1.3b --critic opt-350m --batch-size 64 "
-                          "--json bench.json")
+                          "--json bench.json. Without a critic, 8 prompts x 8 answers per GPU: "
+                          "dschat bench --advantage-estimator grpo --samples-per-prompt 8 "
+                          "--batch-size 64")

@@ -5,19 +5,35 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dschat_cli.config.estimators import ESTIMATORS, estimator_spec
 from dschat_cli.config.schema import ConfigError, opt, section
 from dschat_cli.config.sections import DTYPES, LaunchOptions
+
+GROUP_SAMPLES = 8  # --samples-per-prompt when unset for a group estimator (GRPO's papers, TRL)
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     step: str = opt("ppo", "What to measure: ppo (step 3: generation, scoring, actor and critic "
-                    "training) or sft (step 1: the actor's training step).", choices=("ppo", "sft"))
+                    "training; no critic with a critic-free --advantage-estimator) or sft (step 1: "
+                    "the actor's training step).", choices=("ppo", "sft"))
     actor: str = opt("opt-1.3b", "Actor architecture: a preset (opt-125m ... opt-66b, llama-2-7b, "
                      "...) or a local model folder; weights are random either way.")
-    critic: str = opt("opt-350m", "Critic and reward model architecture (ppo).")
-    batch_size: int = opt(64, "Prompts per GPU per PPO step (generation batch = training batch); "
-                          "sequences per GPU per step for sft.", min=1)
+    critic: str = opt("opt-350m", "Critic and reward model architecture (ppo; the reward model "
+                      "only with a critic-free --advantage-estimator).")
+    batch_size: int = opt(64, "Answers (sequences) per GPU per PPO step: --batch-size / "
+                          "--samples-per-prompt prompts, each answered --samples-per-prompt times "
+                          "(generation batch = training batch), so tokens/s compare like for like "
+                          "across estimators at the same --batch-size; sequences per GPU per step "
+                          "for sft.", min=1)
+    advantage_estimator: str = opt(
+        "gae", "ppo: as `dschat ppo --advantage-estimator`. gae: PPO with a critic; the "
+        "critic-free ones (grpo, dr-grpo, rloo, reinforce++, reinforce++-baseline) build, run and "
+        "time no critic (no critic forward or training).", choices=tuple(ESTIMATORS))
+    samples_per_prompt: int | None = opt(
+        None, f"ppo: answers sampled per prompt (as `dschat ppo --samples-per-prompt`); must "
+        f"divide --batch-size. Unset: {GROUP_SAMPLES} for the estimators that compare a group of "
+        "answers (grpo, dr-grpo, rloo, reinforce++-baseline), else 1.", min=1)
     max_prompt_seq_len: int = opt(256, "Tokens in every prompt (exactly, for a benchmark).", min=4)
     max_answer_seq_len: int = opt(256, "Tokens in every generated answer (exactly, for a benchmark: "
                                   "eos is suppressed). For sft the sequence is prompt + answer "
@@ -49,33 +65,71 @@ class BenchConfig:
     def overwrite(self) -> bool:  # the launcher's output-dir check: a bench folder is reusable
         return True
 
+    @property
+    def samples(self) -> int:
+        """The rollout's answers per prompt: --samples-per-prompt, or the estimator's default."""
+        if self.samples_per_prompt is not None:
+            return self.samples_per_prompt
+        return GROUP_SAMPLES if estimator_spec(self.advantage_estimator).needs_group else 1
+
+    @property
+    def prompts(self) -> int:
+        """Prompts per GPU per PPO step (--batch-size counts answers)."""
+        return self.batch_size // self.samples
+
+    @property
+    def has_critic(self) -> bool:
+        return self.step == "ppo" and estimator_spec(self.advantage_estimator).needs_critic
+
     def check(self) -> None:
+        if self.step == "sft":
+            for flag, value, default in (("--advantage-estimator", self.advantage_estimator, "gae"),
+                                         ("--samples-per-prompt", self.samples_per_prompt, None)):
+                if value != default:
+                    raise ConfigError(flag, "applies to --step ppo only")
+        else:
+            self._check_samples()
         if self.generation_engine == "hf" and self.old_logprobs == "generation":
             raise ConfigError("--old-logprobs generation", "needs --generation-engine fast or both")
         if self.generation_engine == "hf" and self.generation_tensor_parallel > 1:
             raise ConfigError("--generation-tensor-parallel", "needs --generation-engine fast or "
                               "both")
 
+    def _check_samples(self) -> None:
+        name, n = self.advantage_estimator, self.samples
+        if estimator_spec(name).needs_group and n < 2:
+            raise ConfigError("--samples-per-prompt", f"--advantage-estimator {name} compares the "
+                              f"answers to the same prompt, so it needs >= 2 of them (e.g. "
+                              f"{GROUP_SAMPLES}); got {n}")
+        if self.batch_size % n:
+            raise ConfigError("--batch-size", f"{self.batch_size} counts answers per GPU, so it "
+                              f"must be a multiple of --samples-per-prompt {n} (e.g. "
+                              f"{max(n, self.batch_size // n * n)})")
+
 
 def bench_ppo_config(cfg: BenchConfig):
     """The `dschat ppo` config the benchmark's step 3 runs (random-weight models, one PPO epoch
-    over one generation batch per step, no warm-up of the learning rate)."""
-    from dschat_cli.config.ppo import (PPOConfig, PPODeepSpeedOptions, PPOGenerationOptions,
-                                       PPOTrainOptions, PromptDataOptions)
+    over one generation batch per step, no warm-up of the learning rate): --batch-size answers,
+    --batch-size / --samples-per-prompt prompts, trained on in one mini-batch. A critic-free
+    estimator's --critic-model names the reward model only."""
+    from dschat_cli.config.ppo import (PPOAlgoOptions, PPOConfig, PPODeepSpeedOptions,
+                                       PPOGenerationOptions, PPOTrainOptions, PromptDataOptions)
     from dschat_cli.config.sections import ModelOptions
 
-    def model(name):
+    def model(name, trained=True):
         return ModelOptions(model=name, random_init=True,
-                            gradient_checkpointing=cfg.gradient_checkpointing)
+                            gradient_checkpointing=cfg.gradient_checkpointing and trained)
 
     engine = "hf" if cfg.generation_engine == "hf" else "fast"
     return PPOConfig(
-        actor=model(cfg.actor), critic=model(cfg.critic),
+        actor=model(cfg.actor), critic=model(cfg.critic, trained=cfg.has_critic),
         data=PromptDataOptions(max_prompt_seq_len=cfg.max_prompt_seq_len),
-        train=PPOTrainOptions(per_device_generation_batch_size=cfg.batch_size,
+        train=PPOTrainOptions(per_device_generation_batch_size=cfg.prompts,
                               per_device_training_batch_size=cfg.batch_size,
+                              samples_per_prompt=cfg.samples,
                               num_warmup_steps=0, torch_adam=cfg.torch_adam,
                               test_stop_step=cfg.warmup + cfg.steps),
+        ppo=PPOAlgoOptions(advantage_estimator=cfg.advantage_estimator),
         generation=PPOGenerationOptions(max_answer_seq_len=cfg.max_answer_seq_len,
                                         generation_engine=engine,
                                         old_logprobs=cfg.old_logprobs if engine == "fast"
@@ -104,8 +158,8 @@ def bench_sft_config(cfg: BenchConfig):
 
 def bench_ds_configs(cfg: BenchConfig, *, world_size: int, dtype: str, torch_adam: bool,
                      tensorboard_dir: str | None, job_name: str) -> dict[str, dict]:
-    """The DeepSpeed configs the benchmark's run builds, by role: step 3's four, or step 1's one
-    model (TensorBoard job JOB_NAME; the benchmark writes no TensorBoard files)."""
+    """The DeepSpeed configs the benchmark's run builds, by role: step 3's (four, or three
+    without a critic), or step 1's one model (TensorBoard job JOB_NAME; the benchmark writes no TensorBoard files)."""
     if cfg.step == "sft":
         from dschat_cli.config.ds_config import model_ds_configs
 

@@ -1,11 +1,15 @@
 """`dschat bench`: the reference's benchmark setting on random weights of real architectures.
 
     dschat bench                          # step 3: opt-1.3b actor, opt-350m critic/reward, 256+256
+    dschat bench --advantage-estimator grpo   # no critic; 64 answers = 8 prompts x 8 per GPU
     dschat bench --step sft --actor opt-1.3b --batch-size 32
 
 Step 3 runs the real PPOTrainer (the code `dschat ppo` runs) on synthetic prompts of exactly
 --max-prompt-seq-len tokens, answers of exactly --max-answer-seq-len tokens (eos suppressed), warm-up steps, then
---steps measured steps, with every phase timed between GPU synchronisations. Each phase is set
+--steps measured steps, with every phase timed between GPU synchronisations. --batch-size counts
+answers (sequences): --batch-size / --samples-per-prompt prompts per GPU, each answered
+--samples-per-prompt times, so the tokens per step, and tokens/s, compare like for like across
+estimators; a critic-free estimator (grpo, ...) has no critic phases. Each phase is set
 against its floor: the FLOPs it must do at the device's measured matmul speed, or the bytes it
 must move at its measured copy bandwidth, whichever is larger. FLOPs counted per token of a
 forward pass: 2 x (matmul parameters) + 4 x layers x hidden x sequence length (attention scores
@@ -94,14 +98,18 @@ def model_shape(module) -> Shape:
                  hidden=hidden)
 
 
-def ppo_floors(actor: Shape, critic: Shape, *, batch: int, prompt: int, answer: int,
+def ppo_floors(actor: Shape, critic: Shape | None, *, batch: int, prompt: int, answer: int,
                bytes_per_param: int, ceilings: dict, gradient_checkpointing: bool,
-               decode_params: int | None = None) -> dict:
+               decode_params: int | None = None, reward: Shape | None = None) -> dict:
     """{phase: (flops, bytes, floor seconds)} for one PPO step on one GPU, and the decode step's
-    bandwidth floor in seconds ('decode_step'). `decode_params`: the parameters a decode step
-    reads on one GPU (default all of the actor's; tensor-parallel generation: its shard). Under
-    N-way tensor parallelism a GPU decodes N x batch rows with 1/N of the heads: the same KV
-    cache bytes and about the same FLOPs."""
+    bandwidth floor in seconds ('decode_step'). `batch`: the rollout's sequences (prompts x
+    samples per prompt; each prompt is prefilled once per answer). `critic` None: a critic-free
+    estimator, no critic_forward or critic_train. `reward`: the reward model (default: the
+    critic's shape). `decode_params`: the parameters a decode step reads on one GPU (default all
+    of the actor's; tensor-parallel generation: its shard). Under N-way tensor parallelism a GPU
+    decodes N x batch rows with 1/N of the heads: the same KV cache bytes and about the same
+    FLOPs."""
+    reward = reward or critic
     weights = (actor.params if decode_params is None else decode_params) * bytes_per_param
     mm = ceilings["matmul_tflops"] * 1e12
     bw = ceilings["copy_gbps"] * 1e9
@@ -124,10 +132,14 @@ def ppo_floors(actor: Shape, critic: Shape, *, batch: int, prompt: int, answer: 
         decode_floor += max(step_bytes / bw, step_flops / mm)
     out["generation"] = (gen_flops, gen_bytes, decode_floor)
     for name, shape in (("actor_forward", actor), ("ref_forward", actor),
-                        ("critic_forward", critic), ("reward_forward", critic)):
+                        ("critic_forward", critic), ("reward_forward", reward)):
+        if shape is None:
+            continue
         f = shape.forward_flops(tokens, S)
         out[name] = (f, 0.0, f / mm)
     for name, shape in (("actor_train", actor), ("critic_train", critic)):
+        if shape is None:
+            continue
         f = 3 * shape.forward_flops(tokens, S) * recompute
         # Adam: read+write fp32 master weight and two moments, read the gradient: ~20 B/param
         b = 20.0 * shape.params
@@ -169,16 +181,21 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     ppo_cfg = bench_ppo_config(cfg)
     total = cfg.warmup + cfg.steps
     engines = ["fast", "hf"] if cfg.generation_engine == "both" else [cfg.generation_engine]
-    with console.status("building random-weight actor, reference, critic and reward models"):
+    what = "critic and reward models" if cfg.has_critic else "and reward models (no critic)"
+    with console.status(f"building random-weight actor, reference, {what}"):
         models = PPOModels.build(ppo_cfg, dist, total * len(engines), total * len(engines),
                                  resolved=resolved)
     on_gpu = dist.device != "cpu"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[models.dtype]
     ceilings = measure_ceilings(dist.device, dtype)
-    actor, critic = model_shape(models.actor.module), model_shape(models.critic.module)
-    floors = ppo_floors(actor, critic, batch=cfg.batch_size, prompt=cfg.max_prompt_seq_len,
-                        answer=cfg.max_answer_seq_len, bytes_per_param=dtype.itemsize, ceilings=ceilings,
-                        gradient_checkpointing=cfg.gradient_checkpointing)
+    actor, reward = model_shape(models.actor.module), model_shape(models.reward.module)
+    critic = model_shape(models.critic.module) if models.critic is not None else None
+    # the rollout: cfg.prompts prompts x cfg.samples answers = cfg.batch_size sequences per GPU
+    shape_args = dict(batch=cfg.batch_size, prompt=cfg.max_prompt_seq_len,
+                      answer=cfg.max_answer_seq_len, bytes_per_param=dtype.itemsize,
+                      ceilings=ceilings, gradient_checkpointing=cfg.gradient_checkpointing,
+                      reward=reward)
+    floors = ppo_floors(actor, critic, **shape_args)
     gen = torch.Generator().manual_seed(cfg.seed + dist.rank)
     results = {}
     for engine in engines:
@@ -195,7 +212,8 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
         for i in range(total):
             if i == cfg.warmup:
                 trainer.timer.reset()
-            batch = _random_prompts(cfg.batch_size, cfg.max_prompt_seq_len, models.tokenizer,
+            # the trainer answers each prompt cfg.samples times (consecutive rows)
+            batch = _random_prompts(cfg.prompts, cfg.max_prompt_seq_len, models.tokenizer,
                                     models.actor.device, gen)
             _sync(on_gpu)
             t0 = time.perf_counter()
@@ -214,9 +232,7 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
         phases = {k: v / n for k, v in trainer.timer.seconds.items()}
         tp = rollouts.tensor_parallel
         e_floors = floors if tp is None else ppo_floors(
-            actor, critic, batch=cfg.batch_size, prompt=cfg.max_prompt_seq_len, answer=cfg.max_answer_seq_len,
-            bytes_per_param=dtype.itemsize, ceilings=ceilings,
-            gradient_checkpointing=cfg.gradient_checkpointing,
+            actor, critic, **shape_args,
             decode_params=sum(p.numel() for p in tp.replica.parameters()))
         step = statistics.mean(step_s)
         gen_s = phases.get("generation", 0.0)
@@ -252,8 +268,13 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
             rollouts.engine.release()
         del trainer
     return {"step": "ppo", "device": _device_name(dist), "world_size": dist.world_size,
-            "dtype": models.dtype, "actor": cfg.actor, "critic": cfg.critic,
-            "actor_params": actor.params, "critic_params": critic.params,
+            "dtype": models.dtype, "actor": cfg.actor,
+            "critic": cfg.critic if critic is not None else None, "reward": cfg.critic,
+            "actor_params": actor.params,
+            "critic_params": critic.params if critic is not None else None,
+            "reward_params": reward.params,
+            "advantage_estimator": cfg.advantage_estimator, "samples_per_prompt": cfg.samples,
+            "prompts_per_gpu": cfg.prompts,
             "batch_size": cfg.batch_size, "max_prompt_seq_len": cfg.max_prompt_seq_len,
             "max_answer_seq_len": cfg.max_answer_seq_len, "steps": cfg.steps, "warmup": cfg.warmup,
             "actor_zero_stage": cfg.actor_zero_stage, "critic_zero_stage": cfg.critic_zero_stage,
@@ -345,9 +366,14 @@ def _print(r: dict) -> None:
         console.print(t)
         return
     engines = r["engines"]
-    t = Table(title=f"step 3 per phase (seconds per PPO step): actor {r['actor']}, critic "
-                    f"{r['critic']}, batch {r['batch_size']} per GPU, {r['max_prompt_seq_len']} + "
-                    f"{r['max_answer_seq_len']} tokens", title_justify="left")
+    est, k = r.get("advantage_estimator", "gae"), r.get("samples_per_prompt", 1)
+    models = (f"critic {r['critic']}" if r.get("critic") else
+              f"reward {r.get('reward')}, no critic ({est})")
+    batch = f"{r['batch_size']} answers per GPU ({r['prompts_per_gpu']} prompts x {k})" \
+        if k > 1 else f"batch {r['batch_size']} per GPU"
+    t = Table(title=f"step 3 per phase (seconds per PPO step): actor {r['actor']}, {models}, "
+                    f"{batch}, {r['max_prompt_seq_len']} + {r['max_answer_seq_len']} tokens",
+              title_justify="left")
     t.add_column("phase")
     for e in engines:
         t.add_column(f"{e} s", justify="right")
@@ -368,8 +394,8 @@ def _print(r: dict) -> None:
                                   for v in engines.values()), []),
               f"{first['floor_seconds']:.3f}")
     console.print(t)
-    s = Table(title="step 3 summary", title_justify="left")
-    for col in ("engine", "tokens/s", "samples/s", "gen", "decode ms", "floor ms", "x floor",
+    s = Table(title=f"step 3 summary ({est})", title_justify="left")
+    for col in ("engine", "tokens/s", "answers/s", "gen", "decode ms", "floor ms", "x floor",
                 "step x floor", "lp gap", "peak GiB"):
         s.add_column(col, justify="right")
     for e, v in engines.items():
@@ -382,8 +408,8 @@ def _print(r: dict) -> None:
     console.print("[dim]gen: generation's share of the step; decode ms: per decode step (fast) or "
                   "per generated token including the prefill (hf); floor ms: weights + KV cache at "
                   "the mean context over the measured copy bandwidth; lp gap: mean |logprob| "
-                  "difference, fast engine vs forward; tokens/s: prompt + answer tokens of all "
-                  "GPUs per second[/dim]")
+                  "difference, fast engine vs forward; tokens/s: prompt + answer tokens of every "
+                  "answer (sequence) of all GPUs per second[/dim]")
 
 
 def _fmt(v, spec: str) -> str:

@@ -39,6 +39,36 @@ def test_bench_ppo_both_engines(tmp_path, tiny_opt, invoke_dschat):
     assert res["engines"]["hf"]["logprob_gap"] is None
 
 
+def test_bench_critic_free_has_no_critic_phases(tmp_path, tiny_opt, invoke_dschat):
+    """`dschat bench --advantage-estimator grpo`: no critic built, run or timed; --batch-size 4
+    with 2 answers per prompt is 2 prompts, 4 sequences, the tokens of gae's batch of 4."""
+    out_json = tmp_path / "bench.json"
+    r = invoke_dschat("bench", "--actor", tiny_opt, "--critic", tiny_opt,
+                      "--advantage-estimator", "grpo", "--samples-per-prompt", "2",
+                      "--batch-size", "4", "--max-prompt-seq-len", "6", "--max-answer-seq-len", "5",
+                      "--steps", "2", "--warmup", "1", "--generation-engine", "fast",
+                      "--actor-zero-stage", "0", "--critic-zero-stage", "0",
+                      "--launcher", "none", "--output-dir", tmp_path / "run", "--json", out_json)
+    assert r.code == 0, r.explain()
+    assert "step 3 summary" in r.output and "tokens/s" in r.output
+    assert "critic forward" not in r.output and "critic train" not in r.output
+    assert "no critic (grpo)" in " ".join(r.output.split())
+    res = json.loads(out_json.read_text())
+    assert (res["advantage_estimator"], res["samples_per_prompt"], res["prompts_per_gpu"],
+            res["batch_size"]) == ("grpo", 2, 2, 4)
+    assert res["critic"] is None and res["critic_params"] is None and res["reward_params"] > 0
+    e = res["engines"]["fast"]
+    phases = e["phases"]
+    assert {"generation", "actor_forward", "ref_forward", "reward_forward",
+            "actor_train"} <= set(phases), phases
+    assert not any("critic" in p for p in phases), phases
+    # 2 prompts x 2 answers = 4 sequences of 6 + 5 tokens per step
+    assert e["tokens_per_s"] == pytest.approx(44 / e["step_seconds"])
+    assert e["samples_per_s"] == pytest.approx(4 / e["step_seconds"])
+    # the step's floor is the sum of its measured phases' floors: no critic in it
+    assert e["floor_seconds"] == pytest.approx(sum(p["floor_seconds"] for p in phases.values()))
+
+
 def test_bench_sft_and_generation_logprobs(tmp_path, tiny_llama, invoke_dschat):
     r = invoke_dschat("bench", "--step", "sft", "--actor", tiny_llama, "--batch-size", "2",
                       "--max-prompt-seq-len", "8", "--max-answer-seq-len", "8", "--steps", "2", "--warmup", "0",
@@ -62,6 +92,13 @@ def test_bench_bad_input(tmp_path, invoke_dschat):
     assert r.code == 2 and "--actor" in r.output and "Traceback" not in r.output
     r = invoke_dschat("bench", "--generation-engine", "hf", "--old-logprobs", "generation")
     assert r.code == 2 and "--old-logprobs generation" in r.output
+    # --batch-size counts answers: grpo's default 8 answers per prompt do not divide 12
+    r = invoke_dschat("bench", "--advantage-estimator", "grpo", "--batch-size", "12")
+    assert r.code == 2 and "--batch-size" in r.output and "Traceback" not in r.output
+    r = invoke_dschat("bench", "--advantage-estimator", "rloo", "--samples-per-prompt", "1")
+    assert r.code == 2 and "--samples-per-prompt" in r.output
+    r = invoke_dschat("bench", "--advantage-estimator", "ppo")
+    assert r.code == 2 and "--advantage-estimator" in r.output
 
 
 def test_bench_tensor_parallel_bad_input(tmp_path, tiny_opt, tiny_gpt2, invoke_dschat):
