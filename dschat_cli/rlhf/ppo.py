@@ -14,7 +14,9 @@ Conventions (the same as dschat_cli/rlhf/reward.py):
   the padding after them. Rows are usually right-padded (a real prefix, then padding); the functions
   also accept holes in the middle of a row and treat them as "not an action" (see each docstring).
 - Reductions follow the reference: a masked mean over the whole micro-batch is
-  sum(x * mask) / sum(mask), so every real token weighs the same whatever its row's length.
+  sum(x * mask) / sum(mask), so every real token weighs the same whatever its row's length. The
+  policy loss can instead weigh every answer the same, or normalise by a constant length
+  (`aggregate_loss`, --loss-aggregation).
 - The arithmetic is done in float32, whatever the input dtype.
 """
 
@@ -24,6 +26,8 @@ from typing import Iterable, NamedTuple
 
 import torch
 
+from dschat_cli.config.estimators import LOSS_AGGREGATIONS
+from dschat_cli.rlhf.kl import kl_estimate
 from dschat_cli.rlhf.reward import last_real_index
 
 
@@ -41,7 +45,8 @@ class Rollout(NamedTuple):
                     real token is dropped (its row is all 0 here; its attention mask keeps it).
     logprobs:       (B, A) float32, log pi_actor(answer token k | state) at generation time.
     ref_logprobs:   (B, A) float32, the same under the frozen reference (SFT) model.
-    values:         (B, A) float32, critic value of the state before each answer token.
+    values:         (B, A) float32, critic value of the state before each answer token (read
+                    only by the estimators with a critic).
     scores:         (B,) float32, reward-model score of each whole sequence (prompt + answer),
                     read at its last real token; unclipped.
     true_scores:    (B,) float32 or None, a known true reward of each answer (--true-reward), for
@@ -103,6 +108,15 @@ class PPOStats(NamedTuple):
     distinct:        distinct-2 of the kept answers (per rank, averaged over ranks).
     eos_share:       share of kept answers that ended with eos (the rest hit the length limit).
     true_reward:     mean --true-reward of the kept answers (nan without one).
+    kl_loss:         mean over mini-batches of the aggregated per-token KL estimate
+                     (--kl-estimator, --loss-aggregation) that enters the actor loss times kl_coef;
+                     nan when the KL is in the reward instead (--kl-placement reward).
+    clipfrac_lower:  fraction of real tokens where the dual clip is active (negative advantage,
+                     loss capped at --dual-clip x |advantage|); 0 without --dual-clip.
+    group_reward_std: mean over prompts of the unbiased std of the scores of its group of answers
+                     (--samples-per-prompt); nan with one answer per prompt.
+    zero_std_groups: share of prompts whose answers all got the same score: a group estimator
+                     gives them advantage 0, so they teach nothing; nan with one answer per prompt.
     """
 
     actor_loss: float
@@ -122,6 +136,10 @@ class PPOStats(NamedTuple):
     distinct: float = float("nan")
     eos_share: float = float("nan")
     true_reward: float = float("nan")
+    kl_loss: float = float("nan")
+    clipfrac_lower: float = float("nan")
+    group_reward_std: float = float("nan")
+    zero_std_groups: float = float("nan")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,18 +237,19 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
 
 
 def kl_penalised_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor,
-                         action_mask: torch.Tensor, *, kl_ctl: float,
-                         clip_reward_value: float) -> torch.Tensor:
+                         action_mask: torch.Tensor, *, kl_ctl: float, clip_reward_value: float,
+                         kl_estimator: str = "k1") -> torch.Tensor:
     """Per-token rewards: a KL penalty on every real answer token, the clipped score on the last.
 
     logprobs, ref_logprobs, action_mask: (B, A); scores: (B,) -> rewards (B, A) float32, 0 on
     masked positions.
 
-        rewards[b, k] = -kl_ctl * (logprobs[b, k] - ref_logprobs[b, k])       if action_mask[b, k]
+        rewards[b, k] = -kl_ctl * kl[b, k]                                    if action_mask[b, k]
         rewards[b, last_b] += clamp(scores[b], -clip_reward_value, clip_reward_value)
 
-    where last_b is the last real answer token of row b (from action_mask). A row without real
-    answer tokens gets all zeros.
+    where kl = kl_estimate(logprobs, ref_logprobs, kl_estimator) (k1, the default, is
+    logprobs - ref_logprobs) and last_b is the last real answer token of row b (from action_mask).
+    A row without real answer tokens gets all zeros. clip_reward_value may be inf (no clip).
 
     Differs from the reference's ``compute_rewards``: there ``ends = start +
     action_mask[:, start:].sum(1) + 1`` and the score goes on ``rewards[j, start:ends[j]][-1]``,
@@ -241,7 +260,7 @@ def kl_penalised_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, sco
     agree.
     """
     mask = action_mask.bool()
-    kl = logprobs.float() - ref_logprobs.float()
+    kl = kl_estimate(logprobs, ref_logprobs, kl_estimator, action_mask)
     rewards = torch.where(mask, -kl_ctl * kl, torch.zeros_like(kl))
     clipped = scores.float().clamp(-clip_reward_value, clip_reward_value)
     has_answer = mask.any(-1)
@@ -305,18 +324,70 @@ def gae_advantages_and_returns(values: torch.Tensor, rewards: torch.Tensor,
 # losses
 
 
+def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str,
+                   max_len: int | None = None) -> torch.Tensor:
+    """One number from a per-token loss (--loss-aggregation; verl's ``agg_loss``).
+
+    per_token, mask: (B, A) -> a float32 scalar, differentiable in per_token. Masked positions may
+    hold anything (even inf); an all-masked batch gives 0, not nan.
+
+        token-mean:              sum(L * M) / sum(M)           every real token weighs the same
+        seq-mean-token-mean:     mean over rows with >= 1 real token of sum_t(L * M) / sum_t(M)
+                                 (every answer weighs the same; GRPO's paper)
+        seq-mean-token-sum-norm: sum(L * M) / (B * max_len)     B = rows, max_len a constant
+                                 (Dr. GRPO: no length bias from a per-answer or per-batch count)
+    """
+    if mode == "token-mean":
+        return masked_mean(per_token, mask)
+    if mode == "seq-mean-token-mean":
+        has_token = mask.bool().any(-1)  # (B,)
+        per_row = masked_mean(per_token, mask, dim=-1)  # (B,), 0 on rows without a real token
+        return masked_mean(per_row, has_token)
+    if mode == "seq-mean-token-sum-norm":
+        if max_len is None or max_len < 1:
+            raise ValueError("loss aggregation seq-mean-token-sum-norm needs max_len >= 1 (the "
+                             f"--max-answer-seq-len), got {max_len}")
+        return masked_sum(per_token, mask) / (per_token.shape[0] * max_len)
+    raise ValueError(f"unknown loss aggregation {mode!r}; one of {', '.join(LOSS_AGGREGATIONS)}")
+
+
+class PolicyLoss(NamedTuple):
+    """What `policy_loss` returns: float32 scalars, only loss carries a gradient.
+
+    loss:           the aggregated clipped surrogate.
+    clipfrac:       masked share of tokens where the ratio clip is active.
+    approx_kl:      masked mean of 0.5 * (logprobs - old_logprobs)^2.
+    clipfrac_lower: masked share of tokens where the dual clip is active (0 without it).
+    """
+
+    loss: torch.Tensor
+    clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+    clipfrac_lower: torch.Tensor
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                action_mask: torch.Tensor, *,
-                cliprange: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate (the reference's ``actor_loss_fn``).
+                action_mask: torch.Tensor, *, cliprange: float, cliprange_high: float | None = None,
+                dual_clip: float | None = None, aggregation: str = "token-mean",
+                max_len: int | None = None) -> PolicyLoss:
+    """PPO clipped surrogate (the reference's ``actor_loss_fn``), with DAPO's clip-higher and
+    dual-clip PPO (Ye et al. 2020) as options.
 
-    logprobs (with grad), old_logprobs, advantages, action_mask: (B, A) -> (loss, clipfrac,
-    approx_kl), three float32 scalars; only loss carries a gradient.
+    logprobs (with grad), old_logprobs, advantages, action_mask: (B, A) -> PolicyLoss.
 
-        ratio = exp(logprobs - old_logprobs)
-        loss  = masked_mean(max(-adv * ratio, -adv * clamp(ratio, 1 - c, 1 + c)))
-        clipfrac  = masked_mean(clipped term > unclipped term), where the clip is active
-        approx_kl = masked_mean(0.5 * (logprobs - old_logprobs) ** 2)
+        ratio     = exp(logprobs - old_logprobs)
+        unclipped = -adv * ratio
+        clipped   = -adv * clamp(ratio, 1 - cliprange, 1 + cliprange_high)
+        per_token = max(unclipped, clipped)
+        per_token = min(per_token, dual_clip * -adv)    where adv < 0, with dual_clip (verl's rule)
+        loss      = aggregate_loss(per_token, action_mask, aggregation, max_len)
+        clipfrac       = masked_mean(clipped > unclipped): the ratio clip is active
+        clipfrac_lower = masked_mean(adv < 0 and max(unclipped, clipped) > dual_clip * -adv)
+        approx_kl      = masked_mean(0.5 * (logprobs - old_logprobs) ** 2)
+
+    cliprange_high None is cliprange (the symmetric clip). Without dual clip, a token the actor has
+    made far less likely than at sampling time (ratio >> 1) with a negative advantage has an
+    unbounded loss -adv * ratio; dual_clip (> 1, e.g. 3) caps it. The defaults are the reference.
 
     The log-ratio is zeroed on masked positions before the exp, so garbage there (even inf) gives
     neither a nan loss nor a nan gradient.
@@ -326,13 +397,21 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     log_ratio = torch.where(mask, logprobs.float() - old_logprobs.float(), zero)
     advantages = torch.where(mask, advantages.float().detach(), zero)
     ratio = torch.exp(log_ratio)
+    high = cliprange if cliprange_high is None else cliprange_high
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + high)
+    per_token = torch.maximum(unclipped, clipped)
+    dual_active = torch.zeros_like(mask)
+    if dual_clip is not None:
+        cap = -advantages * dual_clip
+        dual_active = (advantages < 0) & (per_token > cap)
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, cap), per_token)
+    loss = aggregate_loss(per_token, mask, aggregation, max_len)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
+        clipfrac_lower = masked_mean(dual_active.float(), mask)
         approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
-    return loss, clipfrac, approx_kl
+    return PolicyLoss(loss, clipfrac, approx_kl, clipfrac_lower)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

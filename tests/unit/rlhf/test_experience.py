@@ -1,8 +1,12 @@
 """Pooling and mini-batching of step-3 experience (rlhf/experience.py) and the advantage
 estimator interface (rlhf/advantages.py), on hand-made tensors."""
 
+from dataclasses import replace
+
 import torch
 
+from dschat_cli.config.estimators import ESTIMATORS as SPECS
+from dschat_cli.config.ppo import PPOAlgoOptions
 from dschat_cli.rlhf.advantages import ESTIMATORS, Advantages, estimate_advantages, gae
 from dschat_cli.rlhf.experience import (minibatch_count, minibatch_slices, pool_rollouts,
                                         take_rows, trim_padding)
@@ -115,14 +119,19 @@ def test_gae_estimator_is_the_reference_arithmetic():
 
 
 def test_estimator_registry_selects_by_option():
-    class Opts:
-        advantage_estimator = "gae"
-        kl_ctl, clip_reward_value, gamma, lam, whiten_advantages = 0.1, 5.0, 1.0, 0.95, False
-
+    # the arithmetic has exactly the estimators the config offers
+    assert ESTIMATORS.keys() == SPECS.keys()
     r = rollout([[5]], [[8, 1]], [[1, 1]], base=1.0)
-    out = estimate_advantages(r, Opts())
+    opts = replace(PPOAlgoOptions(), advantage_estimator="gae", kl_ctl=0.1)
+    out = estimate_advantages(r, opts)
     assert isinstance(out, Advantages) and out.returns is not None
-    assert ESTIMATORS["gae"].needs_critic
+    assert opts.settings.needs_critic
+    # same as calling gae with the options' values
+    assert torch.equal(out.advantages, gae(r, kl_ctl=0.1, clip_reward_value=5.0, gamma=1.0,
+                                           lam=0.95).advantages)
+    # a critic-free estimator returns no critic targets
+    free = estimate_advantages(r, replace(opts, advantage_estimator="reinforce++"))
+    assert free.returns is None
 
 
 def pytest_approx(x):
@@ -139,12 +148,9 @@ def test_missing_eos_penalty_and_kl_coefficient_override():
     assert shaped_scores(scores, ended, missing_eos_penalty=0.0).tolist() == [1.0, 2.0, -1.0]
     assert shaped_scores(scores, ended, missing_eos_penalty=0.5).tolist() == [1.0, 1.5, -1.5]
 
-    class Opts:
-        advantage_estimator = "gae"
-        kl_ctl, clip_reward_value, gamma, lam, whiten_advantages = 0.1, 5.0, 1.0, 0.95, False
-
+    opts = replace(PPOAlgoOptions(), advantage_estimator="gae", kl_ctl=0.1)
     r = rollout([[5]], [[8, 1]], [[1, 1]], base=1.0)  # kl 1 per token
     # kl_coef 0.3 instead of 0.1: rewards -0.3 and -0.3 + 1 = 0.7; values 10, 20
     # A_1 = 0.7 - 20 = -19.3; A_0 = -0.3 + 20 - 10 + 0.95 * -19.3 = -8.635
-    adv = estimate_advantages(r, Opts(), kl_coef=0.3).advantages
+    adv = estimate_advantages(r, opts, kl_coef=0.3).advantages
     assert adv[0].tolist() == [pytest_approx(-8.635), pytest_approx(-19.3)]

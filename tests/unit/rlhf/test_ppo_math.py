@@ -290,13 +290,15 @@ def _policy_inputs():
 
 
 def test_policy_loss_hand_computed():
-    loss, clipfrac, approx_kl = policy_loss(_policy_inputs(), OLD, ADV, PMASK, cliprange=0.2)
+    out = policy_loss(_policy_inputs(), OLD, ADV, PMASK, cliprange=0.2)
+    loss, clipfrac, approx_kl = out.loss, out.clipfrac, out.approx_kl
     close(loss, -0.1)
     close(clipfrac, 2 / 6)
     close(approx_kl, 0.5 * (math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2
                             + 2 * math.log(1.1) ** 2) / 6)
     close(approx_kl, 0.095290)
     assert loss.requires_grad and not clipfrac.requires_grad and not approx_kl.requires_grad
+    close(out.clipfrac_lower, 0.0)  # no dual clip by default
 
 
 def test_policy_loss_gradient_direction():
@@ -305,13 +307,13 @@ def test_policy_loss_gradient_direction():
     #   row 1: k0 clipped -> 0 ; k1: -3*1/6 = -0.5 ; padding -> 0 (no nan despite inf there)
     # so gradient descent raises the positive-advantage tokens' logprobs, lowers the negative ones
     lp = _policy_inputs()
-    loss, _, _ = policy_loss(lp, OLD, ADV, PMASK, cliprange=0.2)
+    loss = policy_loss(lp, OLD, ADV, PMASK, cliprange=0.2).loss
     loss.backward()
     close(lp.grad, [[0.0, -0.5 / 6, 1.1 / 6, 2.2 / 6], [0.0, -0.5, 0.0, 0.0]])
     # one SGD step: the negative-advantage tokens' logprobs go down, the loss goes down
     with torch.no_grad():
         stepped = (lp - 0.1 * lp.grad).masked_fill(~PMASK.bool(), 0.0).requires_grad_()
-    new_loss, _, _ = policy_loss(stepped, OLD, ADV, PMASK, cliprange=0.2)
+    new_loss = policy_loss(stepped, OLD, ADV, PMASK, cliprange=0.2).loss
     assert new_loss.item() < loss.item()
     assert (stepped[0, 2:] < lp[0, 2:]).all()      # A = -1, -2: logprob decreased
     assert stepped[1, 1] > lp[1, 1]                # A = 3: logprob increased
@@ -320,8 +322,8 @@ def test_policy_loss_gradient_direction():
 def test_policy_loss_single_negative_advantage_token():
     # one token, ratio 1, A = -1: loss = -A * ratio = 1, d loss / d lp = 1 > 0 -> descent lowers lp
     lp = torch.tensor([[-0.7]], requires_grad=True)
-    loss, clipfrac, approx_kl = policy_loss(lp, torch.tensor([[-0.7]]), torch.tensor([[-1.0]]),
-                                            torch.tensor([[1]]), cliprange=0.2)
+    loss, clipfrac, approx_kl, _ = policy_loss(lp, torch.tensor([[-0.7]]), torch.tensor([[-1.0]]),
+                                               torch.tensor([[1]]), cliprange=0.2)
     loss.backward()
     close(loss, 1.0)
     close(lp.grad, [[1.0]])
@@ -408,3 +410,7 @@ def test_rollout_shapes():
     with pytest.raises(ValueError, match="no answer tokens"):
         r._replace(seq=torch.zeros(B, P, dtype=torch.long)).check_shapes()
     assert "approx_kl" in PPOStats._fields and "critic_loss" in PPOStats._fields
+    # the fields added for the critic-free estimators default to nan (not reported)
+    stats = PPOStats(*([0.0] * 11))
+    for name in ("kl_loss", "clipfrac_lower", "group_reward_std", "zero_std_groups"):
+        assert math.isnan(getattr(stats, name))
