@@ -37,10 +37,18 @@ DEMO_STEPS: dict[str, dict[str, Any]] = {
             "num_warmup_steps": 0, "max_seq_len": 96, "dtype": "fp32"},
     "reward": {"num_train_epochs": 2, "learning_rate": 1e-3, "per_device_train_batch_size": 16,
                "max_seq_len": 96, "dtype": "fp32"},
-    "ppo": {"actor_learning_rate": 1e-4, "critic_learning_rate": 5e-4, "kl_ctl": 0.3,
-            "num_warmup_steps": 0, "per_device_generation_batch_size": 16,
-            "per_device_training_batch_size": 16, "num_train_epochs": 2, "max_answer_seq_len": 48, "max_prompt_seq_len": 32,
+    "ppo": {"actor_learning_rate": 1e-4, "num_warmup_steps": 0,
+            "per_device_generation_batch_size": 16, "per_device_training_batch_size": 16,
+            "num_train_epochs": 2, "max_answer_seq_len": 48, "max_prompt_seq_len": 32,
             "max_eval_samples": 128, "dtype": "fp32", "true_reward": "demo"},
+}
+# ... and step 3's by estimator (over DEMO_STEPS["ppo"]): PPO's critic, the critic-free
+# estimators' groups of answers.
+DEMO_ESTIMATOR_STEPS: dict[str, dict[str, Any]] = {
+    "gae": {"critic_learning_rate": 5e-4, "kl_ctl": 0.3},
+    **{name: {"samples_per_prompt": 4, "per_device_generation_batch_size": 8,
+              "per_device_training_batch_size": 16, "kl_ctl": 0.3}
+       for name in ("grpo", "dr-grpo", "rloo", "reinforce++", "reinforce++-baseline")},
 }
 
 
@@ -104,15 +112,17 @@ def _meta_param_count(cfg: dict) -> int | None:
 
 
 def _step_config(cfg: PipelineConfig, spec: Step, preset: dict[str, Any],
-                 flags: dict[str, Any]) -> Any:
+                 flags: dict[str, Any], check: bool = True) -> Any:
     """One step's config: size preset < step YAML (--sft-config, ...) < pipeline flags. The
     preset and flag layers are keyed by the step's own flag names and go through the resolver of
-    the step's command (config/schema.py), with its type, choice and range checks."""
+    the step's command (config/schema.py), with its type, choice and range checks (and its
+    cross-field checks unless `check` is False)."""
     cls = spec.config_class()
     step_cfg = schema.resolve(cls, getattr(cfg, f"{spec.name}_config"),
                               schema.flag_values(cls, flags), base=schema.flag_values(cls, preset),
                               yaml_flag=f"--{spec.name}-config")
-    step_cfg.check()
+    if check:
+        step_cfg.check()
     return step_cfg
 
 
@@ -152,6 +162,21 @@ def plan_pipeline(cfg: PipelineConfig) -> list[StepPlan]:
                 "gradient_checkpointing": p.gradient_checkpointing}
 
     demo = DEMO_STEPS if cfg.demo else {"sft": {}, "reward": {}, "ppo": {}}
+    ppo_preset = {
+        "actor_zero_stage": zero(actor_preset, cfg.actor_zero_stage),
+        "critic_zero_stage": zero(reward_preset, cfg.reward_zero_stage),
+        "per_device_generation_batch_size": actor_preset.ppo_batch,
+        "per_device_training_batch_size": actor_preset.ppo_batch,
+        "actor_gradient_checkpointing": actor_preset.gradient_checkpointing, **demo["ppo"]}
+    ppo_flags = {
+        **common, "actor_model": str(actor_dir / sft.models[0]),
+        "critic_model": str(reward_dir / reward.models[0]), "output_dir": str(ppo_dir),
+        **{k: getattr(cfg, k) for k in ("advantage_estimator", "samples_per_prompt")
+           if getattr(cfg, k) is not None}}
+    if cfg.demo:  # the demo's settings for the estimator the run ends up with
+        estimator = _step_config(cfg, ppo, ppo_preset, ppo_flags, check=False) \
+            .ppo.advantage_estimator
+        ppo_preset.update(DEMO_ESTIMATOR_STEPS[estimator])
     plans = [
         StepPlan(sft, actor_dir, _step_config(cfg, sft, {
             **single_model(actor_preset, cfg.actor_zero_stage), **demo["sft"]}, {
@@ -162,16 +187,7 @@ def plan_pipeline(cfg: PipelineConfig) -> list[StepPlan]:
             "gradient_accumulation_steps": 1, **demo["reward"]}, {
             **common, "model": cfg.reward, "random_init": random(cfg.reward),
             "output_dir": str(reward_dir)}), reward_preset),
-        StepPlan(ppo, ppo_dir, _step_config(cfg, ppo, {
-            "actor_zero_stage": zero(actor_preset, cfg.actor_zero_stage),
-            "critic_zero_stage": zero(reward_preset, cfg.reward_zero_stage),
-            "per_device_generation_batch_size": actor_preset.ppo_batch,
-            "per_device_training_batch_size": actor_preset.ppo_batch,
-            "actor_gradient_checkpointing": actor_preset.gradient_checkpointing,
-            **demo["ppo"]}, {
-            **common, "actor_model": str(actor_dir / sft.models[0]),
-            "critic_model": str(reward_dir / reward.models[0]), "output_dir": str(ppo_dir)}),
-            actor_preset),
+        StepPlan(ppo, ppo_dir, _step_config(cfg, ppo, ppo_preset, ppo_flags), actor_preset),
     ]
     return [p for p in plans if p.number in cfg.step_numbers]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dschat_cli.config.estimators import ESTIMATORS
 from dschat_cli.config.schema import ConfigError, opt, section
 from dschat_cli.config.sections import LaunchOptions, parse_split
 
@@ -79,6 +80,15 @@ class PipelineConfig:
                                  "`dschat sft` option.")
     reward_config: str | None = opt(None, "YAML of step-2 options (any `dschat reward` option).")
     ppo_config: str | None = opt(None, "YAML of step-3 options (any `dschat ppo` option).")
+    advantage_estimator: str | None = opt(None, "Step 3's estimator (`dschat ppo "
+                                          "--advantage-estimator`): gae (PPO with a critic), or "
+                                          "critic-free grpo, dr-grpo, rloo, reinforce++, "
+                                          "reinforce++-baseline; unset: the step YAML's, or gae.",
+                                          choices=tuple(ESTIMATORS))
+    samples_per_prompt: int | None = opt(None, "Step 3's answers per prompt (`dschat ppo "
+                                         "--samples-per-prompt`); unset: the step YAML's, else 1 "
+                                         "(the demo: 4 for the estimators that need a group).",
+                                         min=1)
     min_reward_accuracy: float = opt(0.6, "Stop before step 3 unless the reward model's held-out "
                                      "accuracy reaches this.", min=0.0, max=1.0)
     rerun: bool = opt(False, "Re-run steps that already finished (default: skip them), and start "

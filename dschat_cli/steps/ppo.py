@@ -1,7 +1,8 @@
 """Step 3, RLHF with PPO:  dschat ppo --actor-model SFT_DIR --critic-model REWARD_DIR --output-dir OUT
 
 Four models: the actor (trained, generates), the critic (trained, initialised from the reward
-model), the reference (frozen copy of the initial actor) and the reward model (frozen). The loop:
+model), the reference (frozen copy of the initial actor) and the reward model (frozen); a
+critic-free estimator (--advantage-estimator grpo, rloo, ...) has the other three. The loop:
 
     # 1. generate  # 2. score     one rollout per prompt batch        steps/rl/experience.py
     ... --generation-batches rollouts pooled into one experience         rlhf/experience.py
@@ -50,7 +51,9 @@ def run(cfg: PPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     tokenizer = load_tokenizer(cfg.actor)
     data = prompt_loaders(cfg, dist, tokenizer)
     schedule = ppo_schedule(len(data.train), t, unsupervised=bool(cfg.data.unsupervised_dataset_name))
-    with console.status("loading actor, reference, critic and reward models"):
+    rl = cfg.ppo.settings
+    with console.status("loading actor, reference, critic and reward models" if cfg.has_critic
+                        else "loading actor, reference and reward models"):
         models = PPOModels.build(cfg, dist, schedule.actor_steps, schedule.optimizer_steps,
                                  resolved=resolved)
     trainer = PPOTrainer(models, cfg, dist,
@@ -61,13 +64,18 @@ def run(cfg: PPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     metrics = ckpt.metrics_log(out / "metrics.jsonl" if dist.is_main else None,
                                resolved.tensorboard_dir, saved)
     health = _health_monitor(cfg, dist, models, out, ckpt, saved)
+    critic = (f"critic {count_params(models.critic.module) / 1e6:.1f}M" if models.critic
+              is not None else "no critic")
+    answers = (f" x {t.samples_per_prompt} answers" if t.samples_per_prompt > 1 else "")
+    console.print(f"algorithm: {_algorithm_line(cfg)}", markup=False)
     console.print(
-        f"[bold]ppo[/bold]: actor {count_params(models.actor.module) / 1e6:.1f}M, critic "
-        f"{count_params(models.critic.module) / 1e6:.1f}M parameters; {data.n_train} train / "
-        f"{data.n_heldout} held-out prompts; {dist.placement}, {models.dtype}; ZeRO actor "
-        f"{cfg.deepspeed.actor_zero_stage} / critic {cfg.deepspeed.critic_zero_stage}; "
-        f"{schedule.ppo_steps} PPO steps of {t.per_device_generation_batch_size * dist.world_size}"
-        f" prompts, {schedule.optimizer_steps} optimizer steps")
+        f"[bold]ppo[/bold]: actor "
+        f"{count_params(models.actor.module) / 1e6:.1f}M parameters, {critic}; {data.n_train} "
+        f"train / {data.n_heldout} held-out prompts; {dist.placement}, {models.dtype}; ZeRO actor "
+        f"{cfg.deepspeed.actor_zero_stage} / {'critic' if cfg.has_critic else 'reward'} "
+        f"{cfg.deepspeed.critic_zero_stage}; {schedule.ppo_steps} PPO steps of "
+        f"{t.per_device_generation_batch_size * dist.world_size} prompts{answers}, "
+        f"{schedule.optimizer_steps} optimizer steps")
     if saved is None and data.heldout is not None:
         start = maker.heldout(data.heldout, cfg.health.greedy_check_prompts)
         state.heldout_start = start.summary("start")
@@ -93,7 +101,8 @@ def run(cfg: PPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
                      MetricsRecorder(metrics, dist=dist, models=models, learner=learner,
                                      maker=maker),
                      HealthWatch(health, unsupervised=learner.unsup_iter is not None,
-                                 printer=progress.console, metrics=metrics),  # before any save
+                                 printer=progress.console, metrics=metrics,
+                                 critic=models.critic is not None),  # before any save
                      view, checkpointer]
         for batch in _prompt_batches(data, state, t.num_train_epochs, schedule.ppo_steps):
             buffer.append(maker.make(batch))                       # 1. generate + 2. score
@@ -128,12 +137,28 @@ def run(cfg: PPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
                    metrics=metrics, printer=console)
     _save_models(cfg, models, trainer, out, dist)
     result = _summary(cfg, dist, state, end, elapsed, out, ckpt, health, optimizer_steps={
-        "actor": models.actor.global_steps, "critic": models.critic.global_steps,
-        "planned_actor": schedule.actor_steps, "planned_critic": schedule.optimizer_steps,
+        "actor": models.actor.global_steps, "planned_actor": schedule.actor_steps,
+        **({"critic": models.critic.global_steps, "planned_critic": schedule.optimizer_steps}
+           if models.critic is not None else {}),
         "skipped_minibatches": learner.skipped_minibatches})
     metrics.close()
     dist.barrier()
     return result
+
+
+def _algorithm_line(cfg: PPOConfig) -> str:
+    """'grpo, 8 answers per prompt, KL k3 in the loss x 0.04, seq-mean-token-mean' and so on."""
+    s, n = cfg.ppo.settings, cfg.train.samples_per_prompt
+    kl = (f"KL {s.kl_estimator} in the {s.kl_placement} x {s.kl_coef:g}" if s.kl_coef > 0
+          else "no KL penalty")
+    if cfg.ppo.kl_target is not None:
+        kl += f" (adaptive, target {cfg.ppo.kl_target:g})"
+    clip = f"clip {s.cliprange_low:g}" + (f"/{s.cliprange_high:g}" if s.cliprange_high !=
+                                          s.cliprange_low else "") \
+        + (f", dual-clip {s.dual_clip:g}" if s.dual_clip is not None else "")
+    return ", ".join([s.estimator.name + ("" if s.needs_critic else " (no critic)"),
+                      *([f"{n} answers per prompt"] if n > 1 else []), kl, s.loss_aggregation,
+                      clip])
 
 
 def _prompt_batches(data, state: RunState, epochs: int, ppo_steps: int):
@@ -176,10 +201,11 @@ def _health_monitor(cfg: PPOConfig, dist: Dist, models, out: Path, ckpt, saved: 
     return HealthMonitor.for_run(
         "ppo", cfg.health, dtype=models.dtype, out=out, is_main=dist.is_main,
         last_checkpoint=ckpt.latest, state=saved,
-        max_kl=resolve_max_kl(cfg.health.max_kl, cfg.ppo.settings.kl_coef, cfg.ppo.clip_reward_value),
+        max_kl=resolve_max_kl(cfg.health.max_kl, cfg.ppo.settings.kl_coef,
+                              cfg.ppo.clip_reward_value),
         max_answer_seq_len=cfg.generation.max_answer_seq_len,
         max_kl_note="" if cfg.health.max_kl is not None else
-        "the default, 2 x --clip-reward-value / --kl-ctl",
+        "the default, 2 x --clip-reward-value / the KL coefficient",
         lr_flags={"actor loss": "--actor-learning-rate", "unsupervised loss": "--unsup-coef",
                   "actor gradient norm": "--actor-learning-rate",
                   "critic loss": "--critic-learning-rate",
@@ -194,8 +220,9 @@ def _save_models(cfg: PPOConfig, models: PPOModels, trainer: PPOTrainer, out: Pa
     with console.status(f"saving to {out}"):
         save_hf_model(models.actor.module, models.tokenizer, out / "actor",
                       zero_stage=cfg.deepspeed.actor_zero_stage, is_main=dist.is_main)
-        save_reward_model(models.critic.module, models.tokenizer, out / "critic",
-                          zero_stage=cfg.deepspeed.critic_zero_stage, is_main=dist.is_main)
+        if models.critic is not None:
+            save_reward_model(models.critic.module, models.tokenizer, out / "critic",
+                              zero_stage=cfg.deepspeed.critic_zero_stage, is_main=dist.is_main)
         if trainer.ema is not None:
             ema_sd = trainer.ema.state_dict(cfg.deepspeed.actor_zero_stage)
             if dist.is_main:
@@ -210,7 +237,8 @@ def _summary(cfg: PPOConfig, dist: Dist, state: RunState, end: Heldout, elapsed:
     nan = float("nan")
     first, last = (state.history[0], state.history[-1]) if state.history else ({}, {})
     start = state.heldout_start or Heldout(nan, nan, 0).summary("start")
-    result = {"steps": state.step, "seconds": elapsed, "generation_seconds": state.gen_s,
+    result = {"steps": state.step, "advantage_estimator": cfg.ppo.advantage_estimator,
+              "samples_per_prompt": cfg.train.samples_per_prompt, "seconds": elapsed, "generation_seconds": state.gen_s,
               "train_seconds": state.train_s, **start, **end.summary("end"),
               "first": first, "last": last,
               "world_size": dist.world_size, "output_dir": str(out), "status": "completed",
@@ -223,7 +251,7 @@ def _summary(cfg: PPOConfig, dist: Dist, state: RunState, end: Heldout, elapsed:
     def pm(key: str) -> str:  # "mean ± stderr" of a held-out figure
         return f"{result[key]:.4f} ± {result[key + '_stderr']:.4f}"
 
-    rows = [("PPO steps", str(state.step)),
+    rows = [("algorithm", _algorithm_line(cfg)), ("PPO steps", str(state.step)),
             ("held-out reward (before -> after)",
              f"{pm('reward_heldout_start')} -> {pm('reward_heldout_end')} "
              f"(n={result['heldout_end_n']}, ± one standard error)")]
@@ -252,13 +280,14 @@ def _summary(cfg: PPOConfig, dist: Dist, state: RunState, end: Heldout, elapsed:
                                 f"{last.get('distinct', nan):.3f}, ended with eos "
                                 f"{last.get('eos_share', nan):.0%}"),
         ("optimizer steps (run / planned)",
-         f"actor {optimizer_steps['actor']} / {optimizer_steps['planned_actor']}, critic "
-         f"{optimizer_steps['critic']} / {optimizer_steps['planned_critic']}"
+         f"actor {optimizer_steps['actor']} / {optimizer_steps['planned_actor']}, "
+         + (f"critic {optimizer_steps['critic']} / {optimizer_steps['planned_critic']}"
+            if "critic" in optimizer_steps else "no critic")
          + (f"; {optimizer_steps['skipped_minibatches']} mini-batch(es) with no real answer "
             "token skipped" if optimizer_steps["skipped_minibatches"] else "")),
         ("time", f"{elapsed:.1f} s (generation {state.gen_s:.1f} s, training "
                  f"{state.train_s:.1f} s)"),
-        ("saved", f"{out / 'actor'}, {out / 'critic'}"
+        ("saved", f"{out / 'actor'}" + (f", {out / 'critic'}" if cfg.has_critic else "")
                   + (f", {out / 'actor_ema'}" if cfg.ppo.enable_ema else "")),
         *ckpt.summary_rows(),
         *health.summary_rows(),

@@ -5,7 +5,8 @@
 
 --ppo-epochs passes over the experience, each cut in order into mini-batches of
 --per-device-training-batch-size rows (rows of several rollouts may share a mini-batch, as in
-DeepSpeed-Chat). Per mini-batch: one actor step on the clipped surrogate, one on the
+DeepSpeed-Chat). Per mini-batch: one actor step on the clipped surrogate (aggregated by
+--loss-aggregation, plus the KL to the reference with --kl-placement loss), one on the
 unsupervised LM loss with --unsup-coef when mixing, one critic step on the clipped value loss
 (when the estimator has a critic), then the EMA. A mini-batch whose answers are all masked out
 on every rank (all answers <= 1 token) is skipped: no backward, no optimizer or scheduler step.
@@ -18,10 +19,12 @@ import torch
 from dschat_cli.config.ppo import PPOConfig
 from dschat_cli.dist import Dist
 from dschat_cli.models.reward import positions_from_mask
-from dschat_cli.rlhf.advantages import Advantages
+from dschat_cli.rlhf.advantages import Advantages, group_stats
 from dschat_cli.rlhf.experience import minibatch_slices, take_rows, trim_padding
-from dschat_cli.rlhf.ppo import (PPOStats, Rollout, answer_logprobs, answer_positions,
-                                 masked_mean, policy_loss, sequence_kl, value_loss)
+from dschat_cli.rlhf.kl import kl_estimate
+from dschat_cli.rlhf.ppo import (PPOStats, Rollout, aggregate_loss, answer_logprobs,
+                                 answer_positions, masked_mean, policy_loss, sequence_kl,
+                                 value_loss)
 from dschat_cli.steps.common import PhaseTimer, move_batch
 from dschat_cli.steps.health import GradNorms
 from dschat_cli.steps.rl.experience import answer_quality
@@ -42,9 +45,14 @@ class Learner:
             self.grad_norms["critic"] = GradNorms(models.critic)
         self.skipped_minibatches = 0  # all answers masked out on every rank: no step taken
 
-    def update(self, exp: Rollout, adv: Advantages) -> PPOStats:
-        c, t = self.cfg.ppo, self.cfg.train
-        train_critic = adv.returns is not None
+    def update(self, exp: Rollout, adv: Advantages, kl_coef: float | None = None) -> PPOStats:
+        """`kl_coef`: this update's KL coefficient (adaptive KL moves it; default the run's), used
+        here when the KL is a loss term (--kl-placement loss)."""
+        c, t, s = self.cfg.ppo, self.cfg.train, self.cfg.ppo.settings
+        kl_coef = s.kl_coef if kl_coef is None else kl_coef
+        kl_in_loss = s.kl_placement == "loss" and kl_coef > 0
+        max_len = self.cfg.generation.max_answer_seq_len  # Dr. GRPO's constant normaliser
+        train_critic = adv.returns is not None and self.m.critic is not None
         self.m.actor.train()
         if train_critic:
             self.m.critic.train()
@@ -64,9 +72,18 @@ class Learner:
                     logits = self.m.actor(input_ids=seq, attention_mask=att, position_ids=pos,
                                           use_cache=False).logits
                     lp = answer_logprobs(logits, seq, P)
-                    a_loss, clipfrac, approx_kl = policy_loss(
-                        lp, mini.logprobs, adv.advantages[rows, :A], am, cliprange=c.cliprange)
-                    self.m.actor.backward(a_loss)
+                    pl = policy_loss(lp, mini.logprobs, adv.advantages[rows, :A], am,
+                                     cliprange=s.cliprange_low, cliprange_high=s.cliprange_high,
+                                     dual_clip=s.dual_clip, aggregation=s.loss_aggregation,
+                                     max_len=max_len)
+                    a_loss, loss = pl.loss, pl.loss
+                    kl_loss = torch.full((), float("nan"))
+                    if kl_in_loss:  # GRPO style: + coef x KL(actor || reference) in the loss
+                        kl_loss = aggregate_loss(kl_estimate(lp, mini.ref_logprobs,
+                                                             s.kl_estimator),
+                                                 am, s.loss_aggregation, max_len=max_len)
+                        loss = loss + kl_coef * kl_loss
+                    self.m.actor.backward(loss)
                     self.m.actor.step()
                 self.grad_norms["actor"].poll()
                 u_loss = torch.zeros(())
@@ -89,11 +106,16 @@ class Learner:
                 if self.ema is not None:
                     self.ema.update()
                 for k, v in (("actor_loss", a_loss), ("critic_loss", c_loss),
-                             ("unsup_loss", u_loss), ("clipfrac", clipfrac),
-                             ("value_clipfrac", vclip), ("approx_kl", approx_kl)):
+                             ("unsup_loss", u_loss), ("clipfrac", pl.clipfrac),
+                             ("value_clipfrac", vclip), ("approx_kl", pl.approx_kl),
+                             ("clipfrac_lower", pl.clipfrac_lower), ("kl_loss", kl_loss)):
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 n += 1
-        return self._stats(exp, adv, sums, n)
+        stats = self._stats(exp, adv, sums, n)
+        if not train_critic:  # no critic: its figures do not exist (not 0)
+            stats = stats._replace(critic_loss=float("nan"), value_clipfrac=float("nan"),
+                                   return_mean=float("nan"))
+        return stats
 
     def _any_real_answer(self, action_mask: torch.Tensor) -> bool:
         """Whether any rank's mini-batch has a real answer token (all ranks decide alike: they
@@ -118,4 +140,16 @@ class Learner:
             approx_kl=mean.get("approx_kl", nan),
             advantage_mean=avg(masked_mean(adv.advantages, exp.action_mask)).item(),
             return_mean=avg(masked_mean(returns, exp.action_mask)).item(), minibatches=n,
+            kl_loss=mean.get("kl_loss", nan), clipfrac_lower=mean.get("clipfrac_lower", nan),
+            **self._group_figures(exp),
             **answer_quality(exp, kept, self.m.tokenizer.eos_token_id, self.dist))
+
+    def _group_figures(self, exp: Rollout) -> dict:
+        """The spread of the scores within each prompt's group of answers, and the share of groups
+        whose scores are all equal (they give a group estimator no signal), over all ranks."""
+        n = self.cfg.train.samples_per_prompt
+        spread, zero_share = group_stats(exp.scores, n)
+        if n < 2:
+            return {"group_reward_std": spread, "zero_std_groups": zero_share}
+        avg = self.dist.all_reduce_mean
+        return {"group_reward_std": avg(spread), "zero_std_groups": avg(zero_share)}

@@ -104,6 +104,8 @@ class MetricsRecorder:
                       if g.reported is not None})
         if self.maker.judge is None:  # no --true-reward: no column
             row.pop("true_reward")
+        for key in self._absent():  # figures this run's algorithm does not have: no column
+            row.pop(key, None)
         if self.maker.last_parity is not None:  # fast engine vs forward, last check
             row["logprob_gap"] = self.maker.last_parity[0]
         if self.learner.skipped_minibatches:
@@ -114,10 +116,29 @@ class MetricsRecorder:
         self.metrics.log(s.step, **row)
 
 
+    def _absent(self) -> list[str]:
+        """The PPOStats fields that do not exist in this run (rather than logging them as nan):
+        the critic's without a critic, the KL loss with the KL in the reward, the group figures
+        with one answer per prompt, the dual-clip share without dual-clip."""
+        cfg = self.learner.cfg
+        s = cfg.ppo.settings
+        absent = []
+        if self.models.critic is None:
+            absent += ["critic_loss", "value_clipfrac", "return_mean"]
+        if s.kl_placement != "loss" or s.kl_coef == 0:
+            absent.append("kl_loss")
+        if cfg.train.samples_per_prompt < 2:
+            absent += ["group_reward_std", "zero_std_groups"]
+        if s.dual_clip is None:
+            absent.append("clipfrac_lower")
+        return absent
+
+
 class HealthWatch:
-    def __init__(self, health, *, unsupervised: bool, printer, metrics):
+    def __init__(self, health, *, unsupervised: bool, printer, metrics, critic: bool = True):
         self.health = health  # steps/health.HealthMonitor
         self.unsupervised = unsupervised
+        self.critic = critic  # whether the run trains a critic (its loss is watched)
         self.printer = printer
         self.metrics = metrics
 
@@ -125,7 +146,9 @@ class HealthWatch:
         st = u.stats
         losses = {}
         if st.minibatches:  # none computed when every mini-batch was skipped
-            losses = {"actor loss": st.actor_loss, "critic loss": st.critic_loss}
+            losses = {"actor loss": st.actor_loss}
+            if self.critic:
+                losses["critic loss"] = st.critic_loss
             if self.unsupervised:
                 losses["unsupervised loss"] = st.unsup_loss
         self.health.act(self.health.check(
@@ -151,9 +174,10 @@ class ProgressView:
 
     def after_update(self, u: Update) -> None:
         st, row = u.stats, u.row
+        critic = {} if st.critic_loss != st.critic_loss else {"critic": st.critic_loss}
         self.progress.update(self.task, completed=u.state.step, metrics=fmt_metrics(
             reward=st.reward, ema=row["ema_reward"], kl=st.kl, actor=st.actor_loss,
-            critic=st.critic_loss, clip=st.clipfrac, answer_length=st.answer_length,
+            **critic, clip=st.clipfrac, answer_length=st.answer_length,
             **{"gen": f"{row['generation_share']:.0%}",
                "samples/s": f"{row['samples_per_s']:.1f}", "s/step": f"{u.seconds:.2f}"}))
 

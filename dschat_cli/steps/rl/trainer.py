@@ -1,8 +1,9 @@
 """The Python API for custom RLHF loops on dschat's step-3 parts (examples/custom_ppo_loop.py):
 
-    models = PPOModels.build(cfg, dist, actor_steps, critic_steps)
+    models = PPOModels.build(cfg, dist, actor_steps, critic_steps)   # critic None: critic-free
     trainer = PPOTrainer(models, cfg, dist)
-    rollout = trainer.generate_experience(batch)   # 1. generate + 2. score (left-padded prompts)
+    rollout = trainer.generate_experience(batch)   # 1. generate + 2. score (left-padded prompts;
+                                                    # --samples-per-prompt answers to each)
     stats = trainer.train([rollout, ...])           # 3. advantages + 4. update -> PPOStats
 
 `dschat ppo` (steps/ppo.py) runs the same parts in its loop: trainer.maker, trainer.advantages,
@@ -48,21 +49,22 @@ class PPOTrainer:
         return self.maker.make(batch)
 
     def advantages(self, experience: Rollout) -> Advantages:
-        """# 3. advantages: the scores shaped (--missing-eos-penalty), then the estimator with this
-        update's KL coefficient."""
+        """# 3. advantages: the scores shaped (--missing-eos-penalty), then the estimator
+        (--advantage-estimator) with this update's KL coefficient."""
         P = experience.prompts.shape[1]
         ended = ended_with_eos(experience.seq[:, P:], experience.action_mask,
                                self.models.tokenizer.eos_token_id)
         scores = shaped_scores(experience.scores, ended,
                                missing_eos_penalty=self.cfg.ppo.missing_eos_penalty)
         return estimate_advantages(experience._replace(scores=scores), self.cfg.ppo,
-                                   kl_coef=self.kl.value)
+                                   kl_coef=self.kl.value,
+                                   group_size=self.cfg.train.samples_per_prompt)
 
     def learn(self, experience: Rollout, advantages: Advantages) -> PPOStats:
         """# 4. update, then the adaptive KL coefficient follows the measured KL. The stats'
         kl_coef is the coefficient this update's rewards used."""
         kl_coef = self.kl.value
-        stats = self.learner.update(experience, advantages)
+        stats = self.learner.update(experience, advantages, kl_coef=kl_coef)
         self.kl.update(stats.kl, experience.seq.shape[0] * self.dist.world_size)
         return stats._replace(kl_coef=kl_coef)
 
