@@ -126,11 +126,15 @@ def _step_config(cfg: PipelineConfig, spec: Step, preset: dict[str, Any],
     return step_cfg
 
 
-def step_dir(cfg: PipelineConfig, spec: Step) -> Path:
+def step_dir(cfg: PipelineConfig, spec: Step, estimator: str = "gae") -> Path:
     """OUT/PIPELINE_DIR/NAME: step 2 is named after the reward model, steps 1 and 3 after the
-    actor."""
+    actor; step 3 with another estimator than PPO's gae gets its own folder, NAME-ESTIMATOR, so
+    that runs of several estimators over the same steps 1 and 2 sit side by side."""
     root = Path(cfg.output_dir).expanduser().resolve()
-    return root / spec.pipeline_dir / model_name(cfg.reward if spec.name == "reward" else cfg.actor)
+    name = model_name(cfg.reward if spec.name == "reward" else cfg.actor)
+    if spec.name == "ppo" and estimator != "gae":
+        name = f"{name}-{estimator}"
+    return root / spec.pipeline_dir / name
 
 
 def plan_pipeline(cfg: PipelineConfig) -> list[StepPlan]:
@@ -173,9 +177,13 @@ def plan_pipeline(cfg: PipelineConfig) -> list[StepPlan]:
         "critic_model": str(reward_dir / reward.models[0]), "output_dir": str(ppo_dir),
         **{k: getattr(cfg, k) for k in ("advantage_estimator", "samples_per_prompt")
            if getattr(cfg, k) is not None}}
-    if cfg.demo:  # the demo's settings for the estimator the run ends up with
-        estimator = _step_config(cfg, ppo, ppo_preset, ppo_flags, check=False) \
-            .ppo.advantage_estimator
+    # the estimator the run ends up with (flag < step YAML < pipeline flag) names step 3's folder
+    # and, in the demo, picks its settings
+    estimator = _step_config(cfg, ppo, ppo_preset, ppo_flags, check=False) \
+        .ppo.advantage_estimator
+    ppo_dir = step_dir(cfg, ppo, estimator)
+    ppo_flags["output_dir"] = str(ppo_dir)
+    if cfg.demo:
         ppo_preset.update(DEMO_ESTIMATOR_STEPS[estimator])
     plans = [
         StepPlan(sft, actor_dir, _step_config(cfg, sft, {

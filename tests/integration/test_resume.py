@@ -279,6 +279,40 @@ def test_ppo_killed_mid_run_resumes_exactly(tmp_path, tiny_opt, critic_dir, pair
     assert checkpoints(out) == (["step_000004", "step_000005"], "step_000005")
 
 
+def test_grpo_killed_mid_run_resumes_exactly(tmp_path, tiny_opt, critic_dir, pairs_dir,
+                                             invoke_dschat):
+    """A critic-free estimator resumes as PPO does: the checkpoints hold the actor only (no critic
+    engine state), the groups of answers continue from the same RNG streams, and the adaptive KL
+    coefficient of the loss term continues from its saved value."""
+    def args(out: Path, cache: Path) -> list:
+        return ["ppo", "--actor-model", tiny_opt, "--reward-model", critic_dir, "--data-path",
+                "local/jsonfile", "--data-dir", pairs_dir, "--data-split", "0,0,10",
+                "--advantage-estimator", "grpo", "--samples-per-prompt", "2",
+                "--kl-target", "0.5", "--kl-horizon", "20",
+                "--per-device-generation-batch-size", "2", "--per-device-training-batch-size", "2",
+                "--max-answer-seq-len", "8", "--max-prompt-seq-len", "32", "--test-stop-step", "5",
+                "--max-eval-samples", "4", "--num-warmup-steps", "0",
+                "--actor-learning-rate", "1e-4", "--launcher", "none", "--save-interval", "2",
+                "--output-dir", out, "--data-cache-dir", cache]
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    proc = killed_run(("row", 3), args(out, tmp_path / "cache-k"))
+    r = invoke_dschat(*args(ref, tmp_path / "cache-r"))
+    assert r.code == 0, r.explain()
+    finish_killed(proc)
+    assert checkpoints(out)[1] == "step_000002"
+    assert not any((out / "checkpoints" / "step_000002").glob("critic*")), \
+        sorted(p.name for p in (out / "checkpoints" / "step_000002").iterdir())
+    resumed = invoke_dschat(*args(out, tmp_path / "cache-k"), "--resume", "auto")
+    assert resumed.code == 0, resumed.explain()
+    assert resumed_from(resumed.output) == "step_000002"
+    assert_same_run(ref, out, ["actor/model.safetensors"])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert len({r["kl_coef"] for r in rows}) > 1, rows  # the adaptive coefficient moved
+    assert not (out / "critic").exists()
+
+
 # --- refusals -------------------------------------------------------------------------------------
 
 def one_error_line(result) -> str:
