@@ -119,3 +119,25 @@ def check_bench_generation_tp(cfg: BenchConfig, world_size: int) -> None:
         from dschat_cli.config.bench import bench_ppo_config
 
         check_generation_tp(bench_ppo_config(cfg), world_size)
+
+
+def validate_dpo(cfg) -> None:
+    """`dschat dpo`: a causal LM (not a reward folder) with its tokenizer, LoRA targets, and
+    chosen/rejected pairs in the step-2 part of the data."""
+    from dschat_cli.data.prepare import load_phase_rows
+    from dschat_cli.models.loading import (check_lora_targets, check_model_source,
+                                           check_tokenizer_source)
+    from dschat_cli.models.reward import is_reward_dir
+
+    check_model_source(cfg.model)
+    if is_reward_dir(str(cfg.model.model)):  # it would load as a causal LM and train, silently
+        raise ConfigError("--model", f"{cfg.model.model} is a dschat reward model, not a causal "
+                          "LM; give a causal LM (e.g. the `dschat sft` output folder)")
+    check_tokenizer_source(cfg.model)
+    check_lora_targets(cfg.model, cfg.lora)
+    train, _ = load_phase_rows(cfg.data, phase=2, seed=cfg.seed)
+    rejected = train["rejected"] if "rejected" in train.column_names else [None] * len(train)
+    if all(r is None or not str(r).strip() for r in rejected):
+        raise ConfigError("--data-path", "the step-2 part of the data has no rejected answers (an "
+                          "SFT-only source?); DPO needs chosen/rejected pairs (--data-split gives "
+                          "DPO its second part, as DeepSpeed-Chat)")

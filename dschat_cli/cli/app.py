@@ -7,7 +7,7 @@ import typer
 
 from dschat_cli import __version__
 from dschat_cli.cli import bench, chat
-from dschat_cli.cli import doctor
+from dschat_cli.cli import doctor, dpo
 from dschat_cli.cli import eval as eval_cmd
 from dschat_cli.cli import eval_reward, pipeline, ppo, reward, sft
 from dschat_cli.cli import plan as plan_cmd
@@ -39,6 +39,7 @@ def main_callback(
 
 sft.register(app)
 reward.register(app)
+dpo.register(app)
 ppo.register(app)
 pipeline.register(app)
 plan_cmd.register(app)

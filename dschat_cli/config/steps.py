@@ -92,6 +92,14 @@ STEPS: tuple[Step, ...] = (
          seq_len=("data.max_prompt_seq_len", "generation.max_answer_seq_len"),
          data_phase=3, memory="ppo", number=3, pipeline_dir="step3-models",
          models=("actor", "critic")),
+    Step("dpo", "DPO: train the policy straight on chosen/rejected pairs against a frozen "
+         "reference (no reward model, no PPO).",
+         config="dschat_cli.config.dpo:DPOConfig", run="dschat_cli.steps.dpo:run",
+         validate="dschat_cli.checks:validate_dpo",
+         ds_configs="dschat_cli.config.dpo:dpo_ds_configs",
+         precision="deepspeed.dtype", torch_adam="optim.torch_adam",
+         tensorboard="deepspeed.enable_tensorboard", seq_len=("data.max_seq_len",),
+         data_phase=2),  # memory None: `dschat plan` has no estimate with a reference model yet
     Step("bench", "Measure step 3 (or step 1) in DeepSpeed-Chat's benchmark setting on random "
          "weights.",
          config="dschat_cli.config.bench:BenchConfig", run="dschat_cli.steps.bench:run",

@@ -81,6 +81,10 @@ class Ctx:
         return ["reward", "--model", model or self.model, *self._data(data), "--data-split",
                 "0,10,0", *self._train(launcher), *args]
 
+    def dpo(self, *args, data=(), model=None) -> list:
+        return ["dpo", "--model", model or self.model, *self._data(data), "--data-split",
+                "0,10,0", *self._train(False), *args]
+
     def ppo(self, *args, actor=None, critic=None, data=(), launcher: bool = False) -> list:
         return ["ppo", "--actor-model", actor or self.model,
                 "--critic-model", critic or self.reward,
@@ -202,6 +206,15 @@ CASES: list[Case] = [
     ("reward-offline-hub-model", lambda c: c.reward_cmd(model="facebook/opt-350m"), "--model",
      "facebook/opt-350m"),
     ("reward-bad-loss", lambda c: c.reward_cmd("--loss", "hinge"), "--loss", "divergence"),
+    # --- dpo
+    ("dpo-sft-only-jsonl", lambda c: c.dpo(data=("--data-path", c.write(
+        "sft.jsonl", _jsonl(SFT_ONLY_ROWS)))), "--data-path", "rejected"),
+    ("dpo-model-is-a-reward-folder", lambda c: c.dpo(model=c.reward), "--model", "reward model"),
+    ("dpo-offload-reference-without-a-copy", lambda c: c.dpo(
+        "--lora-dim", "8", "--only-optimize-lora", "--offload-reference-model"),
+     "--offload-reference-model", "drop the flag"),
+    ("dpo-ipo-with-label-smoothing", lambda c: c.dpo("--loss-type", "ipo", "--label-smoothing",
+                                                     "0.1"), "--label-smoothing", "sigmoid"),
     # --- ppo
     ("ppo-critic-is-a-data-folder", lambda c: c.ppo(critic=c.pairs), "--critic-model",
      "dschat reward"),

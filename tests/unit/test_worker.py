@@ -26,8 +26,8 @@ def run_folder(tmp_path, *, record_step: str | None = "sft"):
 
 
 def test_unknown_step_and_missing_record_are_one_line_exit_2(tmp_path, capsys):
-    assert worker.main(["dpo", run_folder(tmp_path)]) == 2
-    assert "unknown step 'dpo'" in capsys.readouterr().err
+    assert worker.main(["kto", run_folder(tmp_path)]) == 2
+    assert "unknown step 'kto'" in capsys.readouterr().err
     assert worker.main(["sft", run_folder(tmp_path / "bare", record_step=None)]) == 2
     err = capsys.readouterr().err
     assert "resolved.json" in err and "run the dschat command again" in err

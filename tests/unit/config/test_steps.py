@@ -51,5 +51,5 @@ def test_pipeline_steps_are_numbered_in_order_with_their_folders():
 
 def test_names_are_unique_and_unknown_names_are_refused():
     assert len({s.name for s in STEPS}) == len(STEPS)
-    with pytest.raises(KeyError, match="unknown step 'dpo'; one of sft, reward, ppo, bench"):
-        step("dpo")
+    with pytest.raises(KeyError, match="unknown step 'kto'; one of sft, reward, ppo, dpo, bench"):
+        step("kto")
