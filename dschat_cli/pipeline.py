@@ -42,12 +42,14 @@ DEMO_STEPS: dict[str, dict[str, Any]] = {
             "num_train_epochs": 2, "max_answer_seq_len": 48, "max_prompt_seq_len": 32,
             "max_eval_samples": 128, "dtype": "fp32", "true_reward": "demo"},
 }
-# ... and step 3's by estimator (over DEMO_STEPS["ppo"]): PPO's critic, the critic-free
-# estimators' groups of answers.
+# ... and step 3's by estimator (over DEMO_STEPS["ppo"]): PPO's critic; the critic-free
+# estimators answer 8 prompts 4 times per rollout, one pass over the prompts (measured on the
+# demo, 2 CPU cores: ~40 s, held-out true reward 0.71 -> 0.80 with grpo, 0.77 with rloo; a second
+# pass adds < 0.01).
 DEMO_ESTIMATOR_STEPS: dict[str, dict[str, Any]] = {
     "gae": {"critic_learning_rate": 5e-4, "kl_ctl": 0.3},
     **{name: {"samples_per_prompt": 4, "per_device_generation_batch_size": 8,
-              "per_device_training_batch_size": 16, "kl_ctl": 0.3}
+              "per_device_training_batch_size": 16, "num_train_epochs": 1, "kl_ctl": 0.3}
        for name in ("grpo", "dr-grpo", "rloo", "reinforce++", "reinforce++-baseline")},
 }
 

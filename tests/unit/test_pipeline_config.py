@@ -75,3 +75,34 @@ def test_a_step_yaml_with_an_unknown_option_names_its_flag(tmp_path):
         plan_pipeline(from_flags(PipelineConfig, output_dir=str(tmp_path), reward_config=str(yaml)))
     assert e.value.where == "--reward-config"
     assert "unknown RewardConfig option 'optim.lr'" in e.value.message
+
+
+def test_pipeline_passes_the_estimator_and_names_its_own_step3_folder(tmp_path):
+    base = dict(output_dir=str(tmp_path / "out"))
+    gae = plan_pipeline(from_flags(PipelineConfig, **base))[2]
+    grpo = plan_pipeline(from_flags(PipelineConfig, advantage_estimator="grpo",
+                                    samples_per_prompt=8, **base))[2]
+    assert gae.cfg.ppo.advantage_estimator == "gae" and gae.out.name == "opt-1.3b"
+    assert grpo.cfg.ppo.advantage_estimator == "grpo" and grpo.out.name == "opt-1.3b-grpo"
+    assert grpo.cfg.output_dir == str(grpo.out) and grpo.cfg.train.samples_per_prompt == 8
+    assert not grpo.cfg.has_critic
+    # the step YAML can pick it too; the pipeline flag wins over it
+    yaml = tmp_path / "ppo.yaml"
+    yaml.write_text("ppo:\n  advantage_estimator: rloo\ntrain:\n  samples_per_prompt: 2\n")
+    rloo = plan_pipeline(from_flags(PipelineConfig, ppo_config=str(yaml), **base))[2]
+    assert rloo.cfg.ppo.advantage_estimator == "rloo" and rloo.out.name == "opt-1.3b-rloo"
+    flagged = plan_pipeline(from_flags(PipelineConfig, ppo_config=str(yaml),
+                                       advantage_estimator="grpo", **base))[2]
+    assert flagged.cfg.ppo.advantage_estimator == "grpo"
+    # a group estimator without a group is refused, naming the flag
+    with pytest.raises(ConfigError, match="samples-per-prompt"):
+        plan_pipeline(from_flags(PipelineConfig, advantage_estimator="grpo", **base))
+
+
+def test_demo_settings_by_estimator(tmp_path):
+    grpo = plan_pipeline(from_flags(PipelineConfig, demo=True, advantage_estimator="grpo",
+                                    output_dir=str(tmp_path)))[2].cfg
+    assert (grpo.train.samples_per_prompt, grpo.train.per_device_generation_batch_size,
+            grpo.train.num_train_epochs) == (4, 8, 1)
+    assert grpo.train.critic_learning_rate == 5e-6  # untouched: the critic options are refused
+    assert grpo.ppo.true_reward == "demo" and grpo.ppo.kl_ctl == 0.3
