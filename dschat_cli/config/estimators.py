@@ -95,10 +95,15 @@ def rl_settings(ppo) -> RLSettings:
     """The settings of a PPO section (config/ppo.PPOAlgoOptions): its explicit flags, the
     estimator's defaults for the rest."""
     spec = estimator_spec(ppo.advantage_estimator)
+    placement = spec.kl_placement if ppo.kl_placement == "auto" else ppo.kl_placement
+    # auto: the estimator's own when its placement is kept, else the usual one for the placement
+    # (k3 in a loss: non-negative, low variance; k1 in a reward: unbiased)
+    auto_kl = spec.kl_estimator if placement == spec.kl_placement else \
+        ("k3" if placement == "loss" else "k1")
     return RLSettings(
         estimator=spec,
-        kl_placement=spec.kl_placement if ppo.kl_placement == "auto" else ppo.kl_placement,
-        kl_estimator=spec.kl_estimator if ppo.kl_estimator == "auto" else ppo.kl_estimator,
+        kl_placement=placement,
+        kl_estimator=auto_kl if ppo.kl_estimator == "auto" else ppo.kl_estimator,
         kl_coef=spec.kl_coef if ppo.kl_ctl is None else ppo.kl_ctl,
         loss_aggregation=spec.loss_aggregation if ppo.loss_aggregation == "auto"
         else ppo.loss_aggregation,
