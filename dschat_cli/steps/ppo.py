@@ -279,6 +279,10 @@ def _summary(cfg: PPOConfig, dist: Dist, state: RunState, end: Heldout, elapsed:
         ("answers (last step)", f"repeated trigrams {last.get('repetition', nan):.3f}, distinct-2 "
                                 f"{last.get('distinct', nan):.3f}, ended with eos "
                                 f"{last.get('eos_share', nan):.0%}"),
+        *([("answer groups (last step)",
+            f"reward spread within a group {last.get('group_reward_std', nan):.4f}, groups with "
+            f"all-equal rewards (no signal) {last.get('zero_std_groups', nan):.0%}")]
+          if cfg.train.samples_per_prompt > 1 else []),
         ("optimizer steps (run / planned)",
          f"actor {optimizer_steps['actor']} / {optimizer_steps['planned_actor']}, "
          + (f"critic {optimizer_steps['critic']} / {optimizer_steps['planned_critic']}"

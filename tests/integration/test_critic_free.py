@@ -61,6 +61,7 @@ def test_grpo_never_builds_a_critic(tmp_path, actor_dir, reward_dir, pairs_dir, 
     assert built == ["--reward-model"], built  # the frozen reward model only: no critic
     assert "no critic" in r.output and "critic 0" not in r.output, r.explain()
     assert f"PPO steps of {GEN} prompts x {SAMPLES} answers" in r.output, r.explain()
+    assert "reward spread within a group" in r.output, r.explain()
 
     files = {p.name for p in out.iterdir()}
     assert "critic" not in files and "ds_config_critic.json" not in files, sorted(files)
