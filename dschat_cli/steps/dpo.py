@@ -30,7 +30,8 @@ from dschat_cli.data.reward import collate_pairs, pair_drop_counts, reward_datas
 from dschat_cli.dist import Dist
 from dschat_cli.models.loading import (apply_lora, load_causal_lm, load_tokenizer, optimizer_groups,
                                        save_hf_model)
-from dschat_cli.rlhf.dpo import answer_masks, dpo_loss, pair_accuracy, summed_logprobs
+from dschat_cli.rlhf.dpo import (answer_masks, divergence_index, dpo_loss, pair_accuracy,
+                              summed_logprobs)
 from dschat_cli.steps.checkpoint import CheckpointManager, own_generator, skip_batches
 from dschat_cli.steps.common import (count_params, flops_per_token, init_engine, make_loaders,
                                      move_batch, peak_memory_gib, print_summary, real_samples,
@@ -65,18 +66,27 @@ def collate_indexed_pairs(features, pad_token_id: int) -> dict:
 
 
 def pair_logprobs(logits: torch.Tensor, batch: dict):
-    """logits (2B, T, V) over [chosen; rejected] -> summed logprobs of the counted answer tokens
-    (chosen (B,), rejected (B,)) and their token counts (chosen (B,), rejected (B,))."""
+    """logits (2B, K, V) of the last K <= T positions of [chosen; rejected] (forward_logits) ->
+    summed logprobs of the counted answer tokens (chosen (B,), rejected (B,)) and their token
+    counts (chosen (B,), rejected (B,))."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    b = ids.shape[0] // 2
+    b, k = ids.shape[0] // 2, logits.shape[1]
     chosen_mask, rejected_mask = answer_masks(ids[:b], ids[b:], mask[:b], mask[b:])
-    sums, counts = summed_logprobs(logits, ids, torch.cat([chosen_mask, rejected_mask]))
+    sums, counts = summed_logprobs(logits, ids[:, -k:],
+                                   torch.cat([chosen_mask, rejected_mask])[:, -k:])
     return sums[:b], sums[b:], counts[:b], counts[b:]
 
 
 def forward_logits(engine, batch: dict) -> torch.Tensor:
-    return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  use_cache=False).logits
+    """The logits (2B, K, V) from the position before the batch's first counted token on (K = T
+    when a pair differs from its first token). The shared prompts before it never count, so
+    their logits, fp32 copies and gradients are not made (half the logits work with a prompt as
+    long as the answers)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    b, T = ids.shape[0] // 2, ids.shape[1]
+    start = int(divergence_index(ids[:b], ids[b:], mask[:b], mask[b:]).min())
+    keep = {"logits_to_keep": T - start + 1} if start > 1 else {}
+    return engine(input_ids=ids, attention_mask=mask, use_cache=False, **keep).logits
 
 
 @contextlib.contextmanager
