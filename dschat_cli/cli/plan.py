@@ -1,5 +1,5 @@
-"""`dschat plan sft|reward|ppo|pipeline`: estimate GPU memory and explain batch sizes and step counts
-before running. Each subcommand takes the flags of the training command of the same name, so
+"""`dschat plan sft|reward|dpo|ppo|pipeline`: estimate GPU memory and explain batch sizes and step
+counts before running. Each subcommand takes the flags of the training command of the same name, so
 `dschat plan` can be put in front of a command line (no torch import here)."""
 
 from __future__ import annotations
@@ -40,9 +40,17 @@ _EXAMPLES = {
            "--critic-zero-stage 2. Critic-free, 8 answers per prompt: dschat plan ppo "
            "--actor-model opt-1.3b --critic-model opt-350m --advantage-estimator grpo "
            "--samples-per-prompt 8",
+    "dpo": "dschat plan dpo --model opt-1.3b --zero-stage 0 --per-device-train-batch-size 8 "
+           "--max-seq-len 512 --gpu-memory 80 (add --precompute-ref-logprobs: no reference copy "
+           "while the policy trains)",
     "pipeline": "dschat plan pipeline --actor opt-13b --deployment-type single_node",
 }
 _NOTES = {
+    "dpo": "Each pair is two sequences (chosen + rejected) of up to --max-seq-len tokens; the "
+           "reference is a frozen copy in memory (offloaded with --offload-reference-model), or "
+           "none while training with --precompute-ref-logprobs (the copy scores the pairs first, "
+           "then is freed) or with LoRA and --only-optimize-lora (the policy with its adapters "
+           "off). ",
     "ppo": "With a critic-free --advantage-estimator (grpo, dr-grpo, rloo, reinforce++, "
            "reinforce++-baseline) the plan has no critic (no weights, optimizer states or "
            "training phases); --samples-per-prompt N sizes generation and scoring for "

@@ -1,5 +1,6 @@
 """`dschat bench` run config: the reference's benchmark setting (SPEC.md section 4) on random
-weights of real architectures: step 3 (or step 1) for N steps after warm-up, per-phase timings."""
+weights of real architectures: step 3 (or step 1, or DPO) for N steps after warm-up, per-phase
+timings."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ GROUP_SAMPLES = 8  # --samples-per-prompt when unset for a group estimator (GRPO
 @dataclass(frozen=True)
 class BenchConfig:
     step: str = opt("ppo", "What to measure: ppo (step 3: generation, scoring, actor and critic "
-                    "training; no critic with a critic-free --advantage-estimator) or sft (step 1: "
-                    "the actor's training step).", choices=("ppo", "sft"))
+                    "training; no critic with a critic-free --advantage-estimator), sft (step 1: "
+                    "the actor's training step) or dpo (`dschat dpo`'s step: the reference's "
+                    "forward, the policy's forward + backward on chosen and rejected, the "
+                    "optimizer step; --actor is the policy).", choices=("ppo", "sft", "dpo"))
     actor: str = opt("opt-1.3b", "Actor architecture: a preset (opt-125m ... opt-66b, llama-2-7b, "
                      "...) or a local model folder; weights are random either way.")
     critic: str = opt("opt-350m", "Critic and reward model architecture (ppo; the reward model "
@@ -25,7 +28,8 @@ class BenchConfig:
                           "--samples-per-prompt prompts, each answered --samples-per-prompt times "
                           "(generation batch = training batch), so tokens/s compare like for like "
                           "across estimators at the same --batch-size; sequences per GPU per step "
-                          "for sft.", min=1)
+                          "for sft; pairs per GPU per step for dpo (each pair is two sequences, "
+                          "chosen and rejected).", min=1)
     advantage_estimator: str = opt(
         "gae", "ppo: as `dschat ppo --advantage-estimator`. gae: PPO with a critic; the "
         "critic-free ones (grpo, dr-grpo, rloo, reinforce++, reinforce++-baseline) build, run and "
@@ -37,7 +41,9 @@ class BenchConfig:
     max_prompt_seq_len: int = opt(256, "Tokens in every prompt (exactly, for a benchmark).", min=4)
     max_answer_seq_len: int = opt(256, "Tokens in every generated answer (exactly, for a benchmark: "
                                   "eos is suppressed). For sft the sequence is prompt + answer "
-                                  "tokens.", min=2)
+                                  "tokens; for dpo each of a pair's two sequences is the shared "
+                                  "prompt + its own answer of this many tokens (256 + 256: pairs "
+                                  "of 2 x 512 tokens).", min=2)
     steps: int = opt(5, "Measured steps (after the warm-up).", min=1)
     warmup: int = opt(2, "Warm-up steps (compilation, CUDA graph capture, allocator), not "
                       "measured.", min=0)
@@ -49,12 +55,17 @@ class BenchConfig:
                             choices=("forward", "generation"))
     generation_tensor_parallel: int = opt(1, "ppo: as `dschat ppo --generation-tensor-parallel` "
                                           "(fast engine only).", min=1)
-    actor_zero_stage: int = opt(2, "ZeRO stage of the actor (and reference).", choices=(0, 1, 2, 3))
+    actor_zero_stage: int = opt(2, "ZeRO stage of the actor (and reference; the policy and its "
+                                "reference for dpo).", choices=(0, 1, 2, 3))
     critic_zero_stage: int = opt(2, "ZeRO stage of the critic (and reward model).",
                                  choices=(0, 1, 2, 3))
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass.")
     dtype: str = opt("auto", "Precision; auto is bf16 where supported.", choices=DTYPES)
     torch_adam: bool = opt(False, "torch's AdamW instead of DeepSpeed's fused Adam.")
+    precompute_ref_logprobs: bool = opt(False, "dpo: the reference copy scores the pairs before "
+                                        "the measured steps and is freed, as `dschat dpo "
+                                        "--precompute-ref-logprobs` does: no reference forward "
+                                        "in the step.")
     json: str | None = opt(None, "Also write the results as JSON to this file.")
     output_dir: str | None = opt(None, "Folder for the run's records (default: a new temporary "
                                  "folder).")
@@ -82,13 +93,15 @@ class BenchConfig:
         return self.step == "ppo" and estimator_spec(self.advantage_estimator).needs_critic
 
     def check(self) -> None:
-        if self.step == "sft":
+        if self.step != "ppo":
             for flag, value, default in (("--advantage-estimator", self.advantage_estimator, "gae"),
                                          ("--samples-per-prompt", self.samples_per_prompt, None)):
                 if value != default:
                     raise ConfigError(flag, "applies to --step ppo only")
         else:
             self._check_samples()
+        if self.precompute_ref_logprobs and self.step != "dpo":
+            raise ConfigError("--precompute-ref-logprobs", "applies to --step dpo only")
         if self.generation_engine == "hf" and self.old_logprobs == "generation":
             raise ConfigError("--old-logprobs generation", "needs --generation-engine fast or both")
         if self.generation_engine == "hf" and self.generation_tensor_parallel > 1:
@@ -156,10 +169,38 @@ def bench_sft_config(cfg: BenchConfig):
         launch=cfg.launch, output_dir=cfg.output_dir, overwrite=True, seed=cfg.seed)
 
 
+def bench_dpo_config(cfg: BenchConfig):
+    """The `dschat dpo` config the benchmark's DPO step runs: --actor as the policy (random
+    weights; its reference a frozen copy of the same start), --batch-size pairs per micro-batch,
+    each sequence prompt + answer tokens; DPO's own defaults otherwise (sigmoid loss, beta 0.1,
+    dropout 0, weight decay 0.1)."""
+    from dschat_cli.config.dpo import DPOConfig, DPOModelOptions, DPOOptimOptions, ReferenceOptions
+    from dschat_cli.config.sections import DataOptions, DeepSpeedOptions
+
+    return DPOConfig(
+        model=DPOModelOptions(model=cfg.actor, random_init=True,
+                              gradient_checkpointing=cfg.gradient_checkpointing),
+        data=DataOptions(max_seq_len=cfg.max_prompt_seq_len + cfg.max_answer_seq_len),
+        optim=DPOOptimOptions(per_device_train_batch_size=cfg.batch_size,
+                              per_device_eval_batch_size=cfg.batch_size, num_train_epochs=1,
+                              max_steps=cfg.warmup + cfg.steps, num_warmup_steps=0,
+                              torch_adam=cfg.torch_adam),
+        reference=ReferenceOptions(precompute_ref_logprobs=cfg.precompute_ref_logprobs),
+        deepspeed=DeepSpeedOptions(zero_stage=cfg.actor_zero_stage, dtype=cfg.dtype),
+        launch=cfg.launch, output_dir=cfg.output_dir, overwrite=True, seed=cfg.seed)
+
+
 def bench_ds_configs(cfg: BenchConfig, *, world_size: int, dtype: str, torch_adam: bool,
                      tensorboard_dir: str | None, job_name: str) -> dict[str, dict]:
     """The DeepSpeed configs the benchmark's run builds, by role: step 3's (four, or three
-    without a critic), or step 1's one model (TensorBoard job JOB_NAME; the benchmark writes no TensorBoard files)."""
+    without a critic), step 1's one model, or DPO's policy and reference copy (TensorBoard job
+    JOB_NAME; the benchmark writes no TensorBoard files)."""
+    if cfg.step == "dpo":
+        from dschat_cli.config.dpo import dpo_ds_configs
+
+        return dpo_ds_configs(bench_dpo_config(cfg), world_size=world_size, dtype=dtype,
+                              torch_adam=torch_adam, tensorboard_dir=tensorboard_dir,
+                              job_name=job_name)
     if cfg.step == "sft":
         from dschat_cli.config.ds_config import model_ds_configs
 

@@ -99,7 +99,7 @@ STEPS: tuple[Step, ...] = (
          ds_configs="dschat_cli.config.dpo:dpo_ds_configs",
          precision="deepspeed.dtype", torch_adam="optim.torch_adam",
          tensorboard="deepspeed.enable_tensorboard", seq_len=("data.max_seq_len",),
-         data_phase=2),  # memory None: `dschat plan` has no estimate with a reference model yet
+         data_phase=2, memory="dpo"),  # policy + reference: plan/memory.py estimate_dpo
     Step("bench", "Measure step 3 (or step 1) in DeepSpeed-Chat's benchmark setting on random "
          "weights.",
          config="dschat_cli.config.bench:BenchConfig", run="dschat_cli.steps.bench:run",

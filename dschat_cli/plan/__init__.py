@@ -4,7 +4,7 @@
     memory.py    the memory model (per model, per phase), following DeepSpeed's allocations
     planner.py   run config -> estimate, step counts in words, suggestions; the GPUs to compare with
     report.py    rich tables, JSON, and the lines each training command prints before launch
-    command.py   what `dschat plan sft|reward|ppo|pipeline` runs
+    command.py   what `dschat plan sft|reward|dpo|ppo|pipeline` runs
 
 No torch import anywhere in this package.
 """

@@ -1,4 +1,4 @@
-"""`dschat plan sft|reward|ppo|pipeline ...`: how the plans are reported, and the exit code.
+"""`dschat plan sft|reward|dpo|ppo|pipeline ...`: how the plans are reported, and the exit code.
 
     plans = [launch.step.plan_run("sft", checked(cfg), target)]    # the command (cli/plan.py)
     rc = report(plans, target, as_json=False, pipeline=False)

@@ -2,6 +2,7 @@
 run will use (no torch: `dschat plan` and the line every training command prints before launch).
 
     est = estimate_single("sft", arch, ds_config, source="opt-1.3b", world_size=8, ...)
+    est = estimate_dpo(arch, {"model": ds, "ref": ref_ds}, reference="copy", ...)
     est = estimate_ppo(archs, configs, sources, world_size=8, ...)
     est.peak, est.peak_phase, est.models[0].optimizer       # bytes per GPU
 
@@ -37,6 +38,9 @@ runtime/zero/stage_1_and_2.py, runtime/zero/stage3.py):
               layer's gradients as working set
   logits      SFT loss: fp32 log-softmax saved + its gradient + the incoming one, 12 B per
               element of (B, S, vocab); eval: bf16 logits + fp32 copy + log-softmax (10 B);
+              DPO, over the 2B chosen + rejected rows: the fp32 copy its logprobs keep and
+              their gradient's fp32 temporaries (16 B in training), 10 B in the reference's
+              no-grad forward;
               PPO: the bf16 logits (B, P+A, V) stay alive, the answer slice is copied to fp32
               and logsumexp keeps it and makes temporaries (16 B per element of (B, A, V) in
               backward, 8 B in the no-grad scoring)
@@ -45,9 +49,9 @@ runtime/zero/stage_1_and_2.py, runtime/zero/stage3.py):
               rollout, plus one layer's copy while it grows. For PPO, B counts the rollout's
               sequences: prompts x --samples-per-prompt (each prompt repeated per answer)
 
-Each phase (training forward/backward, optimizer step, evaluation; for PPO generation, scoring,
-actor and critic training and steps; no critic for a critic-free estimator) adds its transients to what stays resident; the peak is the
-largest. A backward pass is judged at its three heaviest moments (see `_backward_peak`).
+Each phase (training forward/backward, optimizer step, evaluation; for DPO the reference's forward
+or its precompute; for PPO generation, scoring, actor and critic training and steps, no critic
+for a critic-free estimator) adds its transients to what stays resident; the peak is the largest. A backward pass is judged at its three heaviest moments (see `_backward_peak`).
 """
 
 from __future__ import annotations
@@ -247,7 +251,7 @@ def _backward_peak(m: ModelMemory, act: float, logits_peak: float, logits_after:
 @dataclass
 class Estimate:
     """The plan of one step: per-model memory and the per-phase peaks (bytes per GPU)."""
-    step: str  # sft, reward, ppo
+    step: str  # sft, reward, dpo, ppo
     world_size: int
     dtype: str
     models: list[ModelMemory]
@@ -296,6 +300,73 @@ def estimate_single(step: str, arch: Arch, ds: dict, *, source: str, world_size:
     }
     m = replace(m, activations=transient)
     return Estimate(step=step, world_size=world_size, dtype=eng.dtype, models=[m], phases=phases)
+
+
+def estimate_dpo(arch: Arch, configs: dict[str, dict], *, source: str, world_size: int,
+                 micro_batch: int, eval_batch: int, seq_len: int, checkpointing: bool,
+                 lora_dim: int, lora_filter: str, only_lora: bool, dropout: float | None,
+                 reference: str) -> Estimate:
+    """DPO (`dschat dpo`): the policy trains on 2 x micro_batch sequences per micro-batch (the
+    chosen and the rejected row of each pair, each up to seq_len tokens) against a frozen
+    reference, which is (`reference`)
+      "copy"          a second model held for the whole run (configs["ref"]: a full replica
+                      below ZeRO-3, partitioned at ZeRO-3, in CPU memory with
+                      --offload-reference-model), scoring each batch before the policy's pass;
+      "precomputed"   that copy scoring every pair once, `eval_batch` pairs at a time, before the
+                      policy is built; then freed (no second model while the policy trains);
+      "adapters-off"  the LoRA policy itself with its adapters off (no second model).
+    Logits: the policy's training forward makes bf16 logits (2B, S, V) and an fp32 copy for
+    gather and logsumexp, which autograd keeps; the loss's backward adds fp32 temporaries
+    (logsumexp's gradient, gather's zero-filled one, their sum): 16 B per element at its worst
+    moment (measured on an H200: docs/benchmarks.md), then the bf16 gradient (e B). A no-grad
+    forward (the reference's, evaluation's) holds the bf16 logits, the fp32 copy and
+    logsumexp's temporary.
+    All rows are taken at seq_len and every position's logits counted (a pair whose answers
+    differ from their first token); a shared prompt makes them fewer (steps/dpo.py computes the
+    logits from the batch's first counted position)."""
+    eng = Engine.from_ds(configs["model"])
+    policy = trained_model(arch, eng, role="policy", source=source, world_size=world_size,
+                           lora_dim=lora_dim, lora_filter=lora_filter, only_lora=only_lora)
+    e, V = eng.elem, arch.vocab
+    tokens = 2 * micro_batch * seq_len
+    eval_tokens = 2 * eval_batch * seq_len
+    act = activation_bytes(arch, tokens, e, checkpointing=checkpointing, dropout=dropout)
+    logits = 16.0 * tokens * V
+    one_layer = tokens * arch.activation_bytes(e, dropout)
+
+    def scoring(n: int) -> float:  # a no-grad forward over n tokens with its logprobs
+        return (e + (4 if e < 4 else 0) + 4) * n * V + forward_bytes(arch, n, e)
+
+    ref = None
+    if reference != "adapters-off":
+        ref = frozen_model(arch, Engine.from_ds(configs["ref"]), role="ref",
+                           source=f"{source} (frozen copy)", world_size=world_size)
+    resident = policy.resident + (ref.weights if reference == "copy" else 0.0)
+    # with gradient accumulation at ZeRO-0/1 the reference scores the next micro-batch while the
+    # policy's gradients of the previous ones are held
+    held = policy.grads if eng.grad_accum > 1 and policy.stage in (0, 1) else 0.0
+    phases: dict[str, float] = {}
+    notes = [f"{micro_batch} pair(s) per micro-batch = {2 * micro_batch} sequences (chosen + "
+             f"rejected) of up to {seq_len} tokens per GPU"]
+    if reference == "precomputed":
+        phases["reference precompute"] = ref.weights + scoring(eval_tokens)
+        notes.append("--precompute-ref-logprobs: the reference copy scores every pair once before "
+                     "the policy is built, then is freed; it is not in memory while the policy "
+                     "trains")
+        ref = replace(ref, role="ref (before training)", activations=scoring(eval_tokens))
+    else:
+        phases["reference forward"] = resident + held + scoring(tokens)
+        if ref is not None:
+            ref = replace(ref, activations=scoring(tokens))
+        else:
+            notes.append("the reference is the policy with its LoRA adapters off: no second model")
+    phases["policy forward + backward"] = resident + _backward_peak(
+        policy, act, logits, e * tokens * V, one_layer, eng.grad_accum)
+    phases["optimizer step"] = resident + policy.grads + policy.step_extra
+    phases["evaluation"] = resident + scoring(eval_tokens)
+    models = [replace(policy, activations=act + logits)] + ([ref] if ref is not None else [])
+    return Estimate(step="dpo", world_size=world_size, dtype=eng.dtype, models=models,
+                    phases=phases, notes=notes)
 
 
 def estimate_ppo(archs: dict[str, Arch], configs: dict[str, dict], sources: dict[str, str], *,

@@ -21,7 +21,7 @@ from dschat_cli.config.resolved import ResolvedRun, with_config
 from dschat_cli.config.schema import ConfigError
 from dschat_cli.config.steps import step as step_spec
 from dschat_cli.plan.arch import Arch, PlanUnavailable, load_arch
-from dschat_cli.plan.memory import GiB, Estimate, estimate_ppo, estimate_single
+from dschat_cli.plan.memory import GiB, Estimate, estimate_dpo, estimate_ppo, estimate_single
 
 # The estimate's stated accuracy: within this fraction of the measured peak. A run whose peak plus
 # overheads fits, but not with this margin, is "tight".
@@ -102,12 +102,28 @@ class StepPlan:
 
 # ------------------------------------------------------------------------------------- estimates
 
-def _single(step: str) -> bool:
-    """A step that trains one model (its memory is estimate_single's), as the table says."""
+def _kind(step: str) -> str:
+    """How the table (config/steps.py) says the step's memory is estimated: single, dpo, ppo."""
     kind = step_spec(step).memory
     if kind is None:
-        raise ConfigError(f"dschat plan {step}", "has no memory model; plan sft, reward or ppo")
-    return kind == "single"
+        raise ConfigError(f"dschat plan {step}", "has no memory model; plan sft, reward, dpo or "
+                          "ppo")
+    return kind
+
+
+def _single(step: str) -> bool:
+    """A step that trains one model from --model with the options of `dschat sft` (model, lora,
+    data, optim, deepspeed): sft and reward (estimate_single), dpo (estimate_dpo: plus its
+    reference)."""
+    return _kind(step) in ("single", "dpo")
+
+
+def dpo_reference(cfg) -> str:
+    """Which reference a DPO run holds (plan/memory.py's estimate_dpo): adapters-off, precomputed
+    or copy."""
+    if cfg.reference_is_base:
+        return "adapters-off"
+    return "precomputed" if cfg.reference.precompute_ref_logprobs else "copy"
 
 
 def step_archs(step: str, cfg) -> dict[str, Arch]:
@@ -147,6 +163,15 @@ def estimate_step(cfg, record: ResolvedRun, *, archs: dict[str, Arch] | None = N
     step, world_size = record.step, record.world_size
     archs = archs or step_archs(step, cfg)
     ds = record.ds_configs
+    if _kind(step) == "dpo":
+        o, lora = cfg.optim, cfg.lora
+        return estimate_dpo(archs["model"], ds, source=str(cfg.model.model),
+                            world_size=world_size, micro_batch=o.per_device_train_batch_size,
+                            eval_batch=o.per_device_eval_batch_size, seq_len=cfg.data.max_seq_len,
+                            checkpointing=cfg.model.gradient_checkpointing,
+                            lora_dim=lora.lora_dim, lora_filter=lora.lora_module_name,
+                            only_lora=lora.only_optimize_lora, dropout=cfg.model.dropout,
+                            reference=dpo_reference(cfg))
     if _single(step):
         o, lora = cfg.optim, cfg.lora
         return estimate_single(step, archs["model"], ds["model"], source=str(cfg.model.model),
@@ -237,9 +262,10 @@ def explain_schedule(cfg, record: ResolvedRun, *, count_data: bool = True) -> li
     n, origin = count_rows(step, cfg) if count_data else (None, "not counted")
     if _single(step):
         o = cfg.optim
-        unit = "pairs" if step == "reward" else "sequences"
+        pairs = step == "reward" or _kind(step) == "dpo"
+        unit = "pairs" if pairs else "sequences"
         gb = ds["model"]["train_batch_size"]
-        seqs = " (chosen + rejected: twice as many sequences)" if step == "reward" else ""
+        seqs = " (chosen + rejected: twice as many sequences)" if pairs else ""
         lines = [
             Line("micro-batch per GPU", f"{o.per_device_train_batch_size} {unit}",
                  f"--per-device-train-batch-size, each up to --max-seq-len "
@@ -264,7 +290,7 @@ def explain_schedule(cfg, record: ResolvedRun, *, count_data: bool = True) -> li
         lines += [
             Line("training samples", f"{_n(n)} {unit}", origin + (
                 " (pairs without a rejected answer are dropped when tokenised)"
-                if step == "reward" else "")),
+                if pairs else "")),
             Line("batches per epoch", f"{_n(batches)} per GPU",
                  f"ceil(ceil({_n(n)} / {world}) / {o.per_device_train_batch_size})"),
             Line("optimizer steps per epoch", _n(per_epoch),
@@ -360,6 +386,12 @@ def _candidates(step: str, cfg, world: int) -> list[tuple[str, str, dict]]:
     out: list[tuple[str, str, dict]] = []
     if _single(step):
         z, o = cfg.deepspeed.zero_stage, cfg.optim
+        if _kind(step) == "dpo" and dpo_reference(cfg) == "copy":
+            out.append(("precompute", "precompute the reference's logprobs once: no second model "
+                        "while the policy trains", {("reference", "precompute_ref_logprobs"): True}))
+            if not cfg.reference.offload_reference_model:
+                out.append(("offload-ref", "keep the reference copy in CPU memory",
+                            {("reference", "offload_reference_model"): True}))
         if world > 1 and z < 3:
             out.append(("zero", f"ZeRO-{z + 1}: partition more over the {world} GPUs",
                         {("deepspeed", "zero_stage"): z + 1}))

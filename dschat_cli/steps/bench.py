@@ -3,6 +3,7 @@
     dschat bench                          # step 3: opt-1.3b actor, opt-350m critic/reward, 256+256
     dschat bench --advantage-estimator grpo   # no critic; 64 answers = 8 prompts x 8 per GPU
     dschat bench --step sft --actor opt-1.3b --batch-size 32
+    dschat bench --step dpo --actor-zero-stage 0 --batch-size 8   # 8 pairs of 2 x (256 + 256)
 
 Step 3 runs the real PPOTrainer (the code `dschat ppo` runs) on synthetic prompts of exactly
 --max-prompt-seq-len tokens, answers of exactly --max-answer-seq-len tokens (eos suppressed), warm-up steps, then
@@ -15,6 +16,13 @@ must move at its measured copy bandwidth, whichever is larger. FLOPs counted per
 forward pass: 2 x (matmul parameters) + 4 x layers x hidden x sequence length (attention scores
 and values); backward is 2x forward. A decode step must read every weight once and the KV cache
 written so far.
+
+DPO runs `dschat dpo`'s own pieces (steps/dpo.py's reference, forward and logprobs, rlhf/dpo.py's
+loss, its DeepSpeed configs) on --batch-size random pairs per GPU: a shared prompt of exactly
+--max-prompt-seq-len tokens, then a chosen and a rejected answer of --max-answer-seq-len tokens
+each that differ from their first token. Its phases: the reference's forward (none with
+--precompute-ref-logprobs), the policy's forward (logits, logprobs, loss) and backward, and the
+optimizer step. tokens/s counts the tokens of both sequences of every pair.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from dschat_cli.config.bench import BenchConfig, bench_ppo_config, bench_sft_config
+from dschat_cli.config.bench import (BenchConfig, bench_dpo_config, bench_ppo_config,
+                                     bench_sft_config)
 from dschat_cli.config.resolved import ResolvedRun
 from dschat_cli.dist import Dist
 from dschat_cli.steps.common import PhaseTimer, count_params, seed_everything
@@ -150,11 +159,34 @@ def ppo_floors(actor: Shape, critic: Shape | None, *, batch: int, prompt: int, a
     return out
 
 
-# the two benchmarks ------------------------------------------------------------------------------
+DPO_PHASES = ("ref_forward", "policy_forward", "policy_backward", "optimizer_step")
+ADAM_BYTES = 28  # per trained parameter: fp32 master weight and both moments read and written
+# (24 B), the gradient read and the bf16 weight written (2 + 2 B)
+
+
+def dpo_floors(policy: Shape, *, pairs: int, seq_len: int, ceilings: dict,
+               gradient_checkpointing: bool, reference: bool) -> dict:
+    """{phase: (flops, bytes, floor seconds)} of one DPO step on one GPU over `pairs` pairs =
+    2 x pairs sequences of seq_len tokens: the reference's forward (when `reference`), the
+    policy's forward and backward (2x forward; + one forward recomputed with gradient
+    checkpointing), and Adam's pass over the weights and its states (bytes, not FLOPs)."""
+    mm = ceilings["matmul_tflops"] * 1e12
+    bw = ceilings["copy_gbps"] * 1e9
+    f = policy.forward_flops(2 * pairs * seq_len, seq_len)
+    back = (3 if gradient_checkpointing else 2) * f
+    out = {"policy_forward": (f, 0.0, f / mm), "policy_backward": (back, 0.0, back / mm)}
+    if reference:
+        out["ref_forward"] = (f, 0.0, f / mm)
+    b = float(ADAM_BYTES * policy.params)
+    out["optimizer_step"] = (0.0, b, b / bw)
+    return out
+
+
+# the three benchmarks ----------------------------------------------------------------------------
 def run(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     seed_everything(cfg.seed)
-    result = _bench_sft(cfg, dist, resolved) if cfg.step == "sft" \
-        else _bench_ppo(cfg, dist, resolved)
+    bench = {"sft": _bench_sft, "dpo": _bench_dpo, "ppo": _bench_ppo}[cfg.step]
+    result = bench(cfg, dist, resolved)
     if dist.is_main:
         out = Path(resolved.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -333,6 +365,130 @@ def _bench_sft(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
             "peak_memory_gib": _peak_gib(dist, on_gpu)}
 
 
+def _random_pairs(pairs: int, prompt: int, answer: int, tokenizer, generator) -> dict:
+    """`pairs` pairs as collate_pairs lays them out (input_ids (2B, P + A), rows 0..B-1 chosen,
+    B..2B-1 rejected; no padding): one random prompt per pair, shared by its two rows, then two
+    random answers that differ from their first token (so every answer token counts)."""
+    special = set(tokenizer.all_special_ids)
+    high = len(tokenizer)
+    low = max(special) + 1 if special and max(special) < high - 2 else 0
+    shared = torch.randint(low, high, (pairs, prompt), generator=generator)
+    chosen = torch.randint(low, high, (pairs, answer), generator=generator)
+    rejected = torch.randint(low, high, (pairs, answer), generator=generator)
+    rejected[:, 0] = low + (chosen[:, 0] - low + 1) % (high - low)
+    ids = torch.cat([torch.cat([shared, chosen], 1), torch.cat([shared, rejected], 1)])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _bench_dpo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
+    import gc
+
+    import deepspeed
+
+    from dschat_cli.models.loading import load_causal_lm, load_tokenizer, optimizer_groups
+    from dschat_cli.rlhf.dpo import dpo_loss
+    from dschat_cli.steps.common import init_engine, move_batch
+    from dschat_cli.steps.dpo import Reference, forward_logits, pair_logprobs
+
+    dpo_cfg = bench_dpo_config(cfg)
+    dtype_name, ds_config = resolved.dtype, resolved.ds_config("model")
+    tokenizer = load_tokenizer(dpo_cfg.model)
+    on_gpu = dist.device != "cpu"
+    total = cfg.warmup + cfg.steps
+    S = cfg.max_prompt_seq_len + cfg.max_answer_seq_len
+    gen = torch.Generator().manual_seed(cfg.seed + dist.rank)
+    batches = [_random_pairs(cfg.batch_size, cfg.max_prompt_seq_len, cfg.max_answer_seq_len,
+                             tokenizer, gen) for _ in range(total)]
+    # as steps/dpo.py: the reference copy first, from the same seed as the policy (both start from
+    # the same random weights); with --precompute-ref-logprobs it scores every batch, then is freed
+    torch.manual_seed(cfg.seed)
+    ref_opts = dataclasses.replace(dpo_cfg.model, gradient_checkpointing=False)
+    with console.status("building the random-weight reference copy"):
+        ref_model = load_causal_lm(ref_opts, tokenizer, dtype=dtype_name,
+                                   ds_config=resolved.ds_config("ref"), device=dist.device)
+        ref_engine, *_ = deepspeed.initialize(model=ref_model, config=resolved.ds_config("ref"))
+        ref_engine.eval()
+    del ref_model
+    reference, precomputed = Reference(engine=ref_engine), None
+    if cfg.precompute_ref_logprobs:
+        precomputed = [reference.compute(move_batch(b, dist.device)) for b in batches]
+        getattr(ref_engine, "destroy", lambda: None)()  # hooks and partitions, as steps/dpo.py
+        reference.engine = None
+        del ref_engine
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+    torch.manual_seed(cfg.seed)
+    with console.status("building the random-weight policy"):
+        model = load_causal_lm(dpo_cfg.model, tokenizer, dtype=dtype_name, ds_config=ds_config,
+                               device=dist.device)
+    n_params = count_params(model)
+    engine = init_engine(model, optimizer_groups(model, weight_decay=dpo_cfg.optim.weight_decay,
+                                                 lora_lr=0.0), ds_config, dpo_cfg.optim, total)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    ceilings = measure_ceilings(dist.device, dtype)
+    shape = model_shape(engine.module)
+    floors = dpo_floors(shape, pairs=cfg.batch_size, seq_len=S, ceilings=ceilings,
+                        gradient_checkpointing=cfg.gradient_checkpointing,
+                        reference=precomputed is None)
+    d = dpo_cfg.dpo
+    timer = PhaseTimer(enabled=True)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    step_s, losses = [], []
+    engine.train()
+    for i in range(total):
+        if i == cfg.warmup:
+            timer.reset()
+        _sync(on_gpu)
+        t0 = time.perf_counter()
+        batch = move_batch(batches[i], engine.device)
+        if precomputed is None:
+            with timer("ref_forward"):
+                ref = reference.compute(batch)  # (B, 2), no grad
+        else:
+            ref = precomputed[i]
+        with timer("policy_forward"):
+            pc, pr, _, _ = pair_logprobs(forward_logits(engine, batch), batch)
+            out = dpo_loss(pc, pr, ref[:, 0], ref[:, 1], beta=d.beta,
+                           label_smoothing=d.label_smoothing, loss_type=d.loss_type)
+        with timer("policy_backward"):
+            engine.backward(out.loss)
+        with timer("optimizer_step"):
+            engine.step()
+        losses.append(out.loss.item())  # the step's loop reads its loss every micro-batch too
+        _sync(on_gpu)
+        if i >= cfg.warmup:
+            step_s.append(time.perf_counter() - t0)
+        console.print(f"[dim]dpo step {i + 1}/{total}{' (warm-up)' if i < cfg.warmup else ''}: "
+                      f"{time.perf_counter() - t0:.3f} s, loss {losses[-1]:.4f}[/dim]")
+    n = len(step_s)
+    step = statistics.mean(step_s)
+    phases = {k: v / n for k, v in timer.seconds.items()}
+    flops = sum(f[0] for k, f in floors.items() if k in phases)
+    floor = sum(f[2] for k, f in floors.items() if k in phases)
+    tokens = 2 * cfg.batch_size * S * dist.world_size  # chosen + rejected, prompt in each
+    return {"step": "dpo", "device": _device_name(dist), "world_size": dist.world_size,
+            "dtype": dtype_name, "actor": cfg.actor, "actor_params": n_params,
+            "batch_size": cfg.batch_size, "sequences_per_gpu": 2 * cfg.batch_size,
+            "max_prompt_seq_len": cfg.max_prompt_seq_len,
+            "max_answer_seq_len": cfg.max_answer_seq_len, "seq_len": S, "tokens_per_pair": 2 * S,
+            "steps": cfg.steps, "warmup": cfg.warmup, "zero_stage": cfg.actor_zero_stage,
+            "gradient_checkpointing": cfg.gradient_checkpointing,
+            "reference": "precomputed" if precomputed is not None else "copy",
+            "loss_type": d.loss_type, "beta": d.beta, "ceilings": ceilings,
+            "step_seconds": step, "step_seconds_all": step_s, "tokens_per_s": tokens / step,
+            "pairs_per_s": cfg.batch_size * dist.world_size / step,
+            "tflops_per_gpu": flops / step / 1e12, "floor_seconds": floor,
+            "step_x_floor": step / floor,
+            "phases": {k: {"seconds": v, "share": v / step,
+                           "tflops": floors[k][0] / v / 1e12 if floors[k][0] and v else None,
+                           "floor_seconds": floors[k][2]} for k, v in phases.items()},
+            "other_seconds": step - sum(phases.values()),
+            "loss_first": losses[0], "loss_last": losses[-1],
+            "peak_memory_gib": _peak_gib(dist, on_gpu)}
+
+
 def _peak_gib(dist: Dist, on_gpu: bool) -> float | None:
     if not on_gpu:
         return None
@@ -353,6 +509,9 @@ def _print(r: dict) -> None:
     console.print(f"[bold]dschat bench[/bold] {r['step']}: {r['device']}, {r['dtype']}; measured "
                   f"ceilings: matmul {_fmt(c['matmul_tflops'], '.0f')} TFLOP/s, copy "
                   f"{c['copy_gbps']:.0f} GB/s")
+    if r["step"] == "dpo":
+        _print_dpo(r)
+        return
     if r["step"] == "sft":
         t = Table(title=f"step 1: {r['actor']} ({r['actor_params'] / 1e6:.0f}M), batch "
                         f"{r['batch_size']} x {r['seq_len']} tokens per GPU, "
@@ -410,6 +569,47 @@ def _print(r: dict) -> None:
                   "the mean context over the measured copy bandwidth; lp gap: mean |logprob| "
                   "difference, fast engine vs forward; tokens/s: prompt + answer tokens of every "
                   "answer (sequence) of all GPUs per second[/dim]")
+
+
+def _print_dpo(r: dict) -> None:
+    from rich.table import Table
+
+    P, A, B = r["max_prompt_seq_len"], r["max_answer_seq_len"], r["batch_size"]
+    ref = ("reference precomputed (no reference forward)" if r["reference"] == "precomputed"
+           else "reference: a frozen copy")
+    t = Table(title=f"DPO step per phase: policy {r['actor']} ({r['actor_params'] / 1e6:.0f}M), "
+                    f"{B} pairs per GPU = {2 * B} sequences of {P} + {A} tokens (chosen and "
+                    f"rejected share the prompt: pairs of 2 x {P + A} tokens), "
+                    f"ZeRO-{r['zero_stage']}, {ref}", title_justify="left")
+    for col, just in (("phase", "left"), ("s", "right"), ("share", "right"),
+                      ("TFLOP/s", "right"), ("floor s", "right"), ("x floor", "right")):
+        t.add_column(col, justify=just)
+    for name in DPO_PHASES:
+        ph = r["phases"].get(name)
+        if ph is None:
+            continue
+        t.add_row(name.replace("_", " "), f"{ph['seconds']:.4f}", f"{ph['share']:.0%}",
+                  _fmt(ph["tflops"], ".0f"), f"{ph['floor_seconds']:.4f}",
+                  f"{ph['seconds'] / ph['floor_seconds']:.2f}" if ph["floor_seconds"] else "-")
+    step = r["step_seconds"]
+    t.add_row("other", f"{r['other_seconds']:.4f}", f"{r['other_seconds'] / step:.0%}", "", "", "")
+    t.add_row("[bold]step", f"{step:.4f}", "100%", _fmt(r["tflops_per_gpu"], ".0f"),
+              f"{r['floor_seconds']:.4f}", f"{r['step_x_floor']:.2f}")
+    console.print(t)
+    s = Table(title="DPO summary", title_justify="left")
+    for col in ("tokens/s", "pairs/s", "TFLOP/s per GPU", "step x floor", "loss", "peak GiB"):
+        s.add_column(col, justify="right")
+    s.add_row(f"{r['tokens_per_s']:,.0f}", f"{r['pairs_per_s']:.1f}",
+              _fmt(r["tflops_per_gpu"], ".0f"), f"{r['step_x_floor']:.2f}",
+              f"{r['loss_first']:.4f} -> {r['loss_last']:.4f}", _fmt(r["peak_memory_gib"], ".1f"))
+    console.print(s)
+    console.print("[dim]tokens/s: the tokens of both sequences of every pair (chosen and rejected, "
+                  "the shared prompt counted in each) of all GPUs per second; TFLOP/s: the "
+                  "policy's forward + backward and the reference's forward, 2 x matmul "
+                  "parameters + 4 x layers x hidden x sequence length per token and forward "
+                  "(backward 2x), over the whole step; floor: the FLOPs at the measured matmul "
+                  "speed, the optimizer step's bytes (28 per parameter) at the measured copy "
+                  "bandwidth; other: the batch's copy to the GPU and the loss read back[/dim]")
 
 
 def _fmt(v, spec: str) -> str:

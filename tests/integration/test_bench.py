@@ -87,6 +87,50 @@ def test_bench_sft_and_generation_logprobs(tmp_path, tiny_llama, invoke_dschat):
     assert "actor_forward" not in res["engines"]["fast"]["phases"]
 
 
+def test_bench_dpo_phases_tokens_and_precomputed_reference(tmp_path, tiny_opt, invoke_dschat):
+    """`dschat bench --step dpo`: the reference's forward, the policy's forward and backward and
+    the optimizer step are timed; 2 pairs of 2 x (6 + 5) tokens are 44 tokens per step. With
+    --precompute-ref-logprobs the step has no reference forward."""
+    import math
+
+    from dschat_cli.steps.bench import DPO_PHASES
+
+    common = ("bench", "--step", "dpo", "--actor", tiny_opt, "--batch-size", "2",
+              "--max-prompt-seq-len", "6", "--max-answer-seq-len", "5", "--steps", "2",
+              "--warmup", "1", "--actor-zero-stage", "0", "--launcher", "none")
+    out_json = tmp_path / "dpo.json"
+    r = invoke_dschat(*common, "--output-dir", tmp_path / "copy", "--json", out_json)
+    assert r.code == 0, r.explain()
+    text = " ".join(r.output.split())
+    assert "DPO summary" in text and "Traceback" not in text
+    assert "2 pairs per GPU = 4 sequences of 6 + 5 tokens" in text and "2 x 11 tokens" in text
+    res = json.loads(out_json.read_text())
+    assert json.loads((tmp_path / "copy" / "bench.json").read_text()) == res
+    assert (res["step"], res["reference"], res["batch_size"], res["sequences_per_gpu"],
+            res["tokens_per_pair"]) == ("dpo", "copy", 2, 4, 22)
+    assert set(res["phases"]) == set(DPO_PHASES)
+    assert len(res["step_seconds_all"]) == 2
+    # phases + the untimed rest make up the step
+    total = sum(p["seconds"] for p in res["phases"].values()) + res["other_seconds"]
+    assert total == pytest.approx(res["step_seconds"], rel=1e-6)
+    assert 0 <= res["other_seconds"] < 0.5 * res["step_seconds"]
+    assert res["tokens_per_s"] == pytest.approx(44 / res["step_seconds"])
+    assert res["pairs_per_s"] == pytest.approx(2 / res["step_seconds"])
+    assert res["floor_seconds"] == pytest.approx(
+        sum(p["floor_seconds"] for p in res["phases"].values()))
+    assert res["tflops_per_gpu"] > 0 and res["step_x_floor"] > 1
+    # the reference is a copy of the policy's start: the first step's loss is -log sigmoid(0)
+    assert res["loss_first"] == pytest.approx(math.log(2), abs=1e-5)
+
+    r = invoke_dschat(*common, "--precompute-ref-logprobs", "--output-dir", tmp_path / "pre")
+    assert r.code == 0, r.explain()
+    pre = json.loads((tmp_path / "pre" / "bench.json").read_text())
+    assert pre["reference"] == "precomputed"
+    assert set(pre["phases"]) == set(DPO_PHASES) - {"ref_forward"}
+    assert pre["loss_first"] == pytest.approx(math.log(2), abs=1e-5)
+    assert "reference precomputed (no reference forward)" in " ".join(r.output.split())
+
+
 def test_bench_bad_input(tmp_path, invoke_dschat):
     r = invoke_dschat("bench", "--actor", tmp_path / "nope", "--launcher", "none")
     assert r.code == 2 and "--actor" in r.output and "Traceback" not in r.output
@@ -98,6 +142,11 @@ def test_bench_bad_input(tmp_path, invoke_dschat):
     r = invoke_dschat("bench", "--advantage-estimator", "rloo", "--samples-per-prompt", "1")
     assert r.code == 2 and "--samples-per-prompt" in r.output
     r = invoke_dschat("bench", "--advantage-estimator", "ppo")
+    assert r.code == 2 and "--advantage-estimator" in r.output
+    # DPO's options belong to --step dpo, step 3's to --step ppo
+    r = invoke_dschat("bench", "--precompute-ref-logprobs")
+    assert r.code == 2 and "--precompute-ref-logprobs" in r.output and "--step dpo" in r.output
+    r = invoke_dschat("bench", "--step", "dpo", "--advantage-estimator", "grpo")
     assert r.code == 2 and "--advantage-estimator" in r.output
 
 

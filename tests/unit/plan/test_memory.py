@@ -187,3 +187,68 @@ def test_overhead_and_verdicts():
     assert verdict(70 * GiB, 5 * GiB, 80 * GiB) == "tight"
     assert verdict(76 * GiB, 5 * GiB, 80 * GiB) == "does not fit"
     assert verdict(76 * GiB, 5 * GiB, None) == "unknown"
+
+
+def dpo(reference="copy", accum=1, lora=0, arch=ARCH):
+    from dschat_cli.plan.memory import estimate_dpo
+
+    configs = {"model": ds(0, micro=4, accum=accum),
+               "ref": eval_ds_config(zero_stage=0, offload=False, dtype="bf16", micro_batch_size=4,
+                                     world_size=1)}
+    return estimate_dpo(arch, configs, source="m", world_size=1, micro_batch=4, eval_batch=4,
+                        seq_len=512, checkpointing=False, lora_dim=lora, lora_filter="",
+                        only_lora=lora > 0, dropout=None, reference=reference)
+
+
+# DPO logits over 4 pairs = 8 sequences of 512 = 4096 tokens (the SFT example's ACT):
+#   training: the fp32 copy and its gradient's fp32 temporaries, 16 x 4096 x 50,000 = 3,276,800,000
+#   a no-grad forward: bf16 logits + fp32 copy + logsumexp's temporary, 10 x 4096 x 50,000
+#   = 2,048,000,000, plus a layer's working set 4096 x (49,152 + 8,192) = 234,881,024
+DPO_LOGITS, SCORING = 3_276_800_000, 2_048_000_000 + 234_881_024
+
+
+def test_dpo_policy_and_reference_copy():
+    est = dpo()
+    policy, ref = est.models
+    assert (policy.role, ref.role) == ("policy", "ref")
+    assert (policy.weights, policy.grads, policy.optimizer, policy.step_extra) == (2e9, 2e9, 12e9,
+                                                                                  8e9)
+    assert (ref.weights, ref.trainable, ref.optimizer) == (2e9, 0, 0)  # a frozen bf16 copy
+    # resident: the policy's 2N weights + 12N Adam states, the copy's 2N
+    assert est.phases["reference forward"] == 16e9 + SCORING
+    # backward's start: every activation + the fp32 logits work (the head moment, ACT + bf16
+    # logit gradients 409,600,000 + head gradient 204,800,000, is smaller)
+    assert est.phases["policy forward + backward"] == 16e9 + ACT + DPO_LOGITS
+    # the step: 16N resident + 2N grads + 8N fp32 copies
+    assert est.phases["optimizer step"] == 26e9
+    assert est.phases["evaluation"] == 16e9 + SCORING  # 4 eval pairs: the same 4096 tokens
+    assert policy.activations == ACT + DPO_LOGITS and ref.activations == SCORING
+
+
+def test_dpo_precomputed_reference_is_gone_before_training():
+    est = dpo("precomputed")
+    # the copy alone scores the pairs (4 eval pairs at a time), before the policy exists
+    assert est.phases["reference precompute"] == 2e9 + SCORING
+    assert "reference forward" not in est.phases
+    # no copy while training: 2 GB less than with one
+    assert est.phases["policy forward + backward"] == 14e9 + ACT + DPO_LOGITS
+    assert est.phases["optimizer step"] == 24e9
+    assert est.models[1].role == "ref (before training)"
+    assert any("--precompute-ref-logprobs" in n for n in est.notes)
+
+
+def test_dpo_lora_reference_is_the_policy_with_adapters_off():
+    from dschat_cli.plan.arch import Linear
+
+    arch = Arch(**{**ARCH.__dict__, "linears": (Linear("decoder.layers.0.fc1", 2048, 8192),)})
+    est = dpo("adapters-off", lora=8, arch=arch)
+    assert [m.role for m in est.models] == ["policy"]  # no second model
+    lora = 8 * (2048 + 8192)  # 81,920 trained parameters
+    resident = 2 * (1e9 + lora) + 12 * lora
+    assert est.phases["reference forward"] == resident + SCORING
+    assert est.phases["optimizer step"] == resident + 2 * lora + 8 * lora
+
+
+def test_dpo_gradient_accumulation_holds_gradients_through_the_reference_forward():
+    # ZeRO-0 with 2 micro-batches: the reference scores the 2nd while the 1st's 2N grads are held
+    assert dpo(accum=2).phases["reference forward"] == 16e9 + 2e9 + SCORING

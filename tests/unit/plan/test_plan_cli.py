@@ -258,3 +258,82 @@ def test_critic_free_plan_bad_input_names_the_flag():
              "--advantage-estimator", "rloo", "--samples-per-prompt", "4",
              "--critic-zero-stage", "2", "--critic-gradient-checkpointing")
     assert r.exit_code == 2 and "--critic-gradient-checkpointing" in r.output
+
+
+def test_dpo_plan_of_a_preset_by_hand():
+    """`dschat plan dpo` for OPT-1.3B (1,315,758,080 parameters, hidden 2048, ffn 8192, 24
+    layers, vocab 50,272), ZeRO-0 bf16, 8 pairs of up to 512 tokens, DPO's dropout 0."""
+    from dschat_cli.plan.memory import GiB
+
+    N = 1_315_758_080
+    r = plan("dpo", "--model", "opt-1.3b", "--zero-stage", "0", "--per-device-train-batch-size",
+             "8", "--max-seq-len", "512", "--gpu-memory", "139.8", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["step"] == "dpo" and doc["verdict"] == "fits"
+    policy, ref = doc["models"]
+    assert (policy["role"], ref["role"]) == ("policy", "ref")
+    assert policy["params"] == ref["params"] == N and ref["trainable"] == 0
+    # 8 pairs = 16 sequences x 512 = 8192 tokens. Activations per token and layer 8e*h + e*ffn =
+    # 49,152 B: 24 layers + one layer's gradients = 25 x 8192 x 49,152 = 10,066,329,600, + the
+    # final norm and head inputs 8192 x 2 x 2 x 2048 = 67,108,864 -> 10,133,438,464.
+    # Logits: 16 x 8192 x 50,272 = 6,589,448,192. Resident: policy 14N + copy 2N = 16N.
+    train = 16 * N + 10_133_438_464 + 6_589_448_192  # 37,775,015,936 B = 35.18 GiB
+    assert doc["phases_gib"]["policy forward + backward"] == pytest.approx(train / GiB, abs=1e-3)
+    assert doc["peak_gib"] == pytest.approx(train / GiB, abs=1e-3)
+    # (measured on one H200 with the full logits: 34.88 GiB; docs/benchmarks.md)
+    assert doc["phases_gib"]["optimizer step"] == pytest.approx(26 * N / GiB, abs=1e-3)
+    # the reference's no-grad forward: 10 x 8192 x 50,272 logits work + 8192 x 57,344 working set
+    ref_fwd = 16 * N + 4_118_405_120 + 469_762_048
+    assert doc["phases_gib"]["reference forward"] == pytest.approx(ref_fwd / GiB, abs=1e-3)
+    lines = {x["what"]: x["value"] for x in doc["schedule"]}
+    assert lines["micro-batch per GPU"] == "8 pairs"
+    # --precompute-ref-logprobs: no copy while training (2N = 2.45 GiB less), a precompute phase
+    pre = json.loads(plan("dpo", "--model", "opt-1.3b", "--zero-stage", "0",
+                          "--per-device-train-batch-size", "8", "--max-seq-len", "512",
+                          "--precompute-ref-logprobs", "--json").output)
+    assert pre["phases_gib"]["policy forward + backward"] == pytest.approx(
+        (train - 2 * N) / GiB, abs=1e-3)
+    assert "reference precompute" in pre["phases_gib"]
+    assert "reference forward" not in pre["phases_gib"]
+    # LoRA with --only-optimize-lora: the reference is the policy with adapters off, no copy
+    lora = json.loads(plan("dpo", "--model", "opt-1.3b", "--lora-dim", "8", "--only-optimize-lora",
+                           "--json").output)
+    assert [m["role"] for m in lora["models"]] == ["policy"]
+
+
+def test_dpo_plan_suggests_dropping_the_reference_copy():
+    args = ["dpo", "--model", "opt-1.3b", "--zero-stage", "0", "--per-device-train-batch-size",
+            "8", "--max-seq-len", "512", "--gpu-memory", "39", "--json"]
+    r = plan(*args)
+    assert r.exit_code == 0, r.output  # 35.2 GiB + 3.1 GiB overhead: fits, not with the margin
+    doc = json.loads(r.output)
+    assert doc["verdict"] == "tight"
+    flags = [" ".join(s["flags"]) for s in doc["suggestions"]]
+    assert "--precompute-ref-logprobs" in flags, flags
+    for s in doc["suggestions"]:  # each, added to the command, gives that estimate
+        again = json.loads(plan(*args, *" ".join(s["flags"]).split()).output)
+        assert again["peak_gib"] == pytest.approx(s["peak_gib"])
+
+
+def test_dpo_help_and_dry_runs_behave_like_sft(monkeypatch, tmp_path):
+    r = plan("dpo", "--help")
+    assert r.exit_code == 0 and "--precompute-ref-logprobs" in r.output
+    assert "--gpu-memory" in r.output
+    # no GPU here: a dry run points at `dschat plan dpo`
+    base = ["dpo", "--model", "opt-1.3b", "--output-dir", str(tmp_path / "o"), "--dry-run"]
+    r = runner.invoke(app, base, terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "`dschat plan dpo` with the same flags" in " ".join(r.output.split())
+    # on a GPU machine it prints the estimate, as sft's
+    from dschat_cli.launch import step as launch_step
+    from dschat_cli.launch.runner import Hardware
+
+    monkeypatch.setattr(launch_step, "detect_hardware", lambda: Hardware(gpus=1, bf16=True,
+                                                                         cpu_cores=2))
+    monkeypatch.setattr(runner_mod, "query_gpus", lambda: [(143771, 9.0)])
+    r = runner.invoke(app, base, terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "memory estimate per GPU" in r.output and "policy" in r.output and "ref" in r.output
+    assert "fits" in r.output
+    assert not (tmp_path / "o").exists()

@@ -34,3 +34,22 @@ def test_ppo_floors_hand_computed():
     g = ppo_floors(actor, critic, batch=2, prompt=3, answer=2, bytes_per_param=2, ceilings=ceil,
                    gradient_checkpointing=True)
     assert g["actor_train"][0] == pytest.approx(72000 * 4 / 3)  # recomputed forward
+
+
+def test_dpo_floors_hand_computed():
+    from dschat_cli.steps.bench import dpo_floors
+
+    policy = Shape(params=1000, matmul_params=1000, layers=2, hidden=10)
+    ceil = {"matmul_tflops": 1.0, "copy_gbps": 1.0}
+    f = dpo_floors(policy, pairs=2, seq_len=5, ceilings=ceil, gradient_checkpointing=False,
+                   reference=True)
+    # 2 pairs = 4 sequences of 5 tokens = 20 tokens; per token 2 * 1000 + 4 * 2 * 10 * 5 = 2400
+    assert f["policy_forward"] == (48000, 0.0, 48000 / 1e12)
+    assert f["ref_forward"] == f["policy_forward"]
+    assert f["policy_backward"] == (96000, 0.0, 96000 / 1e12)  # 2x the forward
+    # Adam: 28 bytes per parameter at 1 GB/s
+    assert f["optimizer_step"] == (0.0, 28000.0, 28000 / 1e9)
+    g = dpo_floors(policy, pairs=2, seq_len=5, ceilings=ceil, gradient_checkpointing=True,
+                   reference=False)
+    assert "ref_forward" not in g  # precomputed: no reference forward in the step
+    assert g["policy_backward"][0] == 3 * 48000  # the forward recomputed in the backward
