@@ -1,4 +1,5 @@
-"""`dschat pipeline`: steps 1-3 in order, each as its own launch (options -> PipelineConfig)."""
+"""`dschat pipeline`: steps 1-3 (or 1 and DPO) in order, each as its own launch (options ->
+PipelineConfig)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ def _run(cfg: PipelineConfig, *, dry_run: bool) -> int:
 def register(app: typer.Typer) -> None:
     config_command(app, "pipeline", PipelineConfig, handler=_run,
                    help="Run step 1 (SFT), step 2 (reward model) and step 3 (PPO) in order, with "
-                        "size presets, skipping finished steps, and end with a time breakdown.",
+                        "size presets, skipping finished steps, and end with a time breakdown; "
+                        "--method dpo: step 1, then DPO as step 2.",
                    epilog="Examples: dschat pipeline --demo | dschat pipeline --actor opt-13b "
-                          "--reward opt-350m --deployment-type single_node")
+                          "--reward opt-350m --deployment-type single_node | dschat pipeline "
+                          "--demo --method dpo")

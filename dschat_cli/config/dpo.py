@@ -17,6 +17,9 @@ The reference model is the starting model, frozen:
     (peft's disable_adapter): the frozen base is the starting model, so there is no copy at all.
     (LoRA that also trains the base weights needs the copy.)
 
+With a known --true-reward (the demo's judge) the run also reports what the policy says to the
+held-out prompts before and after training, as step 3 does (HeldoutOptions).
+
 No torch import here: --dry-run and `dschat --help` build these.
 """
 
@@ -31,6 +34,7 @@ from dschat_cli.config.sections import (CheckpointOptions, DataOptions, DeepSpee
                                         OptimOptions, check_single_model_run)
 
 LOSS_TYPES = ("sigmoid", "ipo")  # as rlhf/dpo.py (config/ imports no torch)
+TRUE_REWARDS = ("none", "demo")  # as `dschat ppo --true-reward` (steps/rl/experience.py's judges)
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,26 @@ class ReferenceOptions:
 
 
 @dataclass(frozen=True)
+class HeldoutOptions:
+    """What the policy says, before and after training: with a known --true-reward, one sampled
+    answer to each held-out prompt (the eval pairs' prompts) is judged, and the greedy answers to
+    the first --greedy-check-prompts are shown (step 3's held-out check, steps/heldout.py)."""
+    true_reward: str = opt("none", "A known true reward of the policy's answers to the held-out "
+                           "prompts, reported before and after training and never trained on: "
+                           "demo is the demo task's programmatic judge (dschat pipeline --demo "
+                           "--method dpo sets it); none: no answers are generated.",
+                           choices=TRUE_REWARDS)
+    max_answer_seq_len: int = opt(128, "Maximum tokens of a held-out answer (with --true-reward).",
+                                  min=2)
+    greedy_check_prompts: int = opt(8, "Held-out prompts answered greedily (what `dschat chat` "
+                                    "says) before and after training, shown in the summary (with "
+                                    "--true-reward).", min=1)
+    generation_engine: str = opt("fast", "fast: dschat's rollout engine (static KV cache); hf: "
+                                 "transformers' generate (with --true-reward).",
+                                 choices=("fast", "hf"))
+
+
+@dataclass(frozen=True)
 class DPOConfig:
     model: DPOModelOptions = section(DPOModelOptions, panel="Model")
     lora: LoraOptions = section(LoraOptions, panel="LoRA")
@@ -92,6 +116,7 @@ class DPOConfig:
     launch: LaunchOptions = section(LaunchOptions, panel="Launch")
     health: HealthOptions = section(HealthOptions, panel="Health")
     checkpoint: CheckpointOptions = section(CheckpointOptions, panel="Checkpoints")
+    heldout: HeldoutOptions = section(HeldoutOptions, panel="Held-out answers")
     output_dir: str | None = opt(None, "Folder for the trained model, run config, DeepSpeed JSON, "
                                  "logs and metrics.")
     overwrite: bool = opt(False, "Allow writing into a non-empty --output-dir.")

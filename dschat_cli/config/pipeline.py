@@ -3,8 +3,9 @@
 The presets follow the shape of DeepSpeed-Chat's per-size scripts (1.3B on one GPU: ZeRO-0;
 1.3B on a node: ZeRO-2; 6.7B and larger: ZeRO-3; the 350M reward model: ZeRO-0). The batch sizes
 are dschat's own, sized for 80 GB-class GPUs at 512 tokens (step 1/2) and 256 + 256 tokens
-(step 3). Every value is overridable: per-step YAML (--sft-config, --reward-config, --ppo-config)
-and the pipeline's own flags win over the preset.
+(step 3). DPO (--method dpo) is sized as a step that trains one model, like step 1. Every value is
+overridable: per-step YAML (--sft-config, --reward-config, --ppo-config, --dpo-config) and the
+pipeline's own flags win over the preset.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from dschat_cli.config.estimators import ESTIMATORS
 from dschat_cli.config.schema import ConfigError, opt, section
 from dschat_cli.config.sections import LaunchOptions, parse_split
+from dschat_cli.config.steps import METHODS
 
 
 @dataclass(frozen=True)
@@ -66,20 +68,29 @@ class PipelineConfig:
                      "id (facebook/opt-13b) or a local folder.")
     reward: str = opt("opt-350m", "Reward/critic base model (same forms as --actor); it must use "
                       "the actor's tokenizer.")
-    steps: tuple[str, ...] = opt(("1", "2", "3"), "Steps to run: repeatable or comma-separated "
-                                 "(--steps 2,3). Earlier steps' outputs must exist.")
+    method: str = opt(METHODS[0], "rlhf: step 1 (SFT), step 2 (reward model), step 3 (PPO or "
+                      "--advantage-estimator); dpo: step 1 (SFT), then `dschat dpo` as step 2 on "
+                      "the step-2 part of the data (DeepSpeed-Chat's step2_dpo_finetuning), no "
+                      "reward model, no step 3.", choices=METHODS)
+    steps: tuple[str, ...] = opt((), "Steps to run, by number or name: repeatable or "
+                                 "comma-separated (--steps 2,3; --steps dpo); unset: every step "
+                                 "of --method. Earlier steps' outputs must exist.")
     output_dir: str = opt("./output", "Root folder: actor-models/NAME, reward-models/NAME, "
-                          "step3-models/NAME, summary.md and summary.json.")
+                          "step3-models/NAME (--method dpo: dpo-models/NAME), summary.md and "
+                          "summary.json.")
     random_init: bool = opt(False, "Build every preset-named model with random weights "
                             "(benchmarks, smoke runs).")
-    actor_zero_stage: int | None = opt(None, "ZeRO stage for steps 1 and 3's actor (default: the "
-                                       "size preset's).", choices=(0, 1, 2, 3))
+    actor_zero_stage: int | None = opt(None, "ZeRO stage for steps 1 and 3's actor and the DPO "
+                                       "step's policy (default: the size preset's).",
+                                       choices=(0, 1, 2, 3))
     reward_zero_stage: int | None = opt(None, "ZeRO stage for step 2 and step 3's critic (default: "
                                         "the size preset's).", choices=(0, 1, 2, 3))
     sft_config: str | None = opt(None, "YAML of step-1 options (as an sft run_config.yaml); any "
                                  "`dschat sft` option.")
     reward_config: str | None = opt(None, "YAML of step-2 options (any `dschat reward` option).")
     ppo_config: str | None = opt(None, "YAML of step-3 options (any `dschat ppo` option).")
+    dpo_config: str | None = opt(None, "YAML of the DPO step's options with --method dpo (any "
+                                 "`dschat dpo` option: --beta, --loss-type, ...).")
     advantage_estimator: str | None = opt(None, "Step 3's estimator (`dschat ppo "
                                           "--advantage-estimator`): gae (PPO with a critic), or "
                                           "critic-free grpo, dr-grpo, rloo, reinforce++, "
@@ -108,22 +119,43 @@ class PipelineConfig:
 
     @property
     def step_numbers(self) -> list[int]:
-        from dschat_cli.config.steps import pipeline_steps
+        """The --steps of --method, by number, in order (all of them when --steps is unset)."""
+        from dschat_cli.config.steps import STEPS, pipeline_steps
 
-        known = [str(s.number) for s in pipeline_steps()]
+        rows = pipeline_steps(self.method)
+        known = {**{str(s.number): s.number for s in rows}, **{s.name: s.number for s in rows}}
+        names = [f"{s.number} ({s.name})" for s in rows]
+        names = ", ".join(names[:-1]) + f" and/or {names[-1]}"
         out: list[int] = []
         for item in self.steps:
             for part in str(item).replace(" ", ",").split(","):
                 if not part:
                     continue
-                if part not in known:
-                    raise ConfigError("--steps", f"'{part}' is not a step; use "
-                                      f"{', '.join(known[:-1])} and/or {known[-1]}")
-                if int(part) not in out:
-                    out.append(int(part))
-        if not out:
+                if part.lower() not in known:
+                    other = [m for s in STEPS if part.lower() in (str(s.number), s.name)
+                             for m in s.methods if m != self.method]
+                    what = (f"is a step of --method {other[0]}, not of --method {self.method}"
+                            if other else f"is not a step of --method {self.method}")
+                    raise ConfigError("--steps", f"'{part}' {what}; use {names}")
+                if known[part.lower()] not in out:
+                    out.append(known[part.lower()])
+        if self.steps and not out:
             raise ConfigError("--steps", "names no step")
-        return sorted(out)
+        return sorted(out) if out else [s.number for s in rows]
 
     def check(self) -> None:
         _ = self.step_numbers
+        from dschat_cli.config.steps import pipeline_steps
+
+        names = [s.name for s in pipeline_steps(self.method)]
+        for field, step in _STEP_OPTIONS.items():
+            if getattr(self, field) is not None and step not in names:
+                flag = "--" + field.replace("_", "-")
+                raise ConfigError(flag, f"sets `dschat {step}`, which --method {self.method} "
+                                  f"does not run (its steps: {', '.join(names)}); drop "
+                                  f"{flag} or pick the --method that runs it")
+
+
+# pipeline options that only one step reads (unset: None), refused when --method skips that step
+_STEP_OPTIONS = {"reward_zero_stage": "reward", "reward_config": "reward", "ppo_config": "ppo",
+                 "advantage_estimator": "ppo", "samples_per_prompt": "ppo", "dpo_config": "dpo"}

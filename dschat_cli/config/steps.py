@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DONE_MARKER = ".dschat_done.json"  # written by `dschat pipeline` when a step finished
+METHODS = ("rlhf", "dpo")  # `dschat pipeline --method`: the first is the default
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,14 @@ class Step:
     data_phase: int | None = None  # which part of --data-split it trains on (1, 2, 3)
     memory: str | None = None  # how `dschat plan` estimates it: "single" (one trained model),
     # "ppo" (actor, critic, ref, reward); None: no `dschat plan STEP`
-    number: int | None = None  # its place in `dschat pipeline` (1, 2, 3); None: not in it
+    number: int | None = None  # its place in `dschat pipeline --method` of its methods (1, 2, 3);
+    # None: not in the pipeline
+    methods: tuple[str, ...] = ()  # the `dschat pipeline --method`s it is a step of: rlhf (steps
+    # 1, 2, 3) and dpo (step 1, then DPO as step 2: DeepSpeed-Chat's step2_dpo_finetuning)
     pipeline_dir: str | None = None  # the pipeline's folder: OUT/PIPELINE_DIR/MODEL_NAME
+    pipeline_model: str = "actor"  # the `dschat pipeline` flag (--actor, --reward) that names the
+    # model it trains: the base of its folder name, and what the pipeline's errors call the step's
+    # model flag
     models: tuple[str, ...] = (".",)  # model folders it saves under --output-dir ("." is the
     # folder itself), the one the next step or `dschat chat` reads first
     done: str = DONE_MARKER
@@ -72,7 +79,8 @@ STEPS: tuple[Step, ...] = (
          ds_configs="dschat_cli.config.ds_config:model_ds_configs",
          precision="deepspeed.dtype", torch_adam="optim.torch_adam",
          tensorboard="deepspeed.enable_tensorboard", seq_len=("data.max_seq_len",),
-         data_phase=1, memory="single", number=1, pipeline_dir="actor-models"),
+         data_phase=1, memory="single", number=1, methods=("rlhf", "dpo"),
+         pipeline_dir="actor-models"),
     Step("reward", "Step 2: train a reward model (backbone + scalar value head) on "
          "chosen/rejected pairs.",
          config="dschat_cli.config.reward:RewardConfig", run="dschat_cli.steps.reward:run",
@@ -80,7 +88,8 @@ STEPS: tuple[Step, ...] = (
          ds_configs="dschat_cli.config.ds_config:model_ds_configs",
          precision="deepspeed.dtype", torch_adam="optim.torch_adam",
          tensorboard="deepspeed.enable_tensorboard", seq_len=("data.max_seq_len",),
-         data_phase=2, memory="single", number=2, pipeline_dir="reward-models"),
+         data_phase=2, memory="single", number=2, methods=("rlhf",),
+         pipeline_dir="reward-models", pipeline_model="reward"),
     Step("ppo", "Step 3: RLHF with PPO (actor, critic from the reward model, frozen reference and "
          "reward models).",
          config="dschat_cli.config.ppo:PPOConfig", run="dschat_cli.steps.ppo:run",
@@ -90,7 +99,7 @@ STEPS: tuple[Step, ...] = (
          precision="deepspeed.dtype", torch_adam="train.torch_adam",
          tensorboard="deepspeed.enable_tensorboard",
          seq_len=("data.max_prompt_seq_len", "generation.max_answer_seq_len"),
-         data_phase=3, memory="ppo", number=3, pipeline_dir="step3-models",
+         data_phase=3, memory="ppo", number=3, methods=("rlhf",), pipeline_dir="step3-models",
          models=("actor", "critic")),
     Step("dpo", "DPO: train the policy straight on chosen/rejected pairs against a frozen "
          "reference (no reward model, no PPO).",
@@ -99,7 +108,8 @@ STEPS: tuple[Step, ...] = (
          ds_configs="dschat_cli.config.dpo:dpo_ds_configs",
          precision="deepspeed.dtype", torch_adam="optim.torch_adam",
          tensorboard="deepspeed.enable_tensorboard", seq_len=("data.max_seq_len",),
-         data_phase=2, memory="dpo"),  # policy + reference: plan/memory.py estimate_dpo
+         data_phase=2, number=2, methods=("dpo",), pipeline_dir="dpo-models",
+         memory="dpo"),  # policy + reference: plan/memory.py estimate_dpo
     Step("bench", "Measure step 3 (or step 1) in DeepSpeed-Chat's benchmark setting on random "
          "weights.",
          config="dschat_cli.config.bench:BenchConfig", run="dschat_cli.steps.bench:run",
@@ -121,10 +131,12 @@ def step(name: str) -> Step:
         raise KeyError(f"unknown step {name!r}; one of {', '.join(_BY_NAME)}") from None
 
 
-def pipeline_steps() -> list[Step]:
-    """The steps of `dschat pipeline`, in order."""
-    return sorted((s for s in STEPS if s.number is not None), key=lambda s: s.number)
+def pipeline_steps(method: str = METHODS[0]) -> list[Step]:
+    """The steps of `dschat pipeline --method METHOD`, in order."""
+    if method not in METHODS:
+        raise KeyError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
+    return sorted((s for s in STEPS if method in s.methods), key=lambda s: s.number)
 
 
-def by_number(number: int) -> Step:
-    return next(s for s in STEPS if s.number == number)
+def by_number(number: int, method: str = METHODS[0]) -> Step:
+    return next(s for s in pipeline_steps(method) if s.number == number)

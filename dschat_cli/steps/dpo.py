@@ -5,8 +5,11 @@ of --data-split) train the policy straight from preferences against a frozen ref
 model, no PPO. The loss, mask and metrics are pure functions in rlhf/dpo.py. Evaluates the whole
 eval set (all ranks) before training, each epoch and every --eval-interval steps: loss, implicit-
 reward accuracy, mean chosen and rejected rewards, their margin and the mean log-probability per
-token of the chosen answers (it falls when DPO over-optimizes). Saves a Hugging Face folder with
-LoRA merged, which `dschat chat` and step 3 load. Runs on every rank; rank 0 prints and writes.
+token of the chosen answers (it falls when DPO over-optimizes). With --true-reward, before and
+after training the policy also answers the held-out prompts and is judged (steps/heldout.py: the
+true reward of sampled answers, greedy answers; train_summary.json keys named as step 3's). Saves a
+Hugging Face folder with LoRA merged, which `dschat chat` and step 3 load. Runs on every rank; rank
+0 prints and writes.
 
 The reference (config/dpo.py says which, and why): a frozen copy of the starting model (an engine
 without optimizer, "ref" in the run record), its logprobs precomputed once with
@@ -287,6 +290,9 @@ def run(cfg: DPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
                   f"{ds_config['train_batch_size']} pairs, {total_steps} steps, "
                   f"{cfg.dpo.loss_type} loss, beta {cfg.dpo.beta:g}, {ref_text}")
 
+    # with --true-reward: what the policy says to held-out prompts, before and after
+    probe = _heldout_probe(cfg, tokenizer, dist)
+
     history: list[dict] = []
     if not has_eval:
         console.print("[warn]no eval pairs for DPO (the step-2 part of --data-split): evaluation "
@@ -301,6 +307,7 @@ def run(cfg: DPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
 
     if state is None:
         first = record_eval(0, 0, "before training", console) if has_eval else None
+        heldout_start = _measure(probe, engine, "before training")
         step, epoch, batch_pos, pairs_seen, tokens_seen, seconds = 0, 1, 0, 0, 0, 0.0
         losses: list[float] = []
     else:  # continue where the checkpoint was written (a finished run: after the loop)
@@ -308,6 +315,7 @@ def run(cfg: DPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
         first, step, epoch, batch_pos, pairs_seen, tokens_seen, seconds, losses = (
             state[k] for k in ("first", "step", "epoch", "batch", "pairs_seen", "tokens_seen",
                                "seconds", "losses"))
+        heldout_start = state.get("heldout_start")
         console.print(f"resumed from {escape(str(ckpt.resume_from))}: step {step}, epoch {epoch}")
     start_epoch = cfg.optim.num_train_epochs + 1 if state and state["finished"] else epoch
 
@@ -316,6 +324,7 @@ def run(cfg: DPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
         return {"epoch": epoch, "batch": batch, "finished": finished, "first": first,
                 "pairs_seen": pairs_seen, "tokens_seen": tokens_seen, "losses": losses,
                 "history": history, "health": health.state_dict(),
+                "heldout_start": heldout_start,
                 "seconds": time.perf_counter() - t0}
 
     # 2. train ---------------------------------------------------------------------------------
@@ -395,6 +404,7 @@ def run(cfg: DPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
                 break
     ckpt.save_final(step, {"model": engine}, snapshot(epoch, batch_pos, finished=True))
     elapsed = time.perf_counter() - t0
+    heldout_end = _measure(probe, engine, "after training")
 
     # 3. save ----------------------------------------------------------------------------------
     with console.status(f"saving to {out}"):
@@ -418,6 +428,7 @@ def run(cfg: DPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
         "evals": history, "params": n_params, "output_dir": str(out), "status": "completed",
         "anomalies": health.history, "health": health.state_dict(),
         "lr_changes": ckpt.lr_changes, "peak_memory_gib": peak_memory_gib(dist),
+        **(heldout_start or {}), **(heldout_end or {}),
     }
     if dist.is_main:
         write_summary_json(out, result)
@@ -443,6 +454,7 @@ def run(cfg: DPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
         ("throughput", f"{result['pairs_per_s']:,.1f} pairs/s, {tps:,.0f} tokens/s, "
                        f"{result['tflops_per_gpu']:.1f} TFLOP/s per GPU"),
         ("reference", ref_text),
+        *_heldout_rows(cfg, heldout_start, heldout_end),
         ("time", f"{elapsed:.1f} s"),
         ("saved", str(out)),
         *ckpt.summary_rows(),
@@ -450,6 +462,59 @@ def run(cfg: DPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     ])
     dist.barrier()
     return result
+
+
+def _heldout_probe(cfg: DPOConfig, tokenizer, dist: Dist):
+    """The held-out check of --true-reward (steps/heldout.py): the distinct prompts of the eval
+    pairs (the step-2 part of the data, as the pairs); None without --true-reward or prompts."""
+    if cfg.heldout.true_reward == "none":
+        return None
+    from dschat_cli.steps.heldout import HeldoutProbe, heldout_prompt_loader
+
+    loader = heldout_prompt_loader(cfg.data, tokenizer, dist, phase=2, seed=cfg.seed,
+                                   max_prompt_seq_len=cfg.data.max_seq_len,
+                                   batch_size=cfg.optim.per_device_eval_batch_size)
+    if loader is None:
+        console.print("[warn]no held-out prompts (the eval pairs of the step-2 part of "
+                      "--data-split): --true-reward has nothing to judge")
+        return None
+    return HeldoutProbe(cfg.heldout, tokenizer, loader, dist,
+                        zero3=cfg.deepspeed.zero_stage == 3,
+                        max_prompt_seq_len=cfg.data.max_seq_len)
+
+
+def _measure(probe, engine, label: str) -> dict | None:
+    """The held-out figures as train_summary.json keys (`_start` before training, `_end` after)."""
+    if probe is None:
+        return None
+    with console.status(f"answering the held-out prompts ({label})"):
+        answers = probe.measure(engine.module)
+    console.print(f"held-out answers {label}: {answers.line()}", markup=False)
+    return answers.summary("start" if label.startswith("before") else "end")
+
+
+def _heldout_rows(cfg: DPOConfig, start: dict | None, end: dict | None) -> list[tuple[str, str]]:
+    """The summary's rows of the held-out check, as step 3's: the true reward of sampled answers,
+    the greedy answers' figures, and two greedy answers before and after."""
+    if not start or not end:
+        return []
+
+    def pm(d: dict, key: str) -> str:
+        return f"{d[key]:.4f} ± {d[key + '_stderr']:.4f}"
+
+    rows = [(f"held-out true reward, {cfg.heldout.true_reward} (before -> after)",
+             f"{pm(start, 'true_reward_heldout_start')} -> {pm(end, 'true_reward_heldout_end')} "
+             f"(n={end['heldout_end_n']}, ± one standard error)"),
+            ("greedy answers to held-out prompts (before -> after)",
+             f"true reward {start['greedy_true_reward_start']:.3f} -> "
+             f"{end['greedy_true_reward_end']:.3f}, repeated trigrams "
+             f"{start['greedy_repetition_start']:.3f} -> {end['greedy_repetition_end']:.3f}, "
+             f"distinct-2 {start['greedy_distinct_start']:.3f} -> "
+             f"{end['greedy_distinct_end']:.3f}")]
+    for before, after in list(zip(start["samples_start"], end["samples_end"]))[:2]:
+        rows.append((f"greedy answer to: {after['prompt']}",
+                     f"before: {before['answer']}\nafter:  {after['answer']}"))
+    return rows
 
 
 def fmt_eval(ev: dict) -> str:

@@ -236,6 +236,12 @@ CASES: list[Case] = [
      "--hostfile", "slots"),
     # --- pipeline
     ("pipeline-bad-steps", lambda c: c.pipeline("--steps", "4"), "--steps", None),
+    ("pipeline-dpo-steps-3", lambda c: c.pipeline("--method", "dpo", "--steps", "3"), "--steps",
+     "not of --method dpo"),
+    ("pipeline-dpo-estimator", lambda c: c.pipeline("--method", "dpo", "--advantage-estimator",
+                                                    "grpo"), "--advantage-estimator", "dpo"),
+    ("pipeline-dpo-sft-only-data", lambda c: c.pipeline("--method", "dpo", data=(
+        "--data-path", c.write("sft.jsonl", _jsonl(SFT_ONLY_ROWS)))), "--data-path", "rejected"),
     ("pipeline-sft-only-data", lambda c: c.pipeline(data=(
         "--data-path", c.write("sft.jsonl", _jsonl(SFT_ONLY_ROWS)))), "--data-path", "rejected"),
     ("pipeline-offline-hub-actor", lambda c: c.pipeline(actor="facebook/opt-1.3b"), "--actor",

@@ -106,3 +106,165 @@ def test_demo_settings_by_estimator(tmp_path):
             grpo.train.num_train_epochs) == (4, 8, 1)
     assert grpo.train.critic_learning_rate == 5e-6  # untouched: the critic options are refused
     assert grpo.ppo.true_reward == "demo" and grpo.ppo.kl_ctl == 0.3
+
+
+# --method dpo: step 1, then `dschat dpo` as step 2 on step 1's model (DeepSpeed-Chat's
+# step2_dpo_finetuning); no reward model, no step 3.
+
+def test_method_dpo_plans_step_1_then_dpo_on_its_output(tmp_path):
+    out = tmp_path / "out"
+    plans = plan_pipeline(from_flags(PipelineConfig, method="dpo", output_dir=str(out)))
+    assert [(p.number, p.name) for p in plans] == [(1, "sft"), (2, "dpo")]
+    sft, dpo = plans
+    assert dpo.out == (out / "dpo-models" / "opt-1.3b").resolve()
+    assert dpo.cfg.output_dir == str(dpo.out) and dpo.inputs == (sft.out,)
+    assert dpo.cfg.model.model == str(sft.out)  # the policy (and its reference) is step 1's model
+    assert dpo.cfg.data.data_split == "2,4,4" and dpo.cfg.seed == 1234  # the pipeline's, shared
+    # the 1.3B preset on one GPU: ZeRO-0; a pair is two sequences, so half step 1's micro-batch
+    # and twice its accumulation: the same global batch
+    assert dpo.cfg.deepspeed.zero_stage == sft.cfg.deepspeed.zero_stage == 0
+    assert (sft.cfg.optim.per_device_train_batch_size, sft.cfg.optim.gradient_accumulation_steps,
+            dpo.cfg.optim.per_device_train_batch_size,
+            dpo.cfg.optim.gradient_accumulation_steps) == (8, 2, 4, 4)
+    # the DPO defaults are the step's own (the reference's OPT-350M script), not step 1's
+    assert (dpo.cfg.optim.learning_rate, dpo.cfg.dpo.beta) == (5e-5, 0.1)
+    assert dpo.cfg.heldout.true_reward == "none"
+    # rlhf, the default, is unchanged: three steps, no DPO folder
+    assert [p.name for p in plan_pipeline(from_flags(PipelineConfig, output_dir=str(out)))] == \
+        ["sft", "reward", "ppo"]
+
+
+@pytest.mark.parametrize("method, steps, expected", [
+    ("dpo", ("dpo",), ["dpo"]), ("dpo", ("2",), ["dpo"]), ("dpo", ("sft,dpo",), ["sft", "dpo"]),
+    ("dpo", ("1",), ["sft"]), ("rlhf", ("ppo", "1"), ["sft", "ppo"]),
+])
+def test_steps_by_number_or_name_within_the_method(tmp_path, method, steps, expected):
+    cfg = from_flags(PipelineConfig, method=method, steps=steps, output_dir=str(tmp_path))
+    assert [p.name for p in plan_pipeline(cfg)] == expected
+
+
+@pytest.mark.parametrize("flags, where, message", [
+    ({"method": "dpo", "steps": ("3",)}, "--steps",
+     "'3' is a step of --method rlhf, not of --method dpo; use 1 (sft) and/or 2 (dpo)"),
+    ({"method": "dpo", "steps": ("reward",)}, "--steps", "'reward' is a step of --method rlhf"),
+    ({"steps": ("dpo",)}, "--steps", "'dpo' is a step of --method dpo, not of --method rlhf"),
+    ({"steps": ("4",)}, "--steps", "'4' is not a step of --method rlhf; use 1 (sft), 2 (reward) "
+                                   "and/or 3 (ppo)"),
+    ({"method": "dpo", "advantage_estimator": "grpo"}, "--advantage-estimator",
+     "sets `dschat ppo`, which --method dpo does not run (its steps: sft, dpo)"),
+    ({"method": "dpo", "reward_config": "r.yaml"}, "--reward-config", "--method dpo does not run"),
+    ({"dpo_config": "d.yaml"}, "--dpo-config", "which --method rlhf does not run"),
+])
+def test_method_refuses_what_it_does_not_run_naming_the_flag(tmp_path, flags, where, message):
+    with pytest.raises(ConfigError) as e:
+        from_flags(PipelineConfig, output_dir=str(tmp_path), **flags).check()
+    assert e.value.where == where and message in e.value.message, e.value
+
+
+def test_dpo_config_yaml_is_the_dpo_steps_layer(tmp_path):
+    yaml = tmp_path / "dpo.yaml"
+    yaml.write_text("dpo:\n  beta: 0.3\n  loss_type: ipo\noptim:\n  learning_rate: 1.0e-6\n"
+                    "seed: 7\n")
+    dpo = plan_pipeline(from_flags(PipelineConfig, method="dpo", dpo_config=str(yaml),
+                                   output_dir=str(tmp_path / "out")))[1].cfg
+    assert (dpo.dpo.beta, dpo.dpo.loss_type, dpo.optim.learning_rate) == (0.3, "ipo", 1e-6)
+    assert dpo.seed == 1234  # the pipeline's --seed wins, as for every step
+    yaml.write_text("dpo:\n  betta: 1\n")
+    with pytest.raises(ConfigError) as e:
+        plan_pipeline(from_flags(PipelineConfig, method="dpo", dpo_config=str(yaml),
+                                 output_dir=str(tmp_path)))
+    assert e.value.where == "--dpo-config" and "dpo.betta" in e.value.message
+
+
+def test_demo_dpo_settings(tmp_path):
+    from dschat_cli.pipeline import DEMO_STEPS
+
+    plans = plan_pipeline(from_flags(PipelineConfig, demo=True, method="dpo",
+                                     output_dir=str(tmp_path)))
+    assert [p.name for p in plans] == ["sft", "dpo"]
+    sft, dpo = plans
+    for path, expected in DEMO["sft"].items():  # step 1 is the rlhf demo's (it can be shared)
+        assert value(sft.cfg, path) == expected, path
+    c = dpo.cfg
+    assert c.heldout.true_reward == "demo" and c.deepspeed.dtype == "fp32"
+    assert c.data.max_seq_len == 96 and c.heldout.max_answer_seq_len == 48
+    assert (c.optim.learning_rate, c.dpo.beta, c.optim.num_train_epochs) == tuple(
+        DEMO_STEPS["dpo"][k] for k in ("learning_rate", "beta", "num_train_epochs"))
+
+
+def test_summary_shows_dpo_figures_and_its_greedy_answers(tmp_path):
+    import json
+
+    from dschat_cli.pipeline import _summarise
+
+    cfg = from_flags(PipelineConfig, method="dpo", output_dir=str(tmp_path))
+    plans = plan_pipeline(cfg)
+    dpo = plans[1]
+    dpo.out.mkdir(parents=True)
+    answer = {"prompt": "Human: How do I bake bread? Assistant:", "answer": "Sure! Knead it.",
+              "true_reward": 1.0}
+    (dpo.out / "train_summary.json").write_text(json.dumps({
+        "eval_accuracy_start": 0.5, "eval_accuracy_end": 0.95, "eval_margin_end": 2.0,
+        "eval_chosen_logprob_start": -0.4, "eval_chosen_logprob_end": -0.45, "eval_pairs": 128,
+        "true_reward_heldout_start": 0.7, "true_reward_heldout_start_stderr": 0.02,
+        "true_reward_heldout_end": 0.8, "true_reward_heldout_end_stderr": 0.02,
+        "heldout_end_n": 80, "greedy_true_reward_start": 0.8, "greedy_true_reward_end": 1.0,
+        "samples_start": [{**answer, "answer": "Of course!"}], "samples_end": [answer]}))
+    from dschat_cli.pipeline import step_metrics
+
+    rows = [{"step": 2, "name": "dpo", "status": "ran", "seconds": 30.0,
+             "metrics": step_metrics(dpo)}]
+    _summarise(cfg, plans, rows, 30.0, tmp_path)
+    md = (tmp_path / "summary.md").read_text()
+    assert ("| 2 (dpo) | ran | 30.0 | accuracy 0.500 -> 0.950, margin 2.000, chosen logprob/token "
+            "-0.400 -> -0.450 (128 pairs); true reward 0.700 ± 0.020 -> 0.800 ± 0.020 (greedy "
+            "answers 0.800 -> 1.000) (80 prompts) |") in md
+    assert "## Held-out answers (greedy), before and after step 2 (dpo)" in md
+    assert "| Human: How do I bake bread? Assistant: | Of course! | Sure! Knead it. |" in md
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["method"] == "dpo" and "reward" not in summary  # no reward model was trained
+
+
+def test_up_front_checks_run_dpos_checks_on_the_model_step_1_starts_from(tmp_path, monkeypatch):
+    """Before step 1 runs, DPO's model (step 1's output) does not exist: the DPO checks run up
+    front on the model step 1 starts from, and again on step 1's output when DPO launches."""
+    from dschat_cli import checks
+    from dschat_cli.demo.synthetic import write_jsonfile_dir
+    from dschat_cli.pipeline import _validate_up_front
+
+    data = tmp_path / "data"
+    write_jsonfile_dir(data, seed=0, n_train=40, n_eval=10)
+    called = []
+    monkeypatch.setattr(checks, "validate_sft", lambda cfg: called.append("sft"))
+    monkeypatch.setattr(checks, "validate_dpo", lambda cfg: called.append(cfg.model.model))
+    cfg = from_flags(PipelineConfig, method="dpo", output_dir=str(tmp_path / "out"),
+                     data_path=("local/jsonfile",), data_dir=str(data))
+    plans = plan_pipeline(cfg)
+    assert _validate_up_front(cfg, plans) == {1} and called == ["sft", "opt-1.3b"]
+    called.clear()  # --steps dpo: step 1 ran before, DPO is checked in full on its output
+    assert _validate_up_front(cfg, plans[1:]) == {2} and called == [str(plans[0].out)]
+
+
+def test_plan_pipeline_method_dpo(monkeypatch):
+    """`dschat plan pipeline --method dpo`: step 1, and the DPO step from the --actor's
+    architecture (its model is step 1's output, not there yet), or a clear line when the planner
+    has no memory model for DPO."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from dschat_cli.cli.app import app
+    from dschat_cli.config.steps import step
+    from dschat_cli.launch import runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "query_gpus", lambda: [])
+    r = CliRunner().invoke(app, ["plan", "pipeline", "--method", "dpo", "--actor", "opt-1.3b",
+                                 "--gpu-memory", "80", "--json"], terminal_width=200)
+    assert r.exit_code in (0, 1), r.output
+    if step("dpo").memory is None:
+        assert "no memory estimate" in r.output
+        return
+    doc = json.loads(r.output)
+    assert [s["step"] for s in doc["steps"]] == ["sft", "dpo"]
+    sft, dpo = doc["steps"]
+    assert dpo["models"][0]["params"] == sft["models"][0]["params"] > 1e9

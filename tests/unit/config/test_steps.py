@@ -49,6 +49,17 @@ def test_pipeline_steps_are_numbered_in_order_with_their_folders():
     assert [s.data_phase for s in rows] == [1, 2, 3]
 
 
+def test_method_dpo_is_step_1_then_dpo_in_its_own_folder():
+    rows = pipeline_steps("dpo")
+    assert [(s.number, s.name, s.pipeline_dir) for s in rows] == \
+        [(1, "sft", "actor-models"), (2, "dpo", "dpo-models")]
+    assert step("dpo").data_phase == 2 and step("dpo").models == (".",)  # chat reads the folder
+    assert pipeline_steps() == pipeline_steps("rlhf")  # rlhf is the default
+    assert table.METHODS == ("rlhf", "dpo")
+    with pytest.raises(KeyError, match="unknown method 'kto'"):
+        pipeline_steps("kto")
+
+
 def test_names_are_unique_and_unknown_names_are_refused():
     assert len({s.name for s in STEPS}) == len(STEPS)
     with pytest.raises(KeyError, match="unknown step 'kto'; one of sft, reward, ppo, dpo, bench"):

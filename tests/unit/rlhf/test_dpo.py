@@ -174,7 +174,10 @@ def test_defaults_are_deepspeed_chats_opt_dpo_script():
     assert cfg.model.dropout == 0.0 and cfg.data.data_split == "2,4,4"
     from dschat_cli.config.steps import step
 
-    assert step("dpo").data_phase == 2 and step("dpo").number is None
+    # the step-2 part of the data; `dschat pipeline --method dpo` runs it as step 2 (the
+    # reference's step2_dpo_finetuning), and --method rlhf does not run it
+    assert step("dpo").data_phase == 2 and step("dpo").number == 2
+    assert step("dpo").methods == ("dpo",)
 
 
 def test_reference_configs_by_stage_offload_and_lora():
