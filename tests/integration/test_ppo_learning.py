@@ -170,8 +170,8 @@ def test_a_reward_that_pays_for_repetition_is_caught(recipe, invoke_dschat, monk
 
     real_make = ExperienceMaker.make
 
-    def hacked(self, batch, generator=None):
-        r = real_make(self, batch, generator)
+    def hacked(self, batch, generator=None, samples=None):
+        r = real_make(self, batch, generator, samples)
         P = r.prompts.shape[1]
         pays = repeated_ngram_fraction(r.seq[:, P:], r.action_mask, n=1)
         return r._replace(scores=(5.0 * pays).to(r.scores.device, torch.float32))
