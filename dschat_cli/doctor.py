@@ -38,6 +38,7 @@ REQUIREMENTS: dict[str, str] = {
     "typer": "0.12",
     "rich": "13",
     "pyyaml": "6",
+    "matplotlib": "3.7",
 }
 
 GIB = 1024 ** 3

@@ -11,6 +11,7 @@ from dschat_cli.cli import doctor, dpo
 from dschat_cli.cli import eval as eval_cmd
 from dschat_cli.cli import eval_reward, pipeline, ppo, reward, sft
 from dschat_cli.cli import plan as plan_cmd
+from dschat_cli.cli import report
 
 app = typer.Typer(
     name="dschat",
@@ -18,7 +19,9 @@ app = typer.Typer(
          "(SFT, reward model, PPO) on DeepSpeed.",
     rich_markup_mode="rich",
     no_args_is_help=True,
-    add_completion=False,
+    # `dschat --install-completion` / `--show-completion [bash|zsh|fish|powershell]` (typer's;
+    # the shell is detected when not given)
+    add_completion=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -48,7 +51,10 @@ eval_reward.register(app)
 chat.register(app)
 doctor.register(app)
 bench.register(app)
+report.register(app)
 
 
 def main() -> None:
-    app()
+    # one program name however it is started (`python -m dschat_cli` too): completion scripts
+    # are for the `dschat` command and read _DSCHAT_COMPLETE
+    app(prog_name="dschat")

@@ -125,9 +125,18 @@ class CheckpointManager:
         self.dist.barrier()  # every rank's files are written (closed) before the marker
         if self.dist.is_main:
             self._commit(folder, step)
+            self._report()
         self.dist.barrier()
         self.last_step = step
         return folder
+
+    def _report(self) -> None:
+        """Rank 0, after a checkpoint: the run's report.html and plots, from metrics.jsonl so far
+        (dschat_cli/report/; ~1 s). A failure warns in one line and never stops training."""
+        from dschat_cli.report import write_report_quietly
+
+        if self.metrics is not None and self.metrics.path is not None:
+            write_report_quietly(self.metrics.path.parent)
 
     def save_final(self, step: int, engines: dict, state: dict,
                    tensors: dict[str, torch.Tensor] | None = None) -> Path | None:

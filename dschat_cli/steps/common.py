@@ -146,11 +146,19 @@ def peak_memory_gib(dist: Dist) -> float | None:
 
 
 def write_summary_json(out, result: dict) -> None:
-    """NaN (no eval set) is written as null: the file stays valid JSON."""
+    """Rank 0, at the end of a run: OUT/train_summary.json, then the run's report (report.html
+    and its plots, dschat_cli/report/). NaN (no eval set) is written as null: the file stays
+    valid JSON. Both are replaced atomically; a report that fails warns in one line and the run
+    goes on."""
     import json
+    from pathlib import Path
+
+    from dschat_cli.report import write_report_quietly
+    from dschat_cli.report.records import write_atomic
 
     clean = json.loads(json.dumps(result), parse_constant=lambda _: None)
-    (out / "train_summary.json").write_text(json.dumps(clean, indent=2) + "\n")
+    write_atomic(Path(out) / "train_summary.json", json.dumps(clean, indent=2) + "\n")
+    write_report_quietly(out)
 
 
 class PhaseTimer:
