@@ -491,11 +491,27 @@ def run_pipeline(cfg: PipelineConfig, *, dry_run: bool) -> int:
     # total of the steps' own times (a skipped step counts with the time it took when it ran)
     total = sum(r["seconds"] or 0.0 for r in rows)
     _summarise(cfg, plans, rows, total, root)
+    _write_report(root, {p.name: p.out for p in plans})
     last = plans[-1]
     if rc == 0 and last.spec == pipeline_steps(cfg.method)[-1]:
         model = last.out / last.spec.models[0]
         console.print(Text(f"\nChat with the trained actor:\n  dschat chat --path {model}"))
     return rc
+
+
+def _write_report(root: Path, step_dirs: dict) -> None:
+    """OUT/report.html: the steps' curves and the answers before and after (dschat_cli/report/).
+    A report that cannot be written is one warning line, never a failed pipeline."""
+    from dschat_cli.report import write_pipeline_report
+    from dschat_cli.ui.console import warn_line
+
+    try:
+        path = write_pipeline_report(root, step_dirs)
+    except Exception as e:  # noqa: BLE001 - matplotlib missing, a full disk, a bug: all the same
+        warn_line(f"pipeline report not written ({type(e).__name__}: {str(e)[:200]}); rebuild it "
+                  f"with: dschat report {root}")
+        return
+    console.print(Text(f"report: {path}"))
 
 
 def _resuming(step_cfg, rerun: bool):

@@ -13,15 +13,14 @@ step whose metrics.jsonl was written last).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dschat_cli.config.steps import METHODS, Step, pipeline_steps
 from dschat_cli.report import html as h
 from dschat_cli.report.panels import HEADLINE, PANELS
-from dschat_cli.report.records import METRICS, SUMMARY, check_folder, read_run, step_kind, \
-    write_atomic
+from dschat_cli.report.records import (METRICS, SUMMARY, check_folder, read_json, read_run,
+                                       step_kind, write_atomic)
 from dschat_cli.report.run import FIGURES, REPORT, RunReport, key_figures, samples_html, \
     save_figures, write_run_report
 
@@ -34,7 +33,7 @@ def is_pipeline_root(folder: str | Path) -> bool:
     folder = Path(folder)
     if (folder / METRICS).is_file():
         return False
-    if isinstance(_read_json(folder / PIPELINE_SUMMARY).get("steps"), list):
+    if isinstance(read_json(folder / PIPELINE_SUMMARY).get("steps"), list):
         return True
     return any((folder / s.pipeline_dir).is_dir() for m in METHODS for s in pipeline_steps(m))
 
@@ -72,7 +71,7 @@ def write_pipeline_report(root: str | Path, step_dirs: dict[str, str | Path] | N
     fails is named with the reason in the page; the page is still written. Returns its path."""
     root = Path(root).expanduser()
     check_folder(root, where)
-    summary = _read_json(root / PIPELINE_SUMMARY)
+    summary = read_json(root / PIPELINE_SUMMARY)
     rows = {r.get("name"): r for r in summary.get("steps") or [] if isinstance(r, dict)}
     method = pipeline_method(root, summary)
     entries = []
@@ -206,10 +205,3 @@ def _page(root: Path, summary: dict, method: str, entries: list[StepEntry],
         break
     return h.page("dschat pipeline report", body)
 
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}

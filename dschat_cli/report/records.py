@@ -56,7 +56,7 @@ def read_run(folder: str | Path, where: str = "RUN_DIR") -> RunRecord:
         raise ReportError(where, f"{folder} has no {METRICS}: give the --output-dir of a dschat "
                                  "sft, reward, dpo or ppo run (or a pipeline's output folder)")
     rows = read_rows(folder / METRICS)
-    summary = _read_json(folder / SUMMARY) or None
+    summary = read_json(folder / SUMMARY) or None
     config_text = _read_text(folder / RUN_CONFIG)
     return RunRecord(folder, step_kind(folder, config_text, rows), rows, summary, config_text)
 
@@ -86,7 +86,7 @@ def step_kind(folder: Path, config_text: str = "", rows: list[dict] | None = Non
     """Which step wrote the folder: resolved.json's "step", else the run config's sections (each
     step's config has its own: ppo's `ppo`, dpo's `dpo`, reward's `loss`), else the metrics'
     keys."""
-    step = _read_json(folder / "resolved.json").get("step")
+    step = read_json(folder / "resolved.json").get("step")
     if step in STEP_KINDS:
         return step
     top = set()
@@ -149,7 +149,8 @@ def _read_text(path: Path) -> str:
         return ""
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object file's contents; {} when missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

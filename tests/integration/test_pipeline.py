@@ -84,6 +84,9 @@ def test_demo_learns_every_step(demo):
     assert gain >= MIN_REWARD_GAIN, m[3]  # PPO raises the held-out reward
     assert abs(m[3]["kl_last"]) < 5.0, m[3]  # ... without running away from the reference
     assert (out / "summary.md").is_file()
+    # one report page for the pipeline: the steps' curves and the answers before and after
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "step3-models/demo-base/report.html" in page and "data:image/png;base64," in page
     assert seconds < 300, f"the demo took {seconds:.0f} s"
     # judged by the known true reward, not only the learned one: PPO's greedy answers to held-out
     # questions are better than SFT's (which often stop after "Of course!") and not stuck.
