@@ -335,6 +335,22 @@ def step_metrics(plan: StepPlan) -> dict:
             "repetition_last": last.get("repetition")}
 
 
+def _curves(plans: list[StepPlan], rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(step, figure, sparkline with first -> last) of the steps that finished or ran, from their
+    metrics.jsonl (report/sparkline.py's CURVES: step 3's reward, true reward and KL)."""
+    from dschat_cli.report.sparkline import step_curves
+
+    by_number = {p.number: p for p in plans}
+    out = []
+    for r in rows:
+        p = by_number[r["step"]]
+        if r["status"] == "not run":  # its folder may hold an older run's metrics
+            continue
+        for figure, line in step_curves(p.name, p.out):
+            out.append((f"step {p.number} ({p.name})", figure, line))
+    return out
+
+
 def _fmt(v, spec=".3f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -604,6 +620,14 @@ def _summarise(cfg: PipelineConfig, plans: list[StepPlan], rows: list[dict], tot
                       Text(_describe(p, r["metrics"])), Text(str(p.out)))
     table.add_row("total", "", f"{total / 60:.1f} min" if total >= 120 else f"{total:.1f} s", "", "")
     console.print(table)
+    curves = _curves(plans, rows)
+    if curves:
+        ct = Table(title="curves over training (first -> last value)", title_justify="left")
+        for col in ("step", "figure", "curve"):
+            ct.add_column(col)
+        for label, figure, line in curves:
+            ct.add_row(label, figure, Text(line))
+        console.print(ct)
     answers = _answers_table(rows)
     if answers is not None:
         console.print(answers)
@@ -621,6 +645,10 @@ def _summarise(cfg: PipelineConfig, plans: list[StepPlan], rows: list[dict], tot
         lines.append(f"| {r['step']} ({r['name']}) | {r['status']} | {secs} | "
                      f"{_describe(p, r['metrics'])} | {p.out} |")
     lines.append(f"| total | | {total:.1f} | | |")
+    if curves:
+        lines += ["", "## Curves over training (first -> last value)", "", "```"]
+        lines += [f"{label:<14} {figure:<22} {line}" for label, figure, line in curves]
+        lines.append("```")
     row = _answered(rows)
     if row is not None:
         m, step = row["metrics"], f"step {row['step']} ({row['name']})"

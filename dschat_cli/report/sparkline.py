@@ -3,6 +3,7 @@
     sparkline([0.1, 0.3, 0.2, 0.8])          -> '▁▃▂█'
     trend(rewards, width=24)                 -> '▁▂▂▃▅▆▇█ 0.12 -> 0.80'
     metric_trend(OUT / "step3-models/x", "kl")  # the same, read from a run's metrics.jsonl
+    step_curves("ppo", OUT / "step3-models/x")  # [(figure, trend)]: the pipeline summary's lines
 
 No dependency (the terminal's unicode block characters); no matplotlib.
 """
@@ -67,3 +68,27 @@ def metric_trend(run_dir: str | Path, key: str, width: int = 24, spec: str = ".3
     if not path.is_file():
         return ""
     return trend(series(read_rows(path), key)[1], width, spec)
+
+
+# the curves `dschat pipeline` prints under its time table, per step: (metrics.jsonl key, label)
+CURVES: dict[str, tuple[tuple[str, str], ...]] = {
+    "sft": (("loss", "train loss"),),
+    "reward": (("loss", "train loss"), ("eval_accuracy", "eval accuracy")),
+    "dpo": (("loss", "train loss"), ("margin", "implicit-reward margin")),
+    "ppo": (("reward", "reward-model score"), ("true_reward", "true reward"),
+            ("kl", "KL to the reference")),
+}
+
+
+def step_curves(kind: str, run_dir: str | Path, width: int = 24) -> list[tuple[str, str]]:
+    """[(label, trend)] of the step's CURVES that its run folder logged."""
+    path = Path(run_dir) / METRICS
+    if kind not in CURVES or not path.is_file():
+        return []
+    rows = read_rows(path)
+    out = []
+    for key, label in CURVES[kind]:
+        line = trend(series(rows, key)[1], width)
+        if line:
+            out.append((label, line))
+    return out

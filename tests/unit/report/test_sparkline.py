@@ -36,3 +36,40 @@ def test_trend_and_metric_trend(tmp_path):
     assert metric_trend(tmp_path, "kl", spec=".2f") == "▄▄▄▄ 0.01 -> 0.01"
     assert metric_trend(tmp_path, "true_reward") == ""
     assert metric_trend(tmp_path / "missing", "reward") == ""
+
+
+def test_step_curves_show_the_steps_headline_figures_it_logged(tmp_path):
+    from dschat_cli.report.sparkline import step_curves
+
+    # step 3 without --true-reward: reward and KL, no true-reward line
+    rows = [{"step": s, "time": 0, "reward": s / 10, "kl": 0.5 * s} for s in range(1, 5)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert step_curves("ppo", tmp_path) == [("reward-model score", "▁▃▆█ 0.1 -> 0.4"),
+                                            ("KL to the reference", "▁▃▆█ 0.5 -> 2")]
+    assert step_curves("sft", tmp_path) == []  # no "loss" key
+    assert step_curves("unknown", tmp_path) == [] and step_curves("ppo", tmp_path / "no") == []
+
+
+def test_pipeline_summary_prints_and_writes_step3_curves(tmp_path, capsys):
+    from dschat_cli.config.pipeline import PipelineConfig
+    from dschat_cli.config.schema import from_flags
+    from dschat_cli.pipeline import _summarise, plan_pipeline
+
+    cfg = from_flags(PipelineConfig, output_dir=str(tmp_path))
+    plans = plan_pipeline(cfg)
+    ppo = plans[2]
+    ppo.out.mkdir(parents=True)
+    rows = [{"step": s, "time": 0, "reward": s / 10, "true_reward": 0.7 + s / 100, "kl": 0.5}
+            for s in range(1, 5)]
+    (ppo.out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # step 1 did not run this time: an older run's metrics in its folder are not shown
+    plans[0].out.mkdir(parents=True)
+    (plans[0].out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    summary_rows = [{"step": 1, "name": "sft", "status": "not run", "seconds": None, "metrics": {}},
+                    {"step": 3, "name": "ppo", "status": "ran", "seconds": 9.0, "metrics": {}}]
+    _summarise(cfg, plans, summary_rows, 9.0, tmp_path)
+    out = capsys.readouterr().out
+    assert "curves over training" in out and "▁▃▆█ 0.71 -> 0.74" in out and "train loss" not in out
+    md = (tmp_path / "summary.md").read_text()
+    assert "step 3 (ppo)   reward-model score     ▁▃▆█ 0.1 -> 0.4" in md
+    assert "step 3 (ppo)   KL to the reference    ▄▄▄▄ 0.5 -> 0.5" in md
