@@ -18,6 +18,8 @@ class Curve:
     label: str
     value: Callable[[dict], object] | None = None  # derived from a row; None: row[key]
     skip_if_constant: bool = False  # e.g. the unsupervised loss, 0.0 when there is no such data
+    smooth: int = 0  # > 0: also draw its trailing mean over this many points (a noisy batch
+    # figure whose trend is the point: step 3's true reward and KL)
 
     def of(self, row: dict) -> float | None:
         return number(self.value(row) if self.value is not None else row.get(self.key))
@@ -111,10 +113,10 @@ _PPO = (
     Panel("reward", "Reward-model score (the proxy reward)", "reward-model score",
           (Curve("reward", "sampled answers, batch mean"), Curve("ema_reward", "EMA"))),
     Panel("true_reward", "True reward (--true-reward)", "true reward",
-          (Curve("true_reward", "sampled answers, batch mean"),
+          (Curve("true_reward", "sampled answers, batch mean", smooth=10),
            Curve("greedy_true_reward", "greedy answers to held-out prompts"))),
     Panel("kl", "KL to the reference", "nats per answer (sum over its tokens)",
-          (Curve("kl", "KL (batch mean)"),)),
+          (Curve("kl", "KL (batch mean)", smooth=10),)),
     Panel("kl_coef", "KL coefficient (adaptive)", "coefficient", (Curve("kl_coef", "kl_coef"),),
           only_if_varies=True),
     Panel("losses", "Losses", "loss (mean over mini-batches)",
@@ -169,6 +171,17 @@ def panels_for(kind: str, rows: list[dict]) -> tuple[Panel, ...]:
     return tuple(Panel(k, k, k, (Curve(k, k),)) for k in keys)
 
 
+def trailing_mean(values: list[float], n: int) -> list[float]:
+    """Each value's mean with the up to n - 1 values before it: [1, 3, 5], n=2 -> [1, 2, 4]."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= n:
+            total -= values[i - n]
+        out.append(total / min(i + 1, n))
+    return out
+
+
 @dataclass
 class Drawn:
     """A panel's data: [(label, steps, values)] for the curves the run logged."""
@@ -189,6 +202,9 @@ def panel_data(panel: Panel, rows: list[dict]) -> Drawn | None:
         if not ys or (c.skip_if_constant and max(ys) == min(ys)):
             continue
         curves.append((c.label, xs, ys))
+        if c.smooth and len(ys) >= 2 * c.smooth:
+            curves.append((f"{c.label}: mean of the last {c.smooth}", xs,
+                           trailing_mean(ys, c.smooth)))
     if not curves:
         return None
     if panel.only_if_varies and all(max(ys) == min(ys) for _, _, ys in curves):

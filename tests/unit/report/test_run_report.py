@@ -166,3 +166,17 @@ def test_reading_the_folder_does_not_import_matplotlib():
             "print('matplotlib' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_trailing_mean_and_smoothed_curves_of_noisy_step3_figures():
+    from dschat_cli.report.panels import PANELS, panel_data, trailing_mean
+
+    # window 2: [1], [1, 3], [3, 5], [5, 7] -> 1, 2, 4, 6
+    assert trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    kl = next(p for p in PANELS["ppo"] if p.name == "kl")
+    rows = [{"step": s, "kl": float(s % 2)} for s in range(1, 21)]  # 1, 0, 1, 0, ...
+    drawn = panel_data(kl, rows)
+    labels = [label for label, _, _ in drawn.curves]
+    assert labels == ["KL (batch mean)", "KL (batch mean): mean of the last 10"]
+    assert drawn.curves[1][2][-1] == 0.5 and drawn.curves[1][2][0] == 1.0
+    assert len(panel_data(kl, rows[:19]).curves) == 1  # fewer than 2 windows: no mean drawn
