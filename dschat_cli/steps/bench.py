@@ -337,6 +337,7 @@ def _bench_sft(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     step_s = []
+    phase_s = {"forward": [], "backward": [], "optimizer_step": []}
     engine.train()
     for i in range(total):
         batch = _random_prompts(cfg.batch_size, S, tokenizer, engine.device, gen)
@@ -344,11 +345,18 @@ def _bench_sft(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
         t0 = time.perf_counter()
         loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       labels=batch["input_ids"], use_cache=False).loss
+        _sync(on_gpu)  # each phase between synchronisations: the sums add up to the step
+        t1 = time.perf_counter()
         engine.backward(loss)
+        _sync(on_gpu)
+        t2 = time.perf_counter()
         engine.step()
         _sync(on_gpu)
+        t3 = time.perf_counter()
         if i >= cfg.warmup:
-            step_s.append(time.perf_counter() - t0)
+            step_s.append(t3 - t0)
+            for name, secs in zip(phase_s, (t1 - t0, t2 - t1, t3 - t2)):
+                phase_s[name].append(secs)
         console.print(f"[dim]sft step {i + 1}/{total}{' (warm-up)' if i < cfg.warmup else ''}: "
                       f"{time.perf_counter() - t0:.3f} s, loss {float(loss):.3f}[/dim]")
     step = statistics.mean(step_s)
@@ -360,6 +368,7 @@ def _bench_sft(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
             "batch_size": cfg.batch_size, "seq_len": S, "steps": cfg.steps, "warmup": cfg.warmup,
             "zero_stage": cfg.actor_zero_stage, "ceilings": ceilings,
             "step_seconds": step, "step_seconds_all": step_s, "tokens_per_s": tokens / step,
+            "phases": {k: statistics.mean(v) for k, v in phase_s.items()},
             "tflops_per_gpu": flops / dist.world_size / step / 1e12,
             "floor_seconds": floor, "step_x_floor": step / floor,
             "peak_memory_gib": _peak_gib(dist, on_gpu)}
@@ -478,6 +487,7 @@ def _bench_dpo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
             "reference": "precomputed" if precomputed is not None else "copy",
             "loss_type": d.loss_type, "beta": d.beta, "ceilings": ceilings,
             "step_seconds": step, "step_seconds_all": step_s, "tokens_per_s": tokens / step,
+            "phases": {k: statistics.mean(v) for k, v in phase_s.items()},
             "pairs_per_s": cfg.batch_size * dist.world_size / step,
             "tflops_per_gpu": flops / step / 1e12, "floor_seconds": floor,
             "step_x_floor": step / floor,
@@ -517,11 +527,15 @@ def _print(r: dict) -> None:
                         f"{r['batch_size']} x {r['seq_len']} tokens per GPU, "
                         f"ZeRO-{r['zero_stage']}",
                   title_justify="left")
-        for col in ("s/step", "tokens/s", "TFLOP/s per GPU", "x floor", "peak GiB"):
+        ph = r.get("phases") or {}
+        cols = ("s/step", "forward s", "backward s", "optimizer step s", "tokens/s",
+                "TFLOP/s per GPU", "x floor", "peak GiB")
+        for col in cols:
             t.add_column(col, justify="right")
-        t.add_row(f"{r['step_seconds']:.3f}", f"{r['tokens_per_s']:,.0f}",
-                  _fmt(r['tflops_per_gpu'], ".0f"), f"{r['step_x_floor']:.2f}",
-                  _fmt(r["peak_memory_gib"], ".1f"))
+        t.add_row(f"{r['step_seconds']:.3f}",
+                  *(_fmt(ph.get(k), ".3f") for k in ("forward", "backward", "optimizer_step")),
+                  f"{r['tokens_per_s']:,.0f}", _fmt(r['tflops_per_gpu'], ".0f"),
+                  f"{r['step_x_floor']:.2f}", _fmt(r["peak_memory_gib"], ".1f"))
         console.print(t)
         return
     engines = r["engines"]

@@ -77,6 +77,11 @@ def test_bench_sft_and_generation_logprobs(tmp_path, tiny_llama, invoke_dschat):
     res = json.loads((tmp_path / "sft" / "bench.json").read_text())
     assert res["seq_len"] == 16 and res["tokens_per_s"] == pytest.approx(32 / res["step_seconds"])
     assert res["tflops_per_gpu"] > 0
+    # forward, backward and optimizer step timed between synchronisations: they add up to the step
+    assert set(res["phases"]) == {"forward", "backward", "optimizer_step"}
+    assert all(v > 0 for v in res["phases"].values())
+    assert sum(res["phases"].values()) == pytest.approx(res["step_seconds"], rel=1e-6)
+    assert "optimizer step s" in r.output
     # --old-logprobs generation: the actor's scoring forward only on checked rollouts (the first)
     r = invoke_dschat("bench", "--actor", tiny_llama, "--critic", tiny_llama, "--batch-size", "2",
                       "--max-prompt-seq-len", "4", "--max-answer-seq-len", "3", "--steps", "1", "--warmup", "1",
