@@ -5,15 +5,59 @@ a step command launches, `dschat pipeline` for every step before the first start
 
     validate_sft(cfg)                    # the step's `validate`: reads files, models and data
     check_generation_tp(cfg, world_size)  # a `validate_world`: needs the run's world size
+    check_trackers(("tensorboard", "wandb"))  # --report-to: packages installed, W&B logged in
 """
 
 from __future__ import annotations
 
+import os
+
 from dschat_cli.config.bench import BenchConfig
 from dschat_cli.config.ppo import PPOConfig
+from dschat_cli.config.resolved import trackers
 from dschat_cli.config.reward import RewardConfig
 from dschat_cli.config.schema import ConfigError
 from dschat_cli.config.sft import SFTConfig
+
+
+def check_trackers(chosen: tuple[str, ...]) -> None:
+    """The trackers of --report-to (and --enable-tensorboard) can start on rank 0: their packages
+    are installed, and W&B has credentials or runs offline, so that it never stops a run midway,
+    prompts for an API key, or waits for one."""
+    if "tensorboard" in chosen:
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard's writer needs it)
+        except ImportError:
+            raise ConfigError("--report-to tensorboard", "needs the tensorboard package: pip "
+                              "install tensorboard (or pip install 'dschat[tensorboard]')") from None
+    if "wandb" not in chosen:
+        return
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("--report-to wandb", "needs the wandb package: pip install "
+                          "'dschat[wandb]'") from None
+    if not _wandb_can_log(wandb):
+        raise ConfigError("--report-to wandb", "no W&B login found: run `wandb login`, set "
+                          "WANDB_API_KEY, or set WANDB_MODE=offline (the run is kept in "
+                          "OUTPUT_DIR/wandb for a later `wandb sync`)")
+
+
+def _wandb_can_log(wandb) -> bool:
+    """W&B's mode (WANDB_MODE or `wandb offline`'s settings file) needs no login, or it finds an
+    API key (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, a settings file, ~/.netrc from `wandb
+    login`). Asked with wandb.login(prompt=False, verify=False): no prompt, no network. silent:
+    no "logged in as" line (which would also ask the server for the user name); teardown: the
+    rank's wandb.init (this process with --launcher none) starts from fresh settings."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    wandb.setup(wandb.Settings(silent=True))
+    try:
+        if wandb.setup().settings.mode in ("offline", "dryrun", "disabled"):
+            return True
+        return bool(wandb.login(prompt=False, verify=False))
+    finally:
+        wandb.teardown()
 
 
 def validate_sft(cfg: SFTConfig) -> None:
@@ -21,6 +65,7 @@ def validate_sft(cfg: SFTConfig) -> None:
     from dschat_cli.models.loading import (check_lora_targets, check_model_source,
                                            check_tokenizer_source)
 
+    check_trackers(trackers("sft", cfg))
     check_model_source(cfg.model)
     check_tokenizer_source(cfg.model)
     check_lora_targets(cfg.model, cfg.lora)
@@ -32,6 +77,7 @@ def validate_reward(cfg: RewardConfig) -> None:
     from dschat_cli.models.loading import (check_lora_targets, check_model_source,
                                            check_tokenizer_source)
 
+    check_trackers(trackers("reward", cfg))
     check_model_source(cfg.model)
     check_tokenizer_source(cfg.model)
     check_lora_targets(cfg.model, cfg.lora, backbone_only=True)
@@ -49,6 +95,7 @@ def validate_ppo(cfg: PPOConfig) -> None:
     from dschat_cli.models.reward import (check_reward_dir, check_same_tokenizer,
                                           is_random_architecture, is_reward_dir)
 
+    check_trackers(trackers("ppo", cfg))
     check_model_source(cfg.actor, flag="--actor-model")
     if is_reward_dir(str(cfg.actor.model)):  # it would load as a causal LM and train, silently
         raise ConfigError("--actor-model", f"{cfg.actor.model} is a dschat reward model, not a "
@@ -129,6 +176,7 @@ def validate_dpo(cfg) -> None:
                                            check_tokenizer_source)
     from dschat_cli.models.reward import is_reward_dir
 
+    check_trackers(trackers("dpo", cfg))
     check_model_source(cfg.model)
     if is_reward_dir(str(cfg.model.model)):  # it would load as a causal LM and train, silently
         raise ConfigError("--model", f"{cfg.model.model} is a dschat reward model, not a causal "

@@ -165,9 +165,12 @@ def plan_pipeline(cfg: PipelineConfig) -> list[StepPlan]:
     actor_preset = size_preset(model_params(cfg.actor))
     actor_dir = step_dir(cfg, sft)
     actor = str(actor_dir / sft.models[0])  # what the steps after step 1 start from
-    # the pipeline's --data-* and launch options are the steps' options of the same names
+    # the pipeline's --data-*, launch and reporting options are the steps' options of the same
+    # names (the reporting ones when given)
     common = {**{f.name: getattr(cfg.data, f.name) for f in fields(cfg.data)},
               **{f.name: getattr(cfg.launch, f.name) for f in fields(cfg.launch)},
+              **{f.name: getattr(cfg.report, f.name) for f in fields(cfg.report)
+                 if getattr(cfg.report, f.name) not in (None, ())},
               "seed": cfg.seed, "overwrite": True,
               **{k: getattr(cfg, k) for k in ("save_interval", "keep_last")
                  if getattr(cfg, k) is not None}}

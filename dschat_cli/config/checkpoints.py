@@ -35,7 +35,7 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 # Options that may differ between a run and the checkpoint it resumes: where things go, how they
 # are launched and logged, and the checkpoint options themselves. Everything else changes the
 # computation and must match (the world size is compared separately).
-FREE_OPTIONS = ("output_dir", "overwrite", "checkpoint.", "launch.", "health.",
+FREE_OPTIONS = ("output_dir", "overwrite", "checkpoint.", "launch.", "health.", "report.",
                 "data.data_cache_dir", "deepspeed.enable_tensorboard", "generation.print_answers",
                 "eval_interval")
 RESTART = "drop --resume and pass --overwrite (or use a new --output-dir) to start over"

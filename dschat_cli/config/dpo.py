@@ -31,7 +31,7 @@ from dschat_cli.config.ds_config import eval_ds_config, train_ds_config
 from dschat_cli.config.schema import ConfigError, opt, section
 from dschat_cli.config.sections import (CheckpointOptions, DataOptions, DeepSpeedOptions,
                                         HealthOptions, LaunchOptions, LoraOptions, ModelOptions,
-                                        OptimOptions, check_single_model_run)
+                                        OptimOptions, ReportOptions, check_single_model_run)
 
 LOSS_TYPES = ("sigmoid", "ipo")  # as rlhf/dpo.py (config/ imports no torch)
 TRUE_REWARDS = ("none", "demo")  # as `dschat ppo --true-reward` (steps/rl/experience.py's judges)
@@ -116,6 +116,7 @@ class DPOConfig:
     launch: LaunchOptions = section(LaunchOptions, panel="Launch")
     health: HealthOptions = section(HealthOptions, panel="Health")
     checkpoint: CheckpointOptions = section(CheckpointOptions, panel="Checkpoints")
+    report: ReportOptions = section(ReportOptions, panel="Reporting")
     heldout: HeldoutOptions = section(HeldoutOptions, panel="Held-out answers")
     output_dir: str | None = opt(None, "Folder for the trained model, run config, DeepSpeed JSON, "
                                  "logs and metrics.")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from dschat_cli.config.estimators import ESTIMATORS
 from dschat_cli.config.schema import ConfigError, opt, section
-from dschat_cli.config.sections import LaunchOptions, parse_split
+from dschat_cli.config.sections import TRACKERS, LaunchOptions, check_report_to, parse_split
 from dschat_cli.config.steps import METHODS
 
 
@@ -60,6 +60,21 @@ class PipelineDataOptions:
 
     def __post_init__(self) -> None:
         parse_split(self.data_split)
+
+
+@dataclass(frozen=True)
+class PipelineReportOptions:
+    """Each step's ReportOptions (config/sections.py), given once for all of them."""
+    report_to: tuple[str, ...] = opt((), "Experiment trackers of every step, repeatable (as "
+                                     "`dschat sft --report-to`): tensorboard, wandb (each step "
+                                     "a W&B run named after its folder, its job type the step), "
+                                     "none; unset: each step YAML's value, or none.",
+                                     choices=("none", *TRACKERS))
+    wandb_project: str | None = opt(None, "W&B project of every step (with --report-to wandb); "
+                                    "unset: each step YAML's value, or dschat.")
+
+    def __post_init__(self) -> None:
+        check_report_to(self.report_to)
 
 
 @dataclass(frozen=True)
@@ -116,6 +131,7 @@ class PipelineConfig:
     seed: int = opt(1234, "Random seed of every step.")
     data: PipelineDataOptions = section(PipelineDataOptions, panel="Data")
     launch: LaunchOptions = section(LaunchOptions, panel="Launch")
+    report: PipelineReportOptions = section(PipelineReportOptions, panel="Reporting")
 
     @property
     def step_numbers(self) -> list[int]:

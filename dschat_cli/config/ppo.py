@@ -10,7 +10,7 @@ from dschat_cli.config.estimators import (ESTIMATORS, KL_ESTIMATORS, KL_PLACEMEN
 from dschat_cli.config.schema import ConfigError, opt, section
 from dschat_cli.config.sections import (DTYPES, SCHEDULERS, CheckpointOptions, DataOptions,
                                         HealthOptions, LaunchOptions, LoraOptions, ModelOptions,
-                                        OptimOptions, parse_split)
+                                        OptimOptions, ReportOptions, parse_split)
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,8 @@ class PPODeepSpeedOptions:
     dtype: str = opt("auto", "Precision of all four models; auto is bf16 on GPUs that support it, "
                      "else fp16 on GPU, fp32 on CPU.", choices=DTYPES)
     enable_tensorboard: bool = opt(False, "Also write TensorBoard event files (to "
-                                   "OUTPUT_DIR/tensorboard).")
+                                   "OUTPUT_DIR/tensorboard): DeepSpeed-Chat's name for "
+                                   "--report-to tensorboard.")
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,7 @@ class PPOConfig:
     launch: LaunchOptions = section(LaunchOptions, panel="Launch")
     health: PPOHealthOptions = section(PPOHealthOptions, panel="Health")
     checkpoint: CheckpointOptions = section(CheckpointOptions, panel="Checkpoints")
+    report: ReportOptions = section(ReportOptions, panel="Reporting")
     output_dir: str | None = opt(None, "Folder for actor/, critic/ (and actor_ema/), run config, "
                                  "DeepSpeed JSONs, logs and metrics.")
     overwrite: bool = opt(False, "Allow writing into a non-empty --output-dir.")

@@ -8,8 +8,8 @@ user's side before launch, written next to run_config.yaml, and read by every ra
     record.check_rank(world_size=dist.world_size, device="cuda", bf16_supported=True)
 
 run_config.yaml stays the user's config (what `--config` repeats and `--resume` compares);
-resolved.json is what the launch decided from it: the precision, where TensorBoard writes, the
-exact DeepSpeed configs by role (also written as the ds_config*.json files DeepSpeed-Chat users
+resolved.json is what the launch decided from it: the precision, the experiment trackers and
+where they write, the exact DeepSpeed configs by role (also written as the ds_config*.json files DeepSpeed-Chat users
 look for). A rank never decides these again: when its hardware disagrees with the record (launch.sh
 started on another machine, a GPU without bf16) it stops with a one-line error.
 
@@ -26,6 +26,7 @@ from typing import Any
 
 from dschat_cli.config.ds_config import resolve_dtype
 from dschat_cli.config.schema import ConfigError
+from dschat_cli.config.sections import TRACKERS
 from dschat_cli.config.steps import load, step as step_spec
 
 RECORD = "resolved.json"
@@ -46,7 +47,10 @@ class ResolvedRun:
     world_size: int  # ranks the launch starts (data-parallel degree)
     dtype: str  # the training precision: bf16, fp16 or fp32 (--dtype auto resolved)
     torch_adam: bool  # torch's AdamW instead of DeepSpeed's fused/CPU Adam (always on CPU)
+    report_to: tuple[str, ...]  # the experiment trackers fed (TRACKERS order; () for none)
     tensorboard_dir: str | None  # where TensorBoard event files go; None: no TensorBoard
+    wandb: dict | None  # wandb.init's project, name, job_type and dir (the output folder: its
+    # files go to OUT/wandb); None: no wandb
     max_seq_len: int  # the longest sequence a model sees (step 3: prompt + answer)
     hub_reachable: bool  # may models and data come from the hub (hub.py); the ranks do not probe
     ds_configs: dict[str, dict]  # role ("model"; step 3: actor, critic, ref, reward) -> the
@@ -84,7 +88,7 @@ class ResolvedRun:
             raise ConfigError(where, f"is not a run record of this dschat version (missing "
                               f"{', '.join(missing) or 'nothing'}, or unknown keys); run the "
                               "dschat command again to write it")
-        return cls(**data)
+        return cls(**{**data, "report_to": tuple(data["report_to"])})  # JSON has no tuples
 
     @classmethod
     def read(cls, folder: str | Path) -> "ResolvedRun":
@@ -130,15 +134,31 @@ def resolve_run(step: str, cfg: Any, *, world_size: int, device: str, bf16_suppo
                           bf16_supported=on_gpu and bf16_supported)
     torch_adam = bool(spec.get(cfg, spec.torch_adam)) or not on_gpu
     out = Path(cfg.output_dir).expanduser().resolve()
-    tensorboard = str(out / "tensorboard") if spec.tensorboard and spec.get(cfg, spec.tensorboard) \
-        else None
+    report_to = trackers(step, cfg)
+    tensorboard = str(out / "tensorboard") if "tensorboard" in report_to else None
+    wandb = None
+    if "wandb" in report_to:
+        opts = spec.get(cfg, spec.report)
+        wandb = {"project": opts.wandb_project, "name": opts.wandb_run_name or out.name,
+                 "job_type": spec.name, "dir": str(out)}
     ds_configs = load(spec.ds_configs)(cfg, world_size=world_size, dtype=dtype,
                                        torch_adam=torch_adam, tensorboard_dir=tensorboard,
                                        job_name=spec.name)
     return ResolvedRun(step=spec.name, output_dir=str(out), device=device, world_size=world_size,
-                       dtype=dtype, torch_adam=torch_adam, tensorboard_dir=tensorboard,
+                       dtype=dtype, torch_adam=torch_adam, report_to=report_to,
+                       tensorboard_dir=tensorboard, wandb=wandb,
                        max_seq_len=sum(spec.get(cfg, p) for p in spec.seq_len),
                        hub_reachable=bool(hub_reachable), ds_configs=ds_configs)
+
+
+def trackers(step: str, cfg: Any) -> tuple[str, ...]:
+    """The experiment trackers a run of `step` with `cfg` feeds: its --report-to, plus tensorboard
+    for --enable-tensorboard (DeepSpeed-Chat's flag for it), in TRACKERS order."""
+    spec = step_spec(step)
+    chosen = set(spec.get(cfg, spec.report).trackers) if spec.report else set()
+    if spec.tensorboard and spec.get(cfg, spec.tensorboard):
+        chosen.add("tensorboard")
+    return tuple(t for t in TRACKERS if t in chosen)
 
 
 def with_config(record: ResolvedRun, cfg: Any) -> ResolvedRun:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from dschat_cli.config.schema import opt, section
 from dschat_cli.config.sections import (CheckpointOptions, DataOptions, DeepSpeedOptions,
                                         HealthOptions, LaunchOptions, LoraOptions, ModelOptions,
-                                        OptimOptions, check_single_model_run)
+                                        OptimOptions, ReportOptions, check_single_model_run)
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class RewardConfig:
     launch: LaunchOptions = section(LaunchOptions, panel="Launch")
     health: HealthOptions = section(HealthOptions, panel="Health")
     checkpoint: CheckpointOptions = section(CheckpointOptions, panel="Checkpoints")
+    report: ReportOptions = section(ReportOptions, panel="Reporting")
     output_dir: str | None = opt(None, "Folder for the reward model, run config, DeepSpeed JSON, logs "
                                  "and metrics.")
     overwrite: bool = opt(False, "Allow writing into a non-empty --output-dir.")

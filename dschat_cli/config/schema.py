@@ -146,9 +146,11 @@ def check_value(spec: FlagSpec, value: Any) -> None:
     """Choices and bounds, reported against the flag name."""
     if value is None:
         return
-    if spec.choices is not None and value not in spec.choices:
-        opts = ", ".join(str(c) for c in spec.choices)
-        raise ConfigError(spec.flag, f"{value!r} is not valid; choose one of {opts}")
+    if spec.choices is not None:  # a repeatable flag's choices are each value's
+        for v in (value if spec.type is tuple else (value,)):
+            if v not in spec.choices:
+                opts = ", ".join(str(c) for c in spec.choices)
+                raise ConfigError(spec.flag, f"{v!r} is not valid; choose one of {opts}")
     if spec.min is not None and value < spec.min:
         raise ConfigError(spec.flag, f"{value} is below the minimum {spec.min}")
     if spec.max is not None and value > spec.max:

@@ -17,6 +17,8 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEPLOYMENTS = ("single_gpu", "single_node", "multi_node")
+TRACKERS = ("tensorboard", "wandb")  # --report-to's experiment trackers (ui/metrics.py feeds them)
+WANDB_PROJECT = "dschat"
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,45 @@ class DeepSpeedOptions:
     dtype: str = opt("auto", "Training precision; auto is bf16 on GPUs that support it, else fp16 "
                      "on GPU, fp32 on CPU.", choices=DTYPES)
     enable_tensorboard: bool = opt(False, "Also write TensorBoard event files (to "
-                                   "OUTPUT_DIR/tensorboard).")
+                                   "OUTPUT_DIR/tensorboard): DeepSpeed-Chat's name for "
+                                   "--report-to tensorboard.")
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """Experiment trackers: every metric a step writes to metrics.jsonl also goes, under the same
+    name and step, to each tracker chosen (rank 0 only)."""
+    report_to: tuple[str, ...] = opt(
+        ("none",), "Experiment trackers that also get the run's metrics, under their "
+        "metrics.jsonl names; repeatable (--report-to tensorboard --report-to wandb). tensorboard: "
+        "event files in OUTPUT_DIR/tensorboard (--enable-tensorboard is the same); wandb: Weights & "
+        "Biases (pip install 'dschat\\[wandb]'; `wandb login`, or WANDB_MODE=offline to keep the run "
+        "in OUTPUT_DIR/wandb for a later `wandb sync`); none: metrics.jsonl only.",
+        choices=("none", *TRACKERS))
+    wandb_project: str = opt(WANDB_PROJECT, "W&B project of the run (with --report-to wandb).")
+    wandb_run_name: str | None = opt(None, "W&B run name (with --report-to wandb); unset: the "
+                                     "--output-dir folder's name.")
+
+    def __post_init__(self) -> None:
+        check_report_to(self.report_to)
+        if "wandb" not in self.report_to:
+            if self.wandb_project != WANDB_PROJECT:
+                raise ConfigError("report.wandb_project", "needs --report-to wandb")
+            if self.wandb_run_name is not None:
+                raise ConfigError("report.wandb_run_name", "needs --report-to wandb")
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """The chosen trackers, once each, in TRACKERS order (none: ())."""
+        return tuple(t for t in TRACKERS if t in self.report_to)
+
+
+def check_report_to(report_to: tuple[str, ...], where: str = "report.report_to") -> None:
+    """none means no tracker, so it comes alone."""
+    others = [t for t in dict.fromkeys(report_to) if t != "none"]
+    if "none" in report_to and others:
+        raise ConfigError(where, f"none cannot be combined with {', '.join(others)}; give the "
+                          "trackers, or none alone")
 
 
 @dataclass(frozen=True)

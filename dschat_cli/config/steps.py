@@ -38,6 +38,7 @@ class Step:
     torch_adam: str  # dotted path of its --torch-adam option
     seq_len: tuple[str, ...]  # dotted paths whose sum is the longest sequence a model sees
     tensorboard: str | None = None  # dotted path of its --enable-tensorboard option, if any
+    report: str | None = None  # dotted path of its ReportOptions section (--report-to), if any
     validate_world: str | None = None  # "module:function(cfg, world_size)": checks that need the
     # run's world size; run before anything is resolved (dry runs and `dschat plan` too)
     data_phase: int | None = None  # which part of --data-split it trains on (1, 2, 3)
@@ -78,7 +79,8 @@ STEPS: tuple[Step, ...] = (
          validate="dschat_cli.checks:validate_sft",
          ds_configs="dschat_cli.config.ds_config:model_ds_configs",
          precision="deepspeed.dtype", torch_adam="optim.torch_adam",
-         tensorboard="deepspeed.enable_tensorboard", seq_len=("data.max_seq_len",),
+         tensorboard="deepspeed.enable_tensorboard", report="report",
+         seq_len=("data.max_seq_len",),
          data_phase=1, memory="single", number=1, methods=("rlhf", "dpo"),
          pipeline_dir="actor-models"),
     Step("reward", "Step 2: train a reward model (backbone + scalar value head) on "
@@ -87,7 +89,8 @@ STEPS: tuple[Step, ...] = (
          validate="dschat_cli.checks:validate_reward",
          ds_configs="dschat_cli.config.ds_config:model_ds_configs",
          precision="deepspeed.dtype", torch_adam="optim.torch_adam",
-         tensorboard="deepspeed.enable_tensorboard", seq_len=("data.max_seq_len",),
+         tensorboard="deepspeed.enable_tensorboard", report="report",
+         seq_len=("data.max_seq_len",),
          data_phase=2, memory="single", number=2, methods=("rlhf",),
          pipeline_dir="reward-models", pipeline_model="reward"),
     Step("ppo", "Step 3: RLHF with PPO (actor, critic from the reward model, frozen reference and "
@@ -97,7 +100,7 @@ STEPS: tuple[Step, ...] = (
          validate_world="dschat_cli.checks:check_generation_tp",
          ds_configs="dschat_cli.config.ppo_ds:ppo_ds_configs",
          precision="deepspeed.dtype", torch_adam="train.torch_adam",
-         tensorboard="deepspeed.enable_tensorboard",
+         tensorboard="deepspeed.enable_tensorboard", report="report",
          seq_len=("data.max_prompt_seq_len", "generation.max_answer_seq_len"),
          data_phase=3, memory="ppo", number=3, methods=("rlhf",), pipeline_dir="step3-models",
          models=("actor", "critic")),
@@ -107,7 +110,8 @@ STEPS: tuple[Step, ...] = (
          validate="dschat_cli.checks:validate_dpo",
          ds_configs="dschat_cli.config.dpo:dpo_ds_configs",
          precision="deepspeed.dtype", torch_adam="optim.torch_adam",
-         tensorboard="deepspeed.enable_tensorboard", seq_len=("data.max_seq_len",),
+         tensorboard="deepspeed.enable_tensorboard", report="report",
+         seq_len=("data.max_seq_len",),
          data_phase=2, number=2, methods=("dpo",), pipeline_dir="dpo-models",
          memory="dpo"),  # policy + reference: plan/memory.py estimate_dpo
     Step("bench", "Measure step 3 (or step 1) in DeepSpeed-Chat's benchmark setting on random "

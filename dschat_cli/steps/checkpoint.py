@@ -21,7 +21,7 @@ then points `latest` at the folder (temp file + os.replace), and only then prune
 
     ckpt = CheckpointManager(cfg, dist, out)         # validates --resume (ConfigError)
     state, tensors = ckpt.load({"model": engine})    # (None, None) unless resuming
-    metrics = ckpt.metrics_log(path, tb_dir, state)  # metrics.jsonl, truncated to the checkpoint's
+    metrics = ckpt.metrics_log(path, resolved, state)  # metrics.jsonl, cut to the checkpoint's
     ...
     if ckpt.due(step):                               # at an update boundary
         ckpt.save(step, {"model": engine}, state={...})
@@ -44,6 +44,7 @@ from dschat_cli.config.checkpoints import (CHECKPOINTS, LATEST, MARKER, RESTART,
                                            checkpoint_problem, latest_name,
                                            learning_rate_changes, resolve_resume, step_folders,
                                            step_name, step_of)
+from dschat_cli.config.resolved import ResolvedRun
 from dschat_cli.config.schema import ConfigError, to_dict
 from dschat_cli.dist import Dist
 from dschat_cli.ui.metrics import MetricsLog
@@ -222,16 +223,21 @@ class CheckpointManager:
             raise ConfigError("--resume", _unreadable(folder, f"{rng.name}: {type(e).__name__}"))
         return state, tensors
 
-    def metrics_log(self, path: Path | None, tensorboard_dir, state: dict | None) -> MetricsLog:
-        """The run's MetricsLog. Resumed: metrics.jsonl keeps the rows written up to the
-        checkpoint (later ones are logged again) and is appended to."""
+    def metrics_log(self, path: Path | None, resolved: ResolvedRun | None,
+                    state: dict | None) -> MetricsLog:
+        """The run's MetricsLog, feeding the trackers of the run record (config/resolved.py;
+        W&B gets the run config; no record: metrics.jsonl only). Resumed: metrics.jsonl keeps the
+        rows written up to the checkpoint (later ones are logged again) and is appended to, and
+        W&B continues the stopped run's W&B run."""
+        tensorboard = resolved.tensorboard_dir if resolved else None
+        wandb = {**resolved.wandb, "config": self.config} if resolved and resolved.wandb else None
         if state is None or path is None:
-            self.metrics = MetricsLog(path, tensorboard_dir)
+            self.metrics = MetricsLog(path, tensorboard, wandb=wandb)
             return self.metrics
         keep = int(state.get("metrics_rows", 0))
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.is_file() else []
         _write_atomic(path, "".join(lines[:keep]))
-        self.metrics = MetricsLog(path, tensorboard_dir, mode="a")
+        self.metrics = MetricsLog(path, tensorboard, mode="a", wandb=wandb)
         self.metrics.rows = min(keep, len(lines))
         for c in self.lr_changes[len(state.get("lr_changes", [])):]:  # this resume's
             self.metrics.log(c["step"], lr_change={k: c[k] for k in ("flag", "from", "to")})

@@ -216,7 +216,7 @@ def run(cfg: DPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     # resolved once before launch (config/resolved.py): where, precision, DeepSpeed configs,
     # TensorBoard; the launch wrote the DeepSpeed JSON and OUT exists
     out = Path(resolved.output_dir)
-    dtype, ds_config, tb_dir = resolved.dtype, resolved.ds_config(), resolved.tensorboard_dir
+    dtype, ds_config = resolved.dtype, resolved.ds_config()
     tokenizer = load_tokenizer(cfg.model)
     with console.status("tokenising pairs"):
         train_pairs, eval_pairs = reward_datasets(cfg.data, tokenizer, seed=cfg.seed)
@@ -271,7 +271,8 @@ def run(cfg: DPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
                 reference.precompute(precompute, dist)
     ckpt = CheckpointManager(cfg, dist, out)
     state, _ = ckpt.load({"model": engine})  # resuming: engine, RNG; the loop continues them
-    metrics = ckpt.metrics_log(out / "metrics.jsonl" if dist.is_main else None, tb_dir, state)
+    metrics = ckpt.metrics_log(out / "metrics.jsonl" if dist.is_main else None, resolved,
+                               state)
     health = HealthMonitor.for_run("dpo", cfg.health, dtype=dtype, out=out,
                                    is_main=dist.is_main, last_checkpoint=ckpt.latest, state=state)
     grad_norms = GradNorms(engine)

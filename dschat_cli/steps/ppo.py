@@ -61,8 +61,7 @@ def run(cfg: PPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     maker, learner = trainer.maker, trainer.learner
     ckpt = CheckpointManager(cfg, dist, out)
     state, saved = _start_or_resume(ckpt, models, trainer)  # sets the RNG streams the loop goes on
-    metrics = ckpt.metrics_log(out / "metrics.jsonl" if dist.is_main else None,
-                               resolved.tensorboard_dir, saved)
+    metrics = ckpt.metrics_log(out / "metrics.jsonl" if dist.is_main else None, resolved, saved)
     health = _health_monitor(cfg, dist, models, out, ckpt, saved)
     critic = (f"critic {count_params(models.critic.module) / 1e6:.1f}M" if models.critic
               is not None else "no critic")

@@ -78,7 +78,7 @@ def run(cfg: RewardConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     # resolved once before launch (config/resolved.py): where, precision, DeepSpeed config,
     # TensorBoard; the launch wrote the DeepSpeed JSON and OUT exists
     out = Path(resolved.output_dir)
-    dtype, ds_config, tb_dir = resolved.dtype, resolved.ds_config(), resolved.tensorboard_dir
+    dtype, ds_config = resolved.dtype, resolved.ds_config()
     tokenizer = load_tokenizer(cfg.model)
     with console.status("tokenising pairs"):
         train_data, eval_data = reward_datasets(cfg.data, tokenizer, seed=cfg.seed)
@@ -102,7 +102,8 @@ def run(cfg: RewardConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     engine = init_engine(model, groups, ds_config, cfg.optim, total_steps)
     ckpt = CheckpointManager(cfg, dist, out)
     state, _ = ckpt.load({"model": engine})  # resuming: engine, RNG; the loop continues them
-    metrics = ckpt.metrics_log(out / "metrics.jsonl" if dist.is_main else None, tb_dir, state)
+    metrics = ckpt.metrics_log(out / "metrics.jsonl" if dist.is_main else None, resolved,
+                               state)
     health = HealthMonitor.for_run("reward", cfg.health, dtype=dtype, out=out,
                                    is_main=dist.is_main, last_checkpoint=ckpt.latest, state=state)
     grad_norms = GradNorms(engine)

@@ -35,7 +35,7 @@ def run(cfg: SFTConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     # resolved once before launch (config/resolved.py): where, precision, DeepSpeed config,
     # TensorBoard; the launch wrote the DeepSpeed JSON and OUT exists
     out = Path(resolved.output_dir)
-    dtype, ds_config, tb_dir = resolved.dtype, resolved.ds_config(), resolved.tensorboard_dir
+    dtype, ds_config = resolved.dtype, resolved.ds_config()
 
     tokenizer = load_tokenizer(cfg.model)
     with console.status("tokenising data"):
@@ -55,7 +55,8 @@ def run(cfg: SFTConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     engine = init_engine(model, groups, ds_config, cfg.optim, total_steps)
     ckpt = CheckpointManager(cfg, dist, out)
     state, _ = ckpt.load({"model": engine})  # resuming: engine, RNG; the loop continues them
-    metrics = ckpt.metrics_log(out / "metrics.jsonl" if dist.is_main else None, tb_dir, state)
+    metrics = ckpt.metrics_log(out / "metrics.jsonl" if dist.is_main else None, resolved,
+                               state)
     health = HealthMonitor.for_run("sft", cfg.health, dtype=dtype, out=out,
                                    is_main=dist.is_main, last_checkpoint=ckpt.latest, state=state)
     grad_norms = GradNorms(engine)
