@@ -487,7 +487,6 @@ def _bench_dpo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
             "reference": "precomputed" if precomputed is not None else "copy",
             "loss_type": d.loss_type, "beta": d.beta, "ceilings": ceilings,
             "step_seconds": step, "step_seconds_all": step_s, "tokens_per_s": tokens / step,
-            "phases": {k: statistics.mean(v) for k, v in phase_s.items()},
             "pairs_per_s": cfg.batch_size * dist.world_size / step,
             "tflops_per_gpu": flops / step / 1e12, "floor_seconds": floor,
             "step_x_floor": step / floor,

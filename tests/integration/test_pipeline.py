@@ -19,10 +19,14 @@ MIN_REWARD_GAIN = 0.5
 
 
 def dschat(*args, timeout=600):
+    env = {**os.environ, "COLUMNS": "200"}
+    if "--launcher" in args and args[args.index("--launcher") + 1] == "none":
+        # in process, the step gets the threads the launcher gives a CPU worker (all cores, one
+        # rank), not the suite's OMP_NUM_THREADS=1: the same numbers as `make demo`, and faster
+        env["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
     proc = subprocess.run([sys.executable, "-m", "dschat_cli", *map(str, args)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL,
-                          env={**os.environ, "COLUMNS": "200"})
+                          timeout=timeout, stdin=subprocess.DEVNULL, env=env)
     return proc.returncode, proc.stdout
 
 
