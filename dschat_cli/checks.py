@@ -51,6 +51,9 @@ def _wandb_can_log(wandb) -> bool:
     rank's wandb.init (this process with --launcher none) starts from fresh settings."""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    # an earlier wandb run in this process (--launcher none, a Python caller) leaves W&B's
+    # settings singleton behind, with the mode and key of then: read today's environment instead
+    wandb.teardown()
     wandb.setup(wandb.Settings(silent=True))
     try:
         if wandb.setup().settings.mode in ("offline", "dryrun", "disabled"):

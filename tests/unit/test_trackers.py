@@ -194,6 +194,18 @@ def test_wandb_online_without_a_login_says_how_to_log_in(no_wandb_login, monkeyp
     check_trackers(("tensorboard",))  # W&B's login is W&B's alone
 
 
+def test_an_earlier_offline_wandb_in_this_process_does_not_count_as_a_login(no_wandb_login):
+    """W&B keeps its settings in a process-wide singleton: an offline run before (an in-process
+    step, a Python caller) must not let an online run without a login through."""
+    wandb = pytest.importorskip("wandb")
+    wandb.setup(wandb.Settings(mode="offline", silent=True))
+    try:
+        with pytest.raises(ConfigError, match="no W&B login found"):
+            check_trackers(("wandb",))
+    finally:
+        wandb.teardown()
+
+
 @pytest.mark.parametrize("how", ["offline", "disabled", "api key", "netrc"])
 def test_wandb_offline_or_with_a_stored_key_passes(how, no_wandb_login, monkeypatch):
     pytest.importorskip("wandb")
