@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dschat_cli.config.estimators import ESTIMATORS, estimator_spec
+from dschat_cli.config.ppo import OLD_LOGPROBS
 from dschat_cli.config.schema import ConfigError, opt, section
 from dschat_cli.config.sections import DTYPES, LaunchOptions
 
@@ -50,9 +51,10 @@ class BenchConfig:
     generation_engine: str = opt("both", "ppo: measure the fast engine, transformers' generate "
                                  "(hf), or both one after the other.",
                                  choices=("fast", "hf", "both"))
-    old_logprobs: str = opt("forward", "ppo: as `dschat ppo --old-logprobs` (generation skips the "
-                            "actor's scoring forward; fast engine only).",
-                            choices=("forward", "generation"))
+    old_logprobs: str = opt("auto", "ppo: as `dschat ppo --old-logprobs` (generation skips the "
+                            "actor's scoring forward, fast engine only; auto switches to it after "
+                            "a warm-up rollout's parity check within 0.03 nats).",
+                            choices=OLD_LOGPROBS)
     generation_tensor_parallel: int = opt(1, "ppo: as `dschat ppo --generation-tensor-parallel` "
                                           "(fast engine only).", min=1)
     actor_zero_stage: int = opt(2, "ZeRO stage of the actor (and reference; the policy and its "

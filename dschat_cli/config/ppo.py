@@ -138,6 +138,10 @@ class PPOAlgoOptions:
         return rl_settings(self)
 
 
+# --old-logprobs: where PPO's old logprobs come from (steps/rl/experience.py's OldLogprobsSource)
+OLD_LOGPROBS = ("auto", "forward", "generation")
+
+
 @dataclass(frozen=True)
 class PPOGenerationOptions:
     max_answer_seq_len: int = opt(256, "Maximum generated answer tokens.", min=2)
@@ -149,16 +153,25 @@ class PPOGenerationOptions:
                                  "decode on GPU, parameters gathered once per rollout); hf: "
                                  "transformers' generate (the reference path, slower).",
                                  choices=("fast", "hf"))
-    old_logprobs: str = opt("forward", "Where PPO's old logprobs come from. forward: an actor "
+    old_logprobs: str = opt("auto", "Where PPO's old logprobs come from. forward: an actor "
                             "forward pass over each rollout (as DeepSpeed-Chat); generation: the "
                             "sampling pass of the fast engine (saves that forward; checked against "
-                            "it every --parity-check-interval rollouts).",
-                            choices=("forward", "generation"))
+                            "it every --parity-check-interval rollouts); auto: the forward pass "
+                            "until a parity check shows the fast engine's logprobs within "
+                            "--parity-switch-gap of it, then the sampling pass (checked as with "
+                            "generation; back to the forward pass for the rest of the run if a "
+                            "check is off by more). The run log says which and why.",
+                            choices=OLD_LOGPROBS)
     parity_tolerance: float = opt(0.1, "Stop when the fast engine's logprobs differ from the actor's "
                                   "forward pass by more than this many nats on average over the "
                                   "answer tokens (bf16 rounding gives ~0.01).", min=0.0)
-    parity_check_interval: int = opt(10, "With --old-logprobs generation: compare with a forward "
-                                     "pass on the first rollout and every N rollouts.", min=1)
+    parity_check_interval: int = opt(10, "With --old-logprobs generation (or auto, once switched): "
+                                     "compare with a forward pass on the first rollout and every N "
+                                     "rollouts.", min=1)
+    parity_switch_gap: float = opt(0.03, "With --old-logprobs auto: the largest mean gap (nats per "
+                                   "answer token) between the fast engine's logprobs and the forward "
+                                   "pass at which the engine's are used (bf16 gives 0.007-0.021 on "
+                                   "an H200, docs/benchmarks.md).", min=0.0)
     generation_tensor_parallel: int = opt(
         1, "Split the actor N ways for generation: the N ranks of a group (consecutive ranks: one "
         "node's GPUs) decode their prompts together, each holding 1/N of the attention and MLP "
@@ -300,6 +313,14 @@ class PPOConfig:
             raise ConfigError("--unsupervised-dataset-config-name",
                               "needs --unsupervised-dataset-name")
         g = self.generation
+        if g.parity_switch_gap != PPOGenerationOptions().parity_switch_gap and \
+                g.old_logprobs != "auto":
+            raise ConfigError("--parity-switch-gap", f"applies to --old-logprobs auto only (got "
+                              f"--old-logprobs {g.old_logprobs}); drop it")
+        if g.parity_switch_gap > g.parity_tolerance:
+            raise ConfigError("--parity-switch-gap", f"{g.parity_switch_gap:g} is above "
+                              f"--parity-tolerance {g.parity_tolerance:g}, which stops the run; "
+                              "give a smaller gap")
         if g.old_logprobs == "generation" and g.generation_engine != "fast":
             raise ConfigError("--old-logprobs generation", "needs --generation-engine fast (the hf "
                               "engine does not return logprobs)")

@@ -398,6 +398,6 @@ def check_parity(gen_logprobs, fwd_logprobs, action_mask, *, tolerance: float,
     if not mean <= tolerance:
         raise GenerationMismatch(
             f"fast generation disagrees with the actor's forward pass at rollout {step}: mean "
-            f"|logprob difference| {mean:.4f} nats (max {worst:.4f}) > --generation-parity-tolerance "
+            f"|logprob difference| {mean:.4f} nats (max {worst:.4f}) > --parity-tolerance "
             f"{tolerance}; rerun with --generation-engine hf (and report the model family)")
     return mean, worst

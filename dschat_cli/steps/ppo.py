@@ -75,6 +75,8 @@ def run(cfg: PPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
         f"{cfg.deepspeed.critic_zero_stage}; {schedule.ppo_steps} PPO steps of "
         f"{t.per_device_generation_batch_size * dist.world_size} prompts{answers}, "
         f"{schedule.optimizer_steps} optimizer steps")
+    console.print(f"old logprobs: {maker.source.describe(cfg.generation.generation_engine == 'fast')}",
+                  markup=False)
     if saved is None and data.heldout is not None:
         start = maker.heldout(data.heldout, cfg.health.greedy_check_prompts)
         state.heldout_start = start.summary("start")
@@ -139,7 +141,8 @@ def run(cfg: PPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
         "actor": models.actor.global_steps, "planned_actor": schedule.actor_steps,
         **({"critic": models.critic.global_steps, "planned_critic": schedule.optimizer_steps}
            if models.critic is not None else {}),
-        "skipped_minibatches": learner.skipped_minibatches})
+        "skipped_minibatches": learner.skipped_minibatches},
+        old_logprobs=maker.source.describe(cfg.generation.generation_engine == "fast"))
     metrics.close()
     dist.barrier()
     return result
@@ -230,7 +233,7 @@ def _save_models(cfg: PPOConfig, models: PPOModels, trainer: PPOTrainer, out: Pa
 
 
 def _summary(cfg: PPOConfig, dist: Dist, state: RunState, end: Heldout, elapsed: float,
-             out: Path, ckpt, health, optimizer_steps: dict) -> dict:
+             out: Path, ckpt, health, optimizer_steps: dict, old_logprobs: str) -> dict:
     from dschat_cli.steps.common import write_summary_json
 
     nan = float("nan")
@@ -243,7 +246,7 @@ def _summary(cfg: PPOConfig, dist: Dist, state: RunState, end: Heldout, elapsed:
               "world_size": dist.world_size, "output_dir": str(out), "status": "completed",
               "anomalies": health.history, "health": health.state_dict(),
               "lr_changes": ckpt.lr_changes, "peak_memory_gib": peak_memory_gib(dist),
-              "optimizer_steps": optimizer_steps}
+              "optimizer_steps": optimizer_steps, "old_logprobs": old_logprobs}
     if dist.is_main:
         write_summary_json(out, result)
 
@@ -290,6 +293,7 @@ def _summary(cfg: PPOConfig, dist: Dist, state: RunState, end: Heldout, elapsed:
             "token skipped" if optimizer_steps["skipped_minibatches"] else "")),
         ("time", f"{elapsed:.1f} s (generation {state.gen_s:.1f} s, training "
                  f"{state.train_s:.1f} s)"),
+        ("old logprobs (PPO's ratio)", old_logprobs),
         ("saved", f"{out / 'actor'}" + (f", {out / 'critic'}" if cfg.has_critic else "")
                   + (f", {out / 'actor_ema'}" if cfg.ppo.enable_ema else "")),
         *ckpt.summary_rows(),

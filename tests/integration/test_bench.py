@@ -22,7 +22,11 @@ def test_bench_ppo_both_engines(tmp_path, tiny_opt, invoke_dschat):
     for name, e in res["engines"].items():
         phases = e["phases"]
         assert {"generation", "ref_forward", "critic_forward", "reward_forward", "actor_train",
-                "critic_train", "actor_forward"} <= set(phases), (name, phases)
+                "critic_train"} <= set(phases), (name, phases)
+        # --old-logprobs auto (the default): the warm-up rollout's check agreed (fp32), so the
+        # measured steps take the fast engine's logprobs and skip the actor's scoring forward;
+        # transformers' generate has none: the forward pass
+        assert ("actor_forward" in phases) == (name == "hf"), (name, phases)
         assert len(e["step_seconds_all"]) == 2
         # phases + the untimed rest make up the step
         total = sum(p["seconds"] for p in phases.values()) + e["other_seconds"]
@@ -37,6 +41,8 @@ def test_bench_ppo_both_engines(tmp_path, tiny_opt, invoke_dschat):
     # the fast engine's logprobs were checked against the actor's forward (fp32: equal)
     assert res["engines"]["fast"]["logprob_gap"] < 1e-4
     assert res["engines"]["hf"]["logprob_gap"] is None
+    assert res["engines"]["fast"]["old_logprobs"] == "fast engine's sampling pass (from rollout 2)"
+    assert res["engines"]["hf"]["old_logprobs"].startswith("actor forward pass")
 
 
 def test_bench_critic_free_has_no_critic_phases(tmp_path, tiny_opt, invoke_dschat):
@@ -59,8 +65,8 @@ def test_bench_critic_free_has_no_critic_phases(tmp_path, tiny_opt, invoke_dscha
     assert res["critic"] is None and res["critic_params"] is None and res["reward_params"] > 0
     e = res["engines"]["fast"]
     phases = e["phases"]
-    assert {"generation", "actor_forward", "ref_forward", "reward_forward",
-            "actor_train"} <= set(phases), phases
+    assert {"generation", "ref_forward", "reward_forward", "actor_train"} <= set(phases), phases
+    assert "actor_forward" not in phases  # --old-logprobs auto switched in the warm-up
     assert not any("critic" in p for p in phases), phases
     # 2 prompts x 2 answers = 4 sequences of 6 + 5 tokens per step
     assert e["tokens_per_s"] == pytest.approx(44 / e["step_seconds"])

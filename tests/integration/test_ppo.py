@@ -276,8 +276,10 @@ IN_PROCESS = {
     "opt-z0-full-ema-refoffload": (("sft", "opt"), "opt", 0, 0, 0, 0, 3, True, True, 2,
                                    ("--generation-engine", "hf")),
     # one mini-batch per step and a model without dropout: the first (only) update of each step
-    # starts from exactly the rollout policy, so the PPO ratio is 1 (approx_kl 0, no clipping)
-    "llama-z2-lora": (("sft", "llama"), "llama", 2, 2, 4, 4, 2, False, False, 4, ()),
+    # starts from exactly the rollout policy, so the PPO ratio is 1 (approx_kl 0, no clipping):
+    # the old logprobs from the same forward pass (the engine's agree to ~1e-7, not exactly)
+    "llama-z2-lora": (("sft", "llama"), "llama", 2, 2, 4, 4, 2, False, False, 4,
+                      ("--old-logprobs", "forward")),
     # old logprobs from the fast engine's sampling pass, checked against a forward every 2
     # also the adaptive KL coefficient (checked below) and the missing-eos penalty
     "gpt2raw-z3-full-ema": (("raw", "gpt2"), "opt", 3, 1, 0, 0, 3, True, False, 2,
@@ -286,7 +288,8 @@ IN_PROCESS = {
                              "--missing-eos-penalty", "1.0")),
     # regression: OPT has dropout 0.1; rollouts must be scored with dropout off (eval mode), so
     # with LoRA (identical to the reference at step 1) the step-1 KL is exactly 0 (the PPO update
-    # itself runs in train mode, with dropout, as the reference does)
+    # itself runs in train mode, with dropout, as the reference does); old logprobs: the default
+    # (auto)
     "opt-z0-lora-dropout": (("sft", "opt"), "opt", 0, 0, 4, 0, 2, False, False, 4, ()),
 }
 
@@ -324,7 +327,14 @@ def test_ppo_in_process(case, tmp_path, actor_dir, reward_dir, tiny_model_dir, p
         assert rows[-1]["kl_coef"] != pytest.approx(0.1), rows
     else:
         assert all(r["kl_coef"] == 0.1 for r in read_jsonl(out / "metrics.jsonl"))
-    if "--old-logprobs" in extra:  # checked on rollouts 1 and 3: fp32 on CPU, same numbers
+    if "--generation-engine" not in extra and "--old-logprobs" not in extra:
+        # the default, auto: rollout 1 (the held-out start) is scored by the forward pass and
+        # checked; fp32 on CPU agrees to ~1e-6 nats, so the engine's are used from rollout 2
+        assert "old logprobs: from the fast engine's sampling pass from rollout 2 on" in r.output
+        summary = json.loads((out / "train_summary.json").read_text())
+        assert summary["old_logprobs"] == "fast engine's sampling pass (from rollout 2)"
+    if "--old-logprobs" in extra and "generation" in extra:  # checked on rollouts 1 and 3: fp32
+        # on CPU, same numbers
         rows = read_jsonl(out / "metrics.jsonl")
         assert all(0.0 <= row["logprob_gap"] < 1e-4 for row in rows), rows
     if tb == GEN_BATCH and fam == "llama":  # no dropout anywhere: the PPO ratio is exactly 1

@@ -29,6 +29,70 @@ from dschat_cli.rlhf.ppo import Rollout, answer_logprobs, answer_positions
 from dschat_cli.rlhf.quality import distinct_ngrams, ended_with_eos, repeated_ngram_fraction
 from dschat_cli.rlhf.reward import sequence_scores
 from dschat_cli.steps.common import PhaseTimer
+from dschat_cli.ui.console import console
+
+
+class OldLogprobsSource:
+    """Where each rollout's old logprobs come from (--old-logprobs), and when the fast engine's
+    own are checked against the actor's forward pass.
+
+        source = OldLogprobsSource("auto", interval=10, switch_gap=0.03)
+        use_generation, check = source.plan(rollout, engine_has_logprobs)
+        news = source.observe(rollout, gap)   # after a check: what changed, in words, or None
+
+    forward: always the forward pass; it is there anyway, so every rollout is checked.
+    generation: the engine's, checked (a forward pass) on rollout 1 and every `interval`.
+    auto: forward (checked) until a check's mean gap is <= switch_gap, then as generation, its
+    checks counted from the switch; a later check above switch_gap goes back to the forward pass
+    for the rest of the run (a gap above --parity-tolerance stops the run in every mode).
+    Rollouts are numbered from 1. Not saved in checkpoints: a resumed run starts from the forward
+    pass and checks again."""
+
+    def __init__(self, mode: str, *, interval: int, switch_gap: float):
+        self.mode = mode
+        self.interval = interval
+        self.switch_gap = switch_gap
+        self.from_generation = mode == "generation"
+        self.anchor = 1  # the engine's logprobs are checked on rollouts anchor + k x interval
+        self.first = 1 if mode == "generation" else None  # first rollout taking the engine's
+        self.fell_back = False
+
+    def plan(self, rollout: int, engine_has_logprobs: bool) -> tuple[bool, bool]:
+        """-> (take the engine's logprobs, run the forward pass to check them)."""
+        if not engine_has_logprobs:  # transformers' generate returns none
+            return False, False
+        if not self.from_generation:
+            return False, True
+        return True, (rollout - self.anchor) % self.interval == 0
+
+    def observe(self, rollout: int, gap: float) -> str | None:
+        """A check's mean gap (nats) on `rollout`: auto switches on it."""
+        if self.mode != "auto" or self.fell_back:
+            return None
+        if not self.from_generation and gap <= self.switch_gap:
+            # this rollout was just checked: the next check is `interval` rollouts on
+            self.from_generation, self.anchor, self.first = True, rollout, rollout + 1
+            return (f"from the fast engine's sampling pass from rollout {rollout + 1} on "
+                    f"(--old-logprobs auto: rollout {rollout}'s mean gap to the forward pass "
+                    f"{gap:.4f} nats <= --parity-switch-gap {self.switch_gap:g}; checked every "
+                    f"{self.interval} rollouts); the actor's scoring forward is skipped")
+        if self.from_generation and gap > self.switch_gap:
+            self.from_generation, self.fell_back = False, True
+            return (f"back to the actor's forward pass from rollout {rollout} on, for the rest "
+                    f"of the run (--old-logprobs auto: mean gap {gap:.4f} nats > "
+                    f"--parity-switch-gap {self.switch_gap:g})")
+        return None
+
+    def describe(self, engine_has_logprobs: bool) -> str:
+        """The choice so far, for the run log and the summary."""
+        if not engine_has_logprobs:
+            return "actor forward pass (transformers' generate returns no logprobs)"
+        if self.from_generation:
+            return f"fast engine's sampling pass (from rollout {self.first})"
+        if self.fell_back:
+            return "actor forward pass (auto fell back: a parity check was above the gap)"
+        return ("actor forward pass (auto: until a parity check is within --parity-switch-gap)"
+                if self.mode == "auto" else "actor forward pass")
 
 
 class ExperienceMaker:
@@ -43,6 +107,9 @@ class ExperienceMaker:
         self.rollouts = 0  # rollouts made so far (numbers the parity checks; restored on resume)
         self.last_generation_s = 0.0
         self.last_parity: tuple[float, float] | None = None  # (mean, max) logprob gap
+        g = cfg.generation
+        self.source = OldLogprobsSource(g.old_logprobs, interval=g.parity_check_interval,
+                                        switch_gap=g.parity_switch_gap)
         self.judge = true_reward_judge(cfg.ppo.true_reward)  # (prompt, answer) -> float, or None
         self._greedy: RolloutGenerator | None = None  # for the summary's sample answers
 
@@ -117,13 +184,10 @@ class ExperienceMaker:
 
     def _old_logprobs(self, gen, seq, attention_mask, pos, P: int, real) -> torch.Tensor:
         """The actor's logprobs of the answer tokens as sampled: from a forward pass (as
-        DeepSpeed-Chat), or with --old-logprobs generation from the fast engine itself, checked
-        against a forward pass on the first rollout and every --parity-check-interval."""
-        g = self.cfg.generation
-        from_generation = g.old_logprobs == "generation" and gen.logprobs is not None
-        check = gen.logprobs is not None and (
-            not from_generation or (self.rollouts - 1) % g.parity_check_interval == 0)
-        if from_generation and not check:
+        DeepSpeed-Chat) or from the fast engine itself, as OldLogprobsSource decides; every
+        forward pass that has the engine's logprobs beside it checks them (parity)."""
+        use_generation, check = self.source.plan(self.rollouts, gen.logprobs is not None)
+        if use_generation and not check:
             return gen.logprobs
         with self.timer("actor_forward"):
             logprobs = answer_logprobs(self.m.actor(input_ids=seq, attention_mask=attention_mask,
@@ -131,8 +195,13 @@ class ExperienceMaker:
                                        seq, P)
         if check:  # the engine's own logprobs must agree with the actor's forward pass
             self.last_parity = check_parity(gen.logprobs, logprobs, real.long(),
-                                            tolerance=g.parity_tolerance, step=self.rollouts)
-        return gen.logprobs if from_generation else logprobs
+                                            tolerance=self.cfg.generation.parity_tolerance,
+                                            step=self.rollouts)
+            news = self.source.observe(self.rollouts, self.last_parity[0])
+            if news:
+                console.print(f"old logprobs: {news}", markup=False)
+            use_generation = use_generation and self.source.from_generation
+        return gen.logprobs if use_generation else logprobs
 
     @torch.no_grad()
     def heldout(self, loader, greedy_prompts: int = 8) -> "Heldout":

@@ -87,3 +87,17 @@ def test_critic_free_takes_the_reward_model_from_either_flag():
     with pytest.raises(ConfigError) as e:
         cfg(advantage_estimator="grpo", samples_per_prompt=2, critic_model=None).check()
     assert e.value.where == "--reward-model"
+
+
+def test_old_logprobs_defaults_to_auto_and_its_gap_is_refused_elsewhere():
+    assert cfg().generation.old_logprobs == "auto"
+    cfg(parity_switch_gap=0.05).check()
+    for flags, where in (({"old_logprobs": "forward", "parity_switch_gap": 0.05},
+                          "--parity-switch-gap"),  # accepted and ignored otherwise
+                         ({"parity_switch_gap": 0.2}, "--parity-switch-gap"),  # > tolerance 0.1
+                         ({"old_logprobs": "generation", "generation_engine": "hf"},
+                          "--old-logprobs generation")):
+        with pytest.raises(ConfigError) as e:
+            cfg(**flags).check()
+        assert e.value.where == where, e.value
+    cfg(old_logprobs="auto", generation_engine="hf").check()  # auto: the forward pass, said so
