@@ -13,13 +13,13 @@ from dschat_cli.config.steps import step
 
 
 def _run(cfg: BenchConfig, *, dry_run: bool) -> int:
-    from dschat_cli.launch.step import launch_training
+    from dschat_cli.launch.bench import launch_bench
 
     if cfg.output_dir is None:
         import tempfile
 
         cfg = dataclasses.replace(cfg, output_dir=tempfile.mkdtemp(prefix="dschat-bench-"))
-    return launch_training("bench", cfg, dry_run=dry_run)
+    return launch_bench(cfg, dry_run=dry_run)
 
 
 def register(app: typer.Typer) -> None:

@@ -12,6 +12,7 @@ from dschat_cli.config.schema import ConfigError, opt, section
 from dschat_cli.config.sections import DTYPES, LaunchOptions
 
 GROUP_SAMPLES = 8  # --samples-per-prompt when unset for a group estimator (GRPO's papers, TRL)
+BASE_BATCH = 64  # --batch-size when unset: the reference's largest batch on one H200
 
 
 @dataclass(frozen=True)
@@ -25,12 +26,15 @@ class BenchConfig:
                      "...) or a local model folder; weights are random either way.")
     critic: str = opt("opt-350m", "Critic and reward model architecture (ppo; the reward model "
                       "only with a critic-free --advantage-estimator).")
-    batch_size: int = opt(64, "Answers (sequences) per GPU per PPO step: --batch-size / "
-                          "--samples-per-prompt prompts, each answered --samples-per-prompt times "
-                          "(generation batch = training batch), so tokens/s compare like for like "
-                          "across estimators at the same --batch-size; sequences per GPU per step "
-                          "for sft; pairs per GPU per step for dpo (each pair is two sequences, "
-                          "chosen and rejected).", min=1)
+    batch_size: int | None = opt(
+        None, "Answers (sequences) per GPU per PPO step: --batch-size / --samples-per-prompt "
+        "prompts, each answered --samples-per-prompt times (generation batch = training batch), "
+        "so tokens/s compare like for like across estimators at the same --batch-size; sequences "
+        "per GPU per step for sft; pairs per GPU per step for dpo (each pair is two sequences, "
+        f"chosen and rejected). Unset: {BASE_BATCH} (the reference's largest), then the largest "
+        "batch the memory plan says fits one GPU here (or --gpu-memory), measured in a second "
+        "run (on out of memory, the next smaller) and reported beside it; given: that batch "
+        "only.", min=1)
     advantage_estimator: str = opt(
         "gae", "ppo: as `dschat ppo --advantage-estimator`. gae: PPO with a critic; the "
         "critic-free ones (grpo, dr-grpo, rloo, reinforce++, reinforce++-baseline) build, run and "
@@ -57,10 +61,16 @@ class BenchConfig:
                             choices=OLD_LOGPROBS)
     generation_tensor_parallel: int = opt(1, "ppo: as `dschat ppo --generation-tensor-parallel` "
                                           "(fast engine only).", min=1)
-    actor_zero_stage: int = opt(2, "ZeRO stage of the actor (and reference; the policy and its "
-                                "reference for dpo).", choices=(0, 1, 2, 3))
-    critic_zero_stage: int = opt(2, "ZeRO stage of the critic (and reward model).",
-                                 choices=(0, 1, 2, 3))
+    actor_zero_stage: int | None = opt(None, "ZeRO stage of the actor (and reference; the policy "
+                                       "and its reference for dpo). Unset: 0 on one GPU (nothing "
+                                       "to partition there), 2 on several (the reference's "
+                                       "benchmark setting).", choices=(0, 1, 2, 3))
+    critic_zero_stage: int | None = opt(None, "ZeRO stage of the critic (and reward model). "
+                                        "Unset: as --actor-zero-stage's default.",
+                                        choices=(0, 1, 2, 3))
+    gpu_memory: float | None = opt(None, "GiB per GPU to plan the largest batch against, instead "
+                                   "of the GPUs here (a machine without a GPU has none to plan "
+                                   "against).", min=0.1)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass.")
     dtype: str = opt("auto", "Precision; auto is bf16 where supported.", choices=DTYPES)
     torch_adam: bool = opt(False, "torch's AdamW instead of DeepSpeed's fused Adam.")
@@ -88,7 +98,12 @@ class BenchConfig:
     @property
     def prompts(self) -> int:
         """Prompts per GPU per PPO step (--batch-size counts answers)."""
-        return self.batch_size // self.samples
+        return self.batch // self.samples
+
+    @property
+    def batch(self) -> int:
+        """--batch-size, or its default when unset (the launch fills it in: plan/choose.py)."""
+        return BASE_BATCH if self.batch_size is None else self.batch_size
 
     @property
     def has_critic(self) -> bool:
@@ -104,6 +119,9 @@ class BenchConfig:
             self._check_samples()
         if self.precompute_ref_logprobs and self.step != "dpo":
             raise ConfigError("--precompute-ref-logprobs", "applies to --step dpo only")
+        if self.gpu_memory is not None and self.batch_size is not None:
+            raise ConfigError("--gpu-memory", "plans the largest batch, and --batch-size fixes "
+                              "the batch; drop one of them")
         if self.generation_engine == "hf" and self.old_logprobs == "generation":
             raise ConfigError("--old-logprobs generation", "needs --generation-engine fast or both")
         if self.generation_engine == "hf" and self.generation_tensor_parallel > 1:
@@ -116,10 +134,11 @@ class BenchConfig:
             raise ConfigError("--samples-per-prompt", f"--advantage-estimator {name} compares the "
                               f"answers to the same prompt, so it needs >= 2 of them (e.g. "
                               f"{GROUP_SAMPLES}); got {n}")
-        if self.batch_size % n:
-            raise ConfigError("--batch-size", f"{self.batch_size} counts answers per GPU, so it "
+        if self.batch % n:
+            given = "" if self.batch_size is not None else " (its default)"
+            raise ConfigError("--batch-size", f"{self.batch}{given} counts answers per GPU, so it "
                               f"must be a multiple of --samples-per-prompt {n} (e.g. "
-                              f"{max(n, self.batch_size // n * n)})")
+                              f"{max(n, self.batch // n * n)})")
 
 
 def bench_ppo_config(cfg: BenchConfig):
@@ -140,7 +159,7 @@ def bench_ppo_config(cfg: BenchConfig):
         actor=model(cfg.actor), critic=model(cfg.critic, trained=cfg.has_critic),
         data=PromptDataOptions(max_prompt_seq_len=cfg.max_prompt_seq_len),
         train=PPOTrainOptions(per_device_generation_batch_size=cfg.prompts,
-                              per_device_training_batch_size=cfg.batch_size,
+                              per_device_training_batch_size=cfg.batch,
                               samples_per_prompt=cfg.samples,
                               num_warmup_steps=0, torch_adam=cfg.torch_adam,
                               test_stop_step=cfg.warmup + cfg.steps),
@@ -151,8 +170,9 @@ def bench_ppo_config(cfg: BenchConfig):
                                         else "forward",
                                         generation_tensor_parallel=cfg.generation_tensor_parallel
                                         if engine == "fast" else 1),
-        deepspeed=PPODeepSpeedOptions(actor_zero_stage=cfg.actor_zero_stage,
-                                      critic_zero_stage=cfg.critic_zero_stage, dtype=cfg.dtype),
+        deepspeed=PPODeepSpeedOptions(actor_zero_stage=_stage(cfg.actor_zero_stage),
+                                      critic_zero_stage=_stage(cfg.critic_zero_stage),
+                                      dtype=cfg.dtype),
         launch=cfg.launch, output_dir=cfg.output_dir, overwrite=True, seed=cfg.seed)
 
 
@@ -165,9 +185,9 @@ def bench_sft_config(cfg: BenchConfig):
         model=ModelOptions(model=cfg.actor, random_init=True,
                            gradient_checkpointing=cfg.gradient_checkpointing),
         data=DataOptions(max_seq_len=cfg.max_prompt_seq_len + cfg.max_answer_seq_len),
-        optim=OptimOptions(per_device_train_batch_size=cfg.batch_size, num_train_epochs=1,
+        optim=OptimOptions(per_device_train_batch_size=cfg.batch, num_train_epochs=1,
                            max_steps=cfg.warmup + cfg.steps, torch_adam=cfg.torch_adam),
-        deepspeed=DeepSpeedOptions(zero_stage=cfg.actor_zero_stage, dtype=cfg.dtype),
+        deepspeed=DeepSpeedOptions(zero_stage=_stage(cfg.actor_zero_stage), dtype=cfg.dtype),
         launch=cfg.launch, output_dir=cfg.output_dir, overwrite=True, seed=cfg.seed)
 
 
@@ -183,13 +203,26 @@ def bench_dpo_config(cfg: BenchConfig):
         model=DPOModelOptions(model=cfg.actor, random_init=True,
                               gradient_checkpointing=cfg.gradient_checkpointing),
         data=DataOptions(max_seq_len=cfg.max_prompt_seq_len + cfg.max_answer_seq_len),
-        optim=DPOOptimOptions(per_device_train_batch_size=cfg.batch_size,
-                              per_device_eval_batch_size=cfg.batch_size, num_train_epochs=1,
+        optim=DPOOptimOptions(per_device_train_batch_size=cfg.batch,
+                              per_device_eval_batch_size=cfg.batch, num_train_epochs=1,
                               max_steps=cfg.warmup + cfg.steps, num_warmup_steps=0,
                               torch_adam=cfg.torch_adam),
         reference=ReferenceOptions(precompute_ref_logprobs=cfg.precompute_ref_logprobs),
-        deepspeed=DeepSpeedOptions(zero_stage=cfg.actor_zero_stage, dtype=cfg.dtype),
+        deepspeed=DeepSpeedOptions(zero_stage=_stage(cfg.actor_zero_stage), dtype=cfg.dtype),
         launch=cfg.launch, output_dir=cfg.output_dir, overwrite=True, seed=cfg.seed)
+
+
+def _stage(stage: int | None) -> int:
+    if stage is None:  # a programming error, not a user's: the launch chooses before it builds
+        raise ValueError("the bench's ZeRO stages are chosen (plan/choose.py) before its run "
+                         "configs are built")
+    return stage
+
+
+def bench_step_config(cfg: BenchConfig) -> tuple[str, object]:
+    """(the step the benchmark runs, that step's run config): what the memory plan estimates."""
+    build = {"ppo": bench_ppo_config, "sft": bench_sft_config, "dpo": bench_dpo_config}[cfg.step]
+    return cfg.step, build(cfg)
 
 
 def bench_ds_configs(cfg: BenchConfig, *, world_size: int, dtype: str, torch_adam: bool,

@@ -39,6 +39,7 @@ from dschat_cli.config.bench import (BenchConfig, bench_dpo_config, bench_ppo_co
                                      bench_sft_config)
 from dschat_cli.config.resolved import ResolvedRun
 from dschat_cli.dist import Dist
+from dschat_cli.report.records import write_atomic
 from dschat_cli.steps.common import PhaseTimer, count_params, seed_everything
 from dschat_cli.ui.console import console
 
@@ -186,14 +187,28 @@ def dpo_floors(policy: Shape, *, pairs: int, seq_len: int, ceilings: dict,
 def run(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     seed_everything(cfg.seed)
     bench = {"sft": _bench_sft, "dpo": _bench_dpo, "ppo": _bench_ppo}[cfg.step]
-    result = bench(cfg, dist, resolved)
+    try:
+        result = {**bench(cfg, dist, resolved), "status": "ok"}
+    except torch.OutOfMemoryError as e:
+        if dist.world_size > 1:  # the other ranks wait in a collective: no clean way on
+            raise
+        # one GPU: a result in its own right (the launch's batch search tries a smaller one)
+        result = {"step": cfg.step, "device": _device_name(dist), "world_size": 1,
+                  "batch_size": cfg.batch, "status": "out_of_memory",
+                  "error": str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"}
+        console.print(f"[warn]batch {cfg.batch}: out of GPU memory[/warn] ({result['error']})")
+        if dist.is_main:
+            Path(resolved.output_dir).mkdir(parents=True, exist_ok=True)
+            write_atomic(Path(resolved.output_dir) / "bench.json",
+                         json.dumps(result, indent=2) + "\n")
+        return result
     if dist.is_main:
         out = Path(resolved.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         text = json.dumps(result, indent=2) + "\n"
-        (out / "bench.json").write_text(text)
+        write_atomic(out / "bench.json", text)
         if cfg.json:
-            Path(cfg.json).expanduser().write_text(text)
+            write_atomic(Path(cfg.json).expanduser(), text)
         _print(result)
     dist.barrier()
     return result
@@ -222,8 +237,8 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     ceilings = measure_ceilings(dist.device, dtype)
     actor, reward = model_shape(models.actor.module), model_shape(models.reward.module)
     critic = model_shape(models.critic.module) if models.critic is not None else None
-    # the rollout: cfg.prompts prompts x cfg.samples answers = cfg.batch_size sequences per GPU
-    shape_args = dict(batch=cfg.batch_size, prompt=cfg.max_prompt_seq_len,
+    # the rollout: cfg.prompts prompts x cfg.samples answers = cfg.batch sequences per GPU
+    shape_args = dict(batch=cfg.batch, prompt=cfg.max_prompt_seq_len,
                       answer=cfg.max_answer_seq_len, bytes_per_param=dtype.itemsize,
                       ceilings=ceilings, gradient_checkpointing=cfg.gradient_checkpointing,
                       reward=reward)
@@ -277,10 +292,10 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
         used = {k: e_floors[k] for k in phases if k in e_floors}
         floor_step = sum(f[2] for f in used.values())
         flops = sum(f[0] for f in used.values())
-        tokens = cfg.batch_size * (cfg.max_prompt_seq_len + cfg.max_answer_seq_len) * dist.world_size
+        tokens = cfg.batch * (cfg.max_prompt_seq_len + cfg.max_answer_seq_len) * dist.world_size
         results[engine] = {
             "step_seconds": step, "step_seconds_all": step_s,
-            "tokens_per_s": tokens / step, "samples_per_s": cfg.batch_size * dist.world_size / step,
+            "tokens_per_s": tokens / step, "samples_per_s": cfg.batch * dist.world_size / step,
             "generation_share": gen_s / step, "decode_ms": decode_ms, "decode_kind": decode_kind,
             "decode_floor_ms": e_floors["decode_step"] * 1e3,
             "decode_x_floor": decode_ms / (e_floors["decode_step"] * 1e3),
@@ -308,7 +323,7 @@ def _bench_ppo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
             "reward_params": reward.params,
             "advantage_estimator": cfg.advantage_estimator, "samples_per_prompt": cfg.samples,
             "prompts_per_gpu": cfg.prompts,
-            "batch_size": cfg.batch_size, "max_prompt_seq_len": cfg.max_prompt_seq_len,
+            "batch_size": cfg.batch, "max_prompt_seq_len": cfg.max_prompt_seq_len,
             "max_answer_seq_len": cfg.max_answer_seq_len, "steps": cfg.steps, "warmup": cfg.warmup,
             "actor_zero_stage": cfg.actor_zero_stage, "critic_zero_stage": cfg.critic_zero_stage,
             "old_logprobs": cfg.old_logprobs,
@@ -341,7 +356,7 @@ def _bench_sft(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     phase_s = {"forward": [], "backward": [], "optimizer_step": []}
     engine.train()
     for i in range(total):
-        batch = _random_prompts(cfg.batch_size, S, tokenizer, engine.device, gen)
+        batch = _random_prompts(cfg.batch, S, tokenizer, engine.device, gen)
         _sync(on_gpu)
         t0 = time.perf_counter()
         loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -361,12 +376,12 @@ def _bench_sft(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
         console.print(f"[dim]sft step {i + 1}/{total}{' (warm-up)' if i < cfg.warmup else ''}: "
                       f"{time.perf_counter() - t0:.3f} s, loss {float(loss):.3f}[/dim]")
     step = statistics.mean(step_s)
-    tokens = cfg.batch_size * S * dist.world_size
+    tokens = cfg.batch * S * dist.world_size
     flops = flops_per_token(engine.module, n_params, S, cfg.gradient_checkpointing) * tokens
     floor = flops / dist.world_size / (ceilings["matmul_tflops"] * 1e12)
     return {"step": "sft", "device": _device_name(dist), "world_size": dist.world_size,
             "dtype": dtype_name, "actor": cfg.actor, "actor_params": n_params,
-            "batch_size": cfg.batch_size, "seq_len": S, "steps": cfg.steps, "warmup": cfg.warmup,
+            "batch_size": cfg.batch, "seq_len": S, "steps": cfg.steps, "warmup": cfg.warmup,
             "zero_stage": cfg.actor_zero_stage, "ceilings": ceilings,
             "step_seconds": step, "step_seconds_all": step_s, "tokens_per_s": tokens / step,
             "phases": {k: statistics.mean(v) for k, v in phase_s.items()},
@@ -407,7 +422,7 @@ def _bench_dpo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     total = cfg.warmup + cfg.steps
     S = cfg.max_prompt_seq_len + cfg.max_answer_seq_len
     gen = torch.Generator().manual_seed(cfg.seed + dist.rank)
-    batches = [_random_pairs(cfg.batch_size, cfg.max_prompt_seq_len, cfg.max_answer_seq_len,
+    batches = [_random_pairs(cfg.batch, cfg.max_prompt_seq_len, cfg.max_answer_seq_len,
                              tokenizer, gen) for _ in range(total)]
     # as steps/dpo.py: the reference copy first, from the same seed as the policy (both start from
     # the same random weights); with --precompute-ref-logprobs it scores every batch, then is freed
@@ -438,7 +453,7 @@ def _bench_dpo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     ceilings = measure_ceilings(dist.device, dtype)
     shape = model_shape(engine.module)
-    floors = dpo_floors(shape, pairs=cfg.batch_size, seq_len=S, ceilings=ceilings,
+    floors = dpo_floors(shape, pairs=cfg.batch, seq_len=S, ceilings=ceilings,
                         gradient_checkpointing=cfg.gradient_checkpointing,
                         reference=precomputed is None)
     d = dpo_cfg.dpo
@@ -477,10 +492,10 @@ def _bench_dpo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     phases = {k: v / n for k, v in timer.seconds.items()}
     flops = sum(f[0] for k, f in floors.items() if k in phases)
     floor = sum(f[2] for k, f in floors.items() if k in phases)
-    tokens = 2 * cfg.batch_size * S * dist.world_size  # chosen + rejected, prompt in each
+    tokens = 2 * cfg.batch * S * dist.world_size  # chosen + rejected, prompt in each
     return {"step": "dpo", "device": _device_name(dist), "world_size": dist.world_size,
             "dtype": dtype_name, "actor": cfg.actor, "actor_params": n_params,
-            "batch_size": cfg.batch_size, "sequences_per_gpu": 2 * cfg.batch_size,
+            "batch_size": cfg.batch, "sequences_per_gpu": 2 * cfg.batch,
             "max_prompt_seq_len": cfg.max_prompt_seq_len,
             "max_answer_seq_len": cfg.max_answer_seq_len, "seq_len": S, "tokens_per_pair": 2 * S,
             "steps": cfg.steps, "warmup": cfg.warmup, "zero_stage": cfg.actor_zero_stage,
@@ -488,7 +503,7 @@ def _bench_dpo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
             "reference": "precomputed" if precomputed is not None else "copy",
             "loss_type": d.loss_type, "beta": d.beta, "ceilings": ceilings,
             "step_seconds": step, "step_seconds_all": step_s, "tokens_per_s": tokens / step,
-            "pairs_per_s": cfg.batch_size * dist.world_size / step,
+            "pairs_per_s": cfg.batch * dist.world_size / step,
             "tflops_per_gpu": flops / step / 1e12, "floor_seconds": floor,
             "step_x_floor": step / floor,
             "phases": {k: {"seconds": v, "share": v / step,

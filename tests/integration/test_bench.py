@@ -177,3 +177,56 @@ def test_bench_tensor_parallel_bad_input(tmp_path, tiny_opt, tiny_gpt2, invoke_d
                       "--num-gpus", "2")
     assert r.code == 2 and "gpt2" in r.output and "launching" not in r.output, r.explain()
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_bench_measures_the_largest_batch_that_fits_and_falls_back_on_out_of_memory(
+        tmp_path, tiny_opt, invoke_dschat, monkeypatch):
+    """No --batch-size: batch 64, then the largest the memory plan allows on --gpu-memory (here
+    128, with 96 next), each a launch of its own; 128 runs out of memory (simulated: CPU has
+    no GPU memory to run out of), so 96 is measured; bench.json keeps all of it."""
+    import torch
+
+    from dschat_cli.config.bench import BenchConfig
+    from dschat_cli.plan.choose import _peak_fn
+    from dschat_cli.plan.memory import GiB, overhead_bytes
+    from dschat_cli.plan.planner import detect_target
+    from dschat_cli.steps import bench
+
+    shape = dict(actor=str(tiny_opt), critic=str(tiny_opt), max_prompt_seq_len=6,
+                 max_answer_seq_len=5, actor_zero_stage=0, critic_zero_stage=0, batch_size=64)
+    peak = _peak_fn(BenchConfig(**shape), 1, detect_target(100.0))
+    need = {b: peak(b) + overhead_bytes(peak(b), 1) for b in (128, 160)}  # without the margin
+    gpu_gib = (need[128] + need[160]) / 2 / GiB  # 128 fits (tight at most), 160 does not
+
+    real = bench._bench_ppo
+
+    def oom_at_128(cfg, dist, resolved):
+        if cfg.batch == 128:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(cfg, dist, resolved)
+
+    monkeypatch.setattr(bench, "_bench_ppo", oom_at_128)
+    out, out_json = tmp_path / "run", tmp_path / "bench.json"
+    r = invoke_dschat("bench", "--actor", tiny_opt, "--critic", tiny_opt,
+                      "--max-prompt-seq-len", "6", "--max-answer-seq-len", "5", "--steps", "1",
+                      "--warmup", "1", "--gpu-memory", f"{gpu_gib:.6f}", "--launcher", "none",
+                      "--output-dir", out, "--json", out_json)
+    assert r.code == 0, r.explain()
+    text = " ".join(r.output.split())
+    assert "chosen: --actor-zero-stage and --critic-zero-stage 0: one CPU rank" in text
+    assert "--batch-size 64 (the reference's largest), then 128: the largest batch that fits" \
+        in text and "on out of memory the bench tries 96" in text
+    assert "batch 128: out of GPU memory" in text and "tokens/s by batch" in text
+    res = json.loads(out_json.read_text())
+    assert json.loads((out / "bench.json").read_text()) == res
+    assert res["batch_size"] == 64 and res["status"] == "ok" and set(res["engines"]) == \
+        {"fast", "hf"}
+    assert res["larger_batches_tried"] == [{"batch_size": 128, "status": "out_of_memory"},
+                                           {"batch_size": 96, "status": "ok"}]
+    assert json.loads((out / "batch-128" / "bench.json").read_text())["status"] == \
+        "out_of_memory"
+    big = res["largest_batch"]
+    assert big["batch_size"] == 96 and set(big["engines"]) == {"fast"}  # no hf at the big batch
+    e = big["engines"]["fast"]
+    assert e["tokens_per_s"] == pytest.approx(96 * 11 / e["step_seconds"])
+    assert res["choices"][0].startswith("--actor-zero-stage and --critic-zero-stage 0")

@@ -10,8 +10,13 @@ from dschat_cli.config.bench import BenchConfig, bench_ds_configs, bench_ppo_con
 from dschat_cli.config.schema import ConfigError
 
 
+def bench(**kw) -> BenchConfig:
+    """A bench config as the launch hands it on: ZeRO stages chosen (plan/choose.py)."""
+    return BenchConfig(**{"actor_zero_stage": 2, "critic_zero_stage": 2, **kw})
+
+
 def test_gae_is_todays_bench():
-    cfg = BenchConfig(batch_size=64)
+    cfg = bench(batch_size=64)
     cfg.check()
     t = bench_ppo_config(cfg).train
     assert (cfg.samples, t.per_device_generation_batch_size, t.samples_per_prompt,
@@ -20,7 +25,7 @@ def test_gae_is_todays_bench():
 
 
 def test_group_estimator_defaults_to_8_answers_per_prompt_out_of_the_batch():
-    cfg = BenchConfig(batch_size=64, advantage_estimator="grpo")
+    cfg = bench(batch_size=64, advantage_estimator="grpo")
     cfg.check()
     ppo = bench_ppo_config(cfg)
     # 64 answers per GPU = 8 prompts x 8 answers, trained on in one mini-batch of 64
@@ -36,7 +41,7 @@ def test_group_estimator_defaults_to_8_answers_per_prompt_out_of_the_batch():
 
 
 def test_critic_free_bench_does_not_checkpoint_a_critic_it_does_not_build():
-    ppo = bench_ppo_config(BenchConfig(advantage_estimator="grpo", gradient_checkpointing=True))
+    ppo = bench_ppo_config(bench(advantage_estimator="grpo", gradient_checkpointing=True))
     assert ppo.actor.gradient_checkpointing and not ppo.critic.gradient_checkpointing
 
 
@@ -51,3 +56,15 @@ def test_bad_input_names_the_flag(kw, flag):
     with pytest.raises(ConfigError) as e:
         BenchConfig(**kw).check()
     assert e.value.where.startswith(flag)
+
+
+def test_unset_zero_stages_must_be_chosen_before_the_run_configs_are_built():
+    with pytest.raises(ValueError, match="chosen"):
+        bench_ppo_config(BenchConfig(batch_size=64))
+
+
+def test_gpu_memory_plans_the_batch_so_a_given_batch_refuses_it():
+    BenchConfig(gpu_memory=80).check()
+    with pytest.raises(ConfigError) as e:
+        BenchConfig(gpu_memory=80, batch_size=64).check()
+    assert e.value.where == "--gpu-memory"

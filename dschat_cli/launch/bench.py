@@ -1,0 +1,132 @@
+"""`dschat bench` from the user's side: fill in what the user left unset, measure, then measure
+again at the largest batch that fits, and keep one record of both.
+
+    rc = launch_bench(cfg, dry_run=False)
+
+plan/choose.py decides (ZeRO stages, the batch sizes) and says why; each measurement is a launch
+of its own (a fresh process: the second run's memory is not the first's leftovers), the first in
+OUT, the larger batch in OUT/batch-N. OUT/bench.json (and --json) is the first run's record plus
+`choices` (the lines printed), `largest_batch` (the larger run's record, or null) and
+`larger_batches_tried` ([{batch_size, status}]: ok, out_of_memory, failed). A larger batch that
+runs out of memory is not an error: the next smaller one the plan allows is tried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from rich.markup import escape
+
+from dschat_cli.config.bench import BenchConfig
+from dschat_cli.launch.runner import detect_hardware, plan_launch, query_gpus
+from dschat_cli.launch.step import launch_training
+from dschat_cli.plan.choose import choose_bench
+from dschat_cli.plan.planner import detect_target
+from dschat_cli.ui.console import console, error_line
+
+
+def launch_bench(cfg: BenchConfig, *, dry_run: bool) -> int:
+    hw = detect_hardware()
+    world = plan_launch(cfg.launch, "bench", "run_config.yaml", hw=hw).world_size
+    target = detect_target(cfg.gpu_memory, query_gpus() if hw.gpus else [])
+    choice = choose_bench(cfg, world_size=world, target=target, on_gpu=hw.gpus > 0)
+    for line in choice.lines:
+        console.print(f"[bold]chosen:[/bold] {escape(line)}")
+    first = dataclasses.replace(choice.cfg, json=None)  # the combined record is written here
+    rc = launch_training("bench", first, dry_run=dry_run)
+    out = Path(first.output_dir).expanduser().resolve()
+    if dry_run:
+        if choice.larger:
+            console.print(f"then: batch {choice.larger[0]} in {escape(str(out))}/batch-"
+                          f"{choice.larger[0]} (fast engine only)", soft_wrap=True)
+        return rc
+    result = _read(out / "bench.json")
+    if rc != 0 or result is None:
+        return rc or 1
+    record = {**result, "choices": choice.lines, "largest_batch": None,
+              "larger_batches_tried": []}
+    _write(record, out, cfg.json)
+    if result.get("status") != "ok":
+        error_line("--batch-size", f"batch {first.batch} ran out of GPU memory; give a smaller "
+                   "--batch-size (`dschat plan` estimates what fits)")
+        return 1
+    failed = 0
+    for batch in choice.larger:
+        sub = dataclasses.replace(
+            first, batch_size=batch, output_dir=str(out / f"batch-{batch}"),
+            generation_engine="fast" if first.generation_engine == "both"
+            else first.generation_engine)
+        console.rule(f"[bold]batch {batch}: the largest the memory plan says fits")
+        rc = launch_training("bench", sub, dry_run=False)
+        larger = _read(out / f"batch-{batch}" / "bench.json")
+        status = "failed" if rc != 0 or larger is None else larger.get("status", "failed")
+        record["larger_batches_tried"].append({"batch_size": batch, "status": status})
+        if status == "ok":
+            record["largest_batch"] = larger
+        _write(record, out, cfg.json)
+        if status == "failed":
+            failed = rc or 1
+            error_line(f"dschat bench (batch {batch})", f"the run at the larger batch failed; see "
+                       f"{out / f'batch-{batch}' / 'train.log'} (batch {first.batch}'s figures "
+                       f"are in {out / 'bench.json'})")
+        if status != "out_of_memory":
+            break
+    _print_batches(record)
+    return failed
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write(record: dict, out: Path, json_path: str | None) -> None:
+    from dschat_cli.report.records import write_atomic
+
+    text = json.dumps(record, indent=2) + "\n"
+    write_atomic(out / "bench.json", text)
+    if json_path:
+        write_atomic(Path(json_path).expanduser(), text)
+
+
+def tokens_per_s(result: dict) -> float | None:
+    """A run record's headline figure: the fast engine's (else the only engine's) for step 3."""
+    if result.get("status") != "ok":
+        return None
+    engines = result.get("engines")
+    if engines:
+        return (engines.get("fast") or next(iter(engines.values())))["tokens_per_s"]
+    return result.get("tokens_per_s")
+
+
+def _print_batches(record: dict) -> None:
+    """The batches measured, side by side (only when a larger one was tried)."""
+    if not record["larger_batches_tried"]:
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{record['step']}: tokens/s by batch per GPU", title_justify="left")
+    for col in ("batch", "tokens/s", "peak GiB", "status"):
+        t.add_column(col, justify="right")
+    rows = [(record["batch_size"], record, "ok")]
+    larger = record["largest_batch"]
+    for tried in record["larger_batches_tried"]:
+        r = larger if larger is not None and tried["batch_size"] == larger["batch_size"] else {}
+        rows.append((tried["batch_size"], r, tried["status"]))
+    for batch, r, status in rows:
+        tps = tokens_per_s(r) if r else None
+        peak = _peak(r) if r else None
+        t.add_row(str(batch), f"{tps:,.0f}" if tps is not None else "-",
+                  f"{peak:.1f}" if peak is not None else "-", status.replace("_", " "))
+    console.print(t)
+
+
+def _peak(result: dict) -> float | None:
+    engines = result.get("engines")
+    if engines:
+        return (engines.get("fast") or next(iter(engines.values()))).get("peak_memory_gib")
+    return result.get("peak_memory_gib")

@@ -1,0 +1,171 @@
+"""What `dschat bench` decides for a user who leaves a setting unset, from the memory plan.
+
+    choice = choose_bench(cfg, world_size=1, target=detect_target(gpus=query_gpus()))
+    choice.cfg          # cfg with every unset ZeRO stage and --batch-size filled in
+    choice.lines        # what was chosen and why, one line each (printed, and kept in bench.json)
+    choice.larger       # larger batches to measure next, largest first ([] when none fits)
+
+Users do not tune, so the defaults should be the fastest correct setting that fits:
+- ZeRO: on one GPU there is nothing to partition, and stage 0 skips ZeRO's bookkeeping (the plan's
+  peak is the same at every stage there), so 0; on several GPUs 2, the reference's benchmark
+  setting (ZeRO-0 across GPUs has not been measured against it).
+- Batch: --batch-size 64 (the reference's largest, the figure compared with it), then the largest
+  batch the plan says fits one GPU (with or without its margin: the bench's own out-of-memory
+  fallback is the final word), in steps of half the base batch.
+An explicit flag always wins: nothing here changes a value the user gave.
+
+No torch import: the plan reads model configs only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+from dschat_cli.config.bench import BASE_BATCH, BenchConfig, bench_step_config
+from dschat_cli.config.resolved import resolve_run
+from dschat_cli.plan.arch import PlanUnavailable
+from dschat_cli.plan.memory import GiB, overhead_bytes
+from dschat_cli.plan.planner import MARGIN, Target, estimate_step, verdict
+
+MAX_BATCH_FACTOR = 16  # the search stops at 16 x the base batch
+LARGER_TRIES = 3  # batches tried (largest first) before the bench gives up on a larger one
+
+
+@dataclass
+class BenchChoice:
+    cfg: BenchConfig
+    lines: list[str] = field(default_factory=list)
+    larger: list[int] = field(default_factory=list)
+
+
+def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: bool = True
+                 ) -> BenchChoice:
+    """`cfg` with its unset ZeRO stages and batch size chosen for `world_size` ranks of `target`'s
+    GPUs (or the --gpu-memory it names; a target without GPU memory: no search). `on_gpu`
+    False: the ranks are CPU processes (the lines say so)."""
+    choice = BenchChoice(cfg)
+    _choose_zero(choice, world_size, "GPU" if on_gpu else "CPU rank")
+    batch_given = cfg.batch_size is not None
+    if not batch_given:
+        choice.cfg = dataclasses.replace(choice.cfg, batch_size=BASE_BATCH)
+    peak = _peak_fn(choice.cfg, world_size, target)
+    base = choice.cfg.batch_size
+    if batch_given:
+        return choice
+    what = "the reference's largest" if cfg.step == "ppo" else "the default"
+    if target.gpu_bytes is None or peak is None:
+        why = ("no GPU here and no --gpu-memory" if target.gpu_bytes is None else
+               "the memory plan has no estimate for these models")
+        choice.lines.append(f"--batch-size {base} ({what}); the largest batch that fits was not "
+                            f"searched: {why}")
+        return choice
+    k = choice.cfg.samples  # a batch counts answers: a whole number of prompts x k
+    fits = lambda b: _verdict(peak(b), world_size, target) != "does not fit"  # noqa: E731
+    where = f"one GPU ({target.source})"
+    if not fits(base):  # a smaller GPU (or a bigger step): the largest that fits below
+        down = _round_up(max(base // 8, 1), k)
+        smaller = next((b for b in range(base - down, 0, -down) if fits(b)), None)
+        if smaller is None:
+            choice.lines.append(f"--batch-size {base} ({what}), though it does not fit {where} by "
+                                f"the memory plan (estimated peak {peak(base) / GiB:.1f} GiB) and "
+                                "no smaller batch does either; measuring it anyway")
+            return choice
+        choice.cfg = dataclasses.replace(choice.cfg, batch_size=smaller)
+        choice.lines.append(f"--batch-size {smaller}: the largest that fits {where} by the memory "
+                            f"plan (estimated peak {peak(smaller) / GiB:.1f} GiB, "
+                            f"{_verdict(peak(smaller), world_size, target)}; {base}, {what}: "
+                            f"{peak(base) / GiB:.1f} GiB, does not fit)")
+        return choice
+    step = _round_up(base // 2, k)
+    fitting = fitting_batches(peak, target.gpu_bytes, world_size, start=base, step=step,
+                              limit=MAX_BATCH_FACTOR * base)
+    if not fitting:
+        choice.lines.append(f"--batch-size {base} ({what}); no larger batch fits {where} by the "
+                            f"memory plan ({base}: estimated peak {peak(base) / GiB:.1f} GiB, "
+                            f"{_verdict(peak(base), world_size, target)}; {base + step}: "
+                            f"{peak(base + step) / GiB:.1f} GiB, does not fit)")
+        return choice
+    choice.larger = fitting[:LARGER_TRIES]
+    best = fitting[0]
+    choice.lines.append(f"--batch-size {base} ({what}), then {best}: the largest batch that fits "
+                        f"{where} by the memory plan (estimated peak {peak(best) / GiB:.1f} GiB, "
+                        f"{_verdict(peak(best), world_size, target)}; {best + step}: "
+                        f"{peak(best + step) / GiB:.1f} GiB, does not fit); on out of memory the "
+                        "bench tries " + (", ".join(map(str, choice.larger[1:])) or "no other"))
+    return choice
+
+
+def _round_up(n: int, k: int) -> int:
+    return max(-(-n // k) * k, k)
+
+
+def fitting_batches(peak: Callable[[int], float], gpu_bytes: float, world_size: int, *,
+                    start: int, step: int, limit: int) -> list[int]:
+    """The batches above `start` (start + step, start + 2 x step, ... up to `limit`) whose
+    estimated peak fits `gpu_bytes` with or without the plan's margin, largest first. The peak
+    grows with the batch, so the walk stops at the first that does not fit."""
+    out = []
+    b = start + step
+    while b <= limit:
+        if verdict(peak(b), _overhead(peak(b), world_size), gpu_bytes) == "does not fit":
+            break
+        out.append(b)
+        b += step
+    return out[::-1]
+
+
+def _choose_zero(choice: BenchChoice, world_size: int, unit: str) -> None:
+    cfg = choice.cfg
+    roles = [("actor_zero_stage", "--actor-zero-stage")]
+    if cfg.step == "ppo":
+        roles.append(("critic_zero_stage", "--critic-zero-stage"))
+    unset = [(name, flag) for name, flag in roles if getattr(cfg, name) is None]
+    stage = 0 if world_size == 1 else 2
+    changes = {name: stage for name, _ in unset}
+    # a stage that does not apply to this step (sft's critic) is filled in too: nothing reads it
+    changes.update({name: stage for name in ("actor_zero_stage", "critic_zero_stage")
+                    if getattr(cfg, name) is None})
+    choice.cfg = dataclasses.replace(cfg, **changes)
+    if not unset:
+        return
+    flags = " and ".join(flag for _, flag in unset)
+    why = (f"one {unit}: ZeRO has nothing to partition, and stage 0 skips its bookkeeping (the "
+           "memory plan's peak is the same at every stage on one GPU)" if world_size == 1 else
+           f"{world_size} {unit}s: ZeRO-2, the reference's benchmark setting, partitions the "
+           "optimizer states and gradients")
+    choice.lines.append(f"{flags} {stage}: {why}")
+
+
+def _peak_fn(cfg: BenchConfig, world_size: int, target: Target
+             ) -> Callable[[int], float] | None:
+    """batch -> the memory plan's peak bytes per GPU of `cfg` at that --batch-size (None: no
+    estimate for these models)."""
+    cache: dict[int, float] = {}
+
+    def peak(batch: int) -> float:
+        if batch not in cache:
+            # the output folder only names where files would go: a plan writes none
+            step, run_cfg = bench_step_config(dataclasses.replace(
+                cfg, batch_size=batch, output_dir=cfg.output_dir or "dschat-bench"))
+            record = resolve_run(step, run_cfg, world_size=world_size, device="cuda",
+                                 bf16_supported=target.bf16, hub_reachable=False)
+            cache[batch] = estimate_step(run_cfg, record).peak
+        return cache[batch]
+
+    try:
+        peak(cfg.batch_size)
+    except PlanUnavailable:
+        return None
+    return peak
+
+
+def _overhead(peak: float, world_size: int) -> float:
+    return overhead_bytes(peak, world_size)
+
+
+def _verdict(peak: float, world_size: int, target: Target) -> str:
+    v = verdict(peak, _overhead(peak, world_size), target.gpu_bytes)
+    return {"fits": f"fits with the plan's {MARGIN:.0%} margin",
+            "tight": f"fits, but not with the plan's {MARGIN:.0%} margin"}.get(v, v)

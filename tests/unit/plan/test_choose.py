@@ -1,0 +1,107 @@
+"""What `dschat bench` chooses for unset settings (plan/choose.py): ZeRO 0 on one GPU, 2 on
+several; --batch-size 64, then the largest batch the memory plan says fits; a flag given wins."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from dschat_cli.config.bench import BenchConfig
+from dschat_cli.plan.choose import choose_bench, fitting_batches
+from dschat_cli.plan.memory import GiB, overhead_bytes
+from dschat_cli.plan.planner import detect_target, verdict
+
+H200 = detect_target(139.8)  # GiB, as `dschat plan --gpu-memory` takes it
+
+
+def test_fitting_batches_walks_up_until_the_first_that_does_not_fit():
+    # peak = batch GiB; overhead 0.6 GiB + 7% of the peak on one GPU. On 100 GiB:
+    # 80: 80 x 1.15 + 0.6 + 5.6 = 98.2 <= 100 fits;  88: 88 + 0.6 + 6.16 = 94.8 <= 100 tight;
+    # 96: 96 + 0.6 + 6.72 = 103.3 > 100 does not fit
+    peak = lambda b: b * GiB  # noqa: E731
+    assert fitting_batches(peak, 100 * GiB, 1, start=64, step=8, limit=1024) == [88, 80, 72]
+    # none above the start fits
+    assert fitting_batches(peak, 70 * GiB, 1, start=64, step=8, limit=1024) == []
+    # the limit stops the walk
+    assert fitting_batches(peak, 100 * GiB, 1, start=64, step=8, limit=72) == [72]
+
+
+def test_one_h200_defaults_zero_0_and_searches_a_larger_batch():
+    c = choose_bench(BenchConfig(), world_size=1, target=H200)
+    assert (c.cfg.actor_zero_stage, c.cfg.critic_zero_stage, c.cfg.batch_size) == (0, 0, 64)
+    assert c.lines[0].startswith("--actor-zero-stage and --critic-zero-stage 0: one GPU")
+    assert c.larger, c.lines
+    best = c.larger[0]
+    assert best > 64 and best % 32 == 0 and c.larger == sorted(c.larger, reverse=True)
+    # the largest batch fits by the plan (with or without its margin); 32 more does not
+    peaks = {}
+    for b in (best, best + 32):
+        from dschat_cli.config.bench import bench_step_config
+        from dschat_cli.config.resolved import resolve_run
+        from dschat_cli.plan.planner import estimate_step
+
+        step, run_cfg = bench_step_config(dataclasses.replace(c.cfg, batch_size=b, output_dir="x"))
+        record = resolve_run(step, run_cfg, world_size=1, device="cuda", bf16_supported=True,
+                             hub_reachable=False)
+        peaks[b] = estimate_step(run_cfg, record).peak
+    assert verdict(peaks[best], overhead_bytes(peaks[best], 1), H200.gpu_bytes) != "does not fit"
+    assert verdict(peaks[best + 32], overhead_bytes(peaks[best + 32], 1),
+                   H200.gpu_bytes) == "does not fit"
+    assert f"then {best}: the largest batch that fits one GPU (--gpu-memory 139.8)" in c.lines[1]
+
+
+def test_several_gpus_default_zero_2():
+    c = choose_bench(BenchConfig(), world_size=8, target=H200)
+    assert (c.cfg.actor_zero_stage, c.cfg.critic_zero_stage) == (2, 2)
+    assert "8 GPUs: ZeRO-2" in c.lines[0]
+
+
+def test_a_flag_given_wins():
+    c = choose_bench(BenchConfig(actor_zero_stage=3, batch_size=32), world_size=1, target=H200)
+    # the critic's stage was unset: chosen and said; the actor's and the batch kept, no search
+    assert (c.cfg.actor_zero_stage, c.cfg.critic_zero_stage, c.cfg.batch_size) == (3, 0, 32)
+    assert c.larger == [] and c.lines == [c.lines[0]] and c.lines[0].startswith(
+        "--critic-zero-stage 0")
+    c = choose_bench(BenchConfig(actor_zero_stage=2, critic_zero_stage=2, batch_size=48),
+                     world_size=1, target=H200)
+    assert c.lines == [] and c.larger == [] and c.cfg.batch_size == 48
+
+
+def test_no_gpu_memory_known_means_no_search_and_says_so():
+    c = choose_bench(BenchConfig(), world_size=1, target=detect_target(None, []))
+    assert c.cfg.batch_size == 64 and c.larger == []
+    assert "was not searched: no GPU here and no --gpu-memory" in c.lines[-1]
+
+
+@pytest.mark.parametrize("step", ["sft", "dpo"])
+def test_sft_and_dpo_search_their_own_batch(step):
+    c = choose_bench(BenchConfig(step=step), world_size=1, target=H200)
+    assert c.cfg.actor_zero_stage == 0 and c.lines[0].startswith("--actor-zero-stage 0")
+    if c.larger:  # sft: 64 sequences of 512 tokens fit, and a larger batch
+        assert c.cfg.batch_size == 64 and c.larger[0] > 64
+    else:  # dpo: 64 pairs are 128 sequences of 512 tokens, above the plan's H200
+        assert c.cfg.batch_size < 64 and "the default: " in c.lines[-1]
+
+
+def test_a_smaller_gpu_gets_the_largest_batch_below_64():
+    c = choose_bench(BenchConfig(), world_size=1, target=detect_target(80.0))
+    # walked down in steps of 64 / 8 = 8 to the first that fits
+    assert c.cfg.batch_size < 64 and c.cfg.batch_size % 8 == 0 and c.larger == []
+    assert c.lines[-1].startswith(f"--batch-size {c.cfg.batch_size}: the largest that fits one "
+                                  "GPU (--gpu-memory 80)")
+    assert "64, the reference's largest: " in c.lines[-1] and "does not fit" in c.lines[-1]
+    # nothing fits at all: the base batch, measured anyway, and said
+    c = choose_bench(BenchConfig(), world_size=1, target=detect_target(20.0))
+    assert c.cfg.batch_size == 64 and "measuring it anyway" in c.lines[-1]
+
+
+def test_group_estimators_step_in_whole_prompts():
+    c = choose_bench(BenchConfig(advantage_estimator="grpo", samples_per_prompt=6,
+                                 batch_size=None), world_size=1, target=detect_target(400.0))
+    # --batch-size 64 is not a multiple of 6: the check refuses it before any choice matters
+    with pytest.raises(Exception):
+        c.cfg.check()
+    c = choose_bench(BenchConfig(advantage_estimator="grpo"), world_size=1,
+                     target=detect_target(400.0))
+    assert c.larger and all(b % 8 == 0 for b in c.larger)
