@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 18 on one H200: what `dschat bench` gives with no tuning flags (its own choices: ZeRO,
+# batch 64 then the largest batch that fits, --old-logprobs auto), step by step, and where the
+# decode step's time goes:
+#   bash benchmarks/issue18_h200.sh OUT_DIR [PARTS]
+# PARTS: comma-separated of ppo, sft, dpo, grpo, rloo, decode (default ppo,sft,dpo,grpo,decode).
+# Each part's output and JSON go to OUT_DIR/PART.txt and OUT_DIR/PART.json, wall times to
+# OUT_DIR/walls.txt. The first bench compiles DeepSpeed's FusedAdam (~1 min, cached for the rest).
+# Split the parts over device calls of at most 10 minutes (e.g. "ppo,sft" then "dpo,grpo,decode").
+set -u
+out=${1:?usage: issue18_h200.sh OUT_DIR [PARTS]}
+parts=${2:-ppo,sft,dpo,grpo,decode}
+mkdir -p "$out"
+export HF_HUB_OFFLINE=1
+
+timed() {  # timed NAME LIMIT_S CMD...: run with a limit, output and wall time to OUT/NAME.txt
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout --kill-after=20 "$limit" "$@" > "$out/$name.txt" 2>&1
+  local rc=$?
+  echo "$name: exit $rc, wall $((SECONDS - t0)) s" | tee -a "$out/walls.txt"
+  if [ "$rc" -ne 0 ]; then  # leave no worker holding the GPU for the next run
+    pkill -9 -f dschat_cli.worker; pkill -9 -f deepspeed.launcher; sleep 2
+  fi
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
+for part in ${parts//,/ }; do
+  case $part in
+    ppo)  timed ppo 420 python3 -m dschat_cli bench --json "$out/ppo.json" --output-dir /tmp/b-ppo ;;
+    sft)  timed sft 300 python3 -m dschat_cli bench --step sft --json "$out/sft.json" --output-dir /tmp/b-sft ;;
+    dpo)  timed dpo 300 python3 -m dschat_cli bench --step dpo --json "$out/dpo.json" --output-dir /tmp/b-dpo ;;
+    grpo|rloo)
+          timed "$part" 360 python3 -m dschat_cli bench --advantage-estimator "$part" \
+            --generation-engine fast --json "$out/$part.json" --output-dir "/tmp/b-$part" ;;
+    decode)
+          timed decode 330 python3 benchmarks/decode_profile.py opt-1.3b 64 256 256 graph,profile,compile ;;
+    *) echo "unknown part: $part" >&2; exit 2 ;;
+  esac
+done
+cat "$out/walls.txt"
