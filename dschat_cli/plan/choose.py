@@ -169,3 +169,35 @@ def _verdict(peak: float, world_size: int, target: Target) -> str:
     v = verdict(peak, _overhead(peak, world_size), target.gpu_bytes)
     return {"fits": f"fits with the plan's {MARGIN:.0%} margin",
             "tight": f"fits, but not with the plan's {MARGIN:.0%} margin"}.get(v, v)
+
+
+MAX_GENERATION_FACTOR = 8  # the hint looks at up to 8 x the generation batch
+
+
+def larger_generation_batch(cfg, record, target: Target, *, archs=None
+                            ) -> tuple[int, float] | None:
+    """`dschat ppo`'s hint (printed before a GPU launch, never applied): the largest multiple of
+    --per-device-generation-batch-size, up to 8x, that the memory plan says fits `target` with
+    its margin, and that estimate's peak bytes; None when no larger one fits.
+
+    It is a hint, not a default: the prompts per PPO step are part of the algorithm (the number
+    of PPO steps per epoch, where the health checks and checkpoints fall), so the same command
+    must train the same way on any GPU. It pays because a decode step reads the weights once for
+    the whole batch: G prompts cost about what 16 do while decoding is memory-bound."""
+    t = cfg.train
+    g0 = t.per_device_generation_batch_size
+    best = None
+    for factor in range(2, MAX_GENERATION_FACTOR + 1):
+        g = g0 * factor
+        train = dataclasses.replace(t, per_device_generation_batch_size=g)
+        candidate = dataclasses.replace(cfg, train=train)
+        try:
+            candidate.check()
+        except ValueError:  # e.g. the training batch must divide the experience
+            continue
+        peak = estimate_step(candidate, record, archs=archs).peak
+        if _verdict(peak, record.world_size, target).startswith("fits with"):
+            best = (g, peak)
+        else:
+            break
+    return best

@@ -158,6 +158,8 @@ def launch_estimate(cfg, record, target: Target, *, console, archs=None) -> None
         body = " + ".join(f"{name} {gib(v)}" for name, v in parts if v >= 0.05 * GiB) or "0.0"
         console.print(Text(f"  {m.role} {m.source} ({count(m.params)}, {_zero(m)}): {body} GiB"))
     console.print(Text("  ").append_text(fit_line(est, target)))
+    if step == "ppo" and verdict(est.peak, est.overhead, target.gpu_bytes) == "fits":
+        _generation_hint(cfg, record, target, console=console, archs=model_archs)
     if verdict(est.peak, est.overhead, target.gpu_bytes) == "does not fit":
         sp = plan_step(cfg, record, target, archs=model_archs, count_data=False)
         fix = (f"; to fit, try {' '.join(sp.suggestions[0].flags)} (estimated peak "
@@ -167,3 +169,20 @@ def launch_estimate(cfg, record, target: Target, *, console, archs=None) -> None
         warn_line(f"the estimated peak ({gib(est.peak)} GiB) does not fit this GPU "
                   f"({gib(target.gpu_bytes)} GiB){fix}; launching anyway: the estimate can be "
                   f"wrong. `dschat plan {step}` with the same flags shows the details")
+
+
+def _generation_hint(cfg, record, target: Target, *, console, archs=None) -> None:
+    """One dim line when a larger generation batch fits (plan/choose.py says why it is only a
+    hint)."""
+    from dschat_cli.plan.choose import larger_generation_batch
+
+    found = larger_generation_batch(cfg, record, target, archs=archs)
+    if found is None:
+        return
+    g, peak = found
+    g0 = cfg.train.per_device_generation_batch_size
+    console.print(Text(f"  hint: --per-device-generation-batch-size {g} also fits (estimated peak "
+                       f"{gib(peak)} GiB): a decode step reads the weights once for the whole "
+                       f"batch, so {g} prompts take about as long to generate as {g0}; it means "
+                       f"{g // g0}x fewer PPO steps per epoch with the same optimizer steps",
+                       style="dim"))

@@ -105,3 +105,47 @@ def test_group_estimators_step_in_whole_prompts():
     c = choose_bench(BenchConfig(advantage_estimator="grpo"), world_size=1,
                      target=detect_target(400.0))
     assert c.larger and all(b % 8 == 0 for b in c.larger)
+
+
+def _ppo(**flags):
+    from dschat_cli.config.ppo import PPOConfig
+    from dschat_cli.config.resolved import resolve_run
+    from dschat_cli.config.schema import from_flags
+
+    cfg = from_flags(PPOConfig, **{"actor_model": "opt-1.3b", "critic_model": "opt-350m",
+                                   "output_dir": "/tmp/x", **flags})
+    return cfg, resolve_run("ppo", cfg, world_size=1, device="cuda", bf16_supported=True,
+                            hub_reachable=False)
+
+
+def test_ppo_hints_a_larger_generation_batch_and_never_applies_it():
+    import io
+
+    from rich.console import Console
+
+    from dschat_cli.plan.choose import larger_generation_batch
+    from dschat_cli.plan.planner import estimate_step
+    from dschat_cli.plan.report import launch_estimate
+
+    cfg, record = _ppo()
+    g, peak = larger_generation_batch(cfg, record, H200)
+    # a multiple of 16, up to 8x; it fits with the margin, the next multiple (if any) does not
+    assert g % 16 == 0 and 16 < g <= 128
+    assert verdict(peak, overhead_bytes(peak, 1), H200.gpu_bytes) == "fits"
+    if g < 128:
+        nxt, rec = _ppo(per_device_generation_batch_size=g + 16)
+        p = estimate_step(nxt, rec).peak
+        assert verdict(p, overhead_bytes(p, 1), H200.gpu_bytes) != "fits"
+    # the generation batches that do not split into whole mini-batches are skipped:
+    # 8 answers x 3 = 24 rows per rollout do not split into mini-batches of 16
+    cfg8, rec8 = _ppo(per_device_generation_batch_size=8)
+    g8, _ = larger_generation_batch(cfg8, rec8, H200)
+    assert g8 % 16 == 0
+    # a small GPU: nothing larger fits
+    assert larger_generation_batch(cfg, record, detect_target(24.0)) is None
+    out = io.StringIO()
+    launch_estimate(cfg, record, H200, console=Console(file=out, width=400))
+    text = out.getvalue()
+    assert f"hint: --per-device-generation-batch-size {g} also fits" in text
+    assert f"{g // 16}x fewer PPO steps per epoch with the same optimizer steps" in text
+    assert cfg.train.per_device_generation_batch_size == 16  # a hint only
