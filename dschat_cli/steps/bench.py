@@ -14,7 +14,8 @@ estimators; a critic-free estimator (grpo, ...) has no critic phases. Each phase
 against its floor: the FLOPs it must do at the device's measured matmul speed, or the bytes it
 must move at its measured copy bandwidth, whichever is larger. FLOPs counted per token of a
 forward pass: 2 x (matmul parameters) + 4 x layers x hidden x sequence length (attention scores
-and values); backward is 2x forward. A decode step must read every weight once and the KV cache
+and values), the output head only on the positions whose logits the step needs (step 3's answer
+tokens, a prefill's last position, DPO's answers); backward is 2x forward. A decode step must read every weight once and the KV cache
 written so far.
 
 DPO runs `dschat dpo`'s own pieces (steps/dpo.py's reference, forward and logprobs, rlhf/dpo.py's
@@ -87,9 +88,17 @@ class Shape:
     matmul_params: int  # parameters used as matmul weights (input embeddings excluded without head)
     layers: int
     hidden: int
+    head_params: int = 0  # of matmul_params, the output head's (vocab x hidden; 0: a value head)
 
-    def forward_flops(self, tokens: int, seq_len: int) -> float:
-        return tokens * (2 * self.matmul_params + 4 * self.layers * self.hidden * seq_len)
+    def forward_flops(self, tokens: int, seq_len: int, head_tokens: int | None = None) -> float:
+        """A forward pass over `tokens` tokens of `seq_len`-token sequences whose output head
+        runs on `head_tokens` of them (default all): only the positions whose logits the step
+        needs count (step 3 scores the answer tokens; a prefill samples from its last
+        position), so a phase that computes more is measured against the work it must do."""
+        body = self.matmul_params - self.head_params
+        head = tokens if head_tokens is None else head_tokens
+        return (tokens * (2 * body + 4 * self.layers * self.hidden * seq_len)
+                + head * 2 * self.head_params)
 
 
 def model_shape(module) -> Shape:
@@ -104,8 +113,10 @@ def model_shape(module) -> Shape:
     emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else \
         base.backbone.get_input_embeddings()
     emb_n = getattr(emb.weight, "ds_numel", emb.weight.numel())
+    head = base.get_output_embeddings() if has_head else None
+    head_n = getattr(head.weight, "ds_numel", head.weight.numel()) if head is not None else 0
     return Shape(params=n, matmul_params=n if has_head else n - emb_n, layers=layers,
-                 hidden=hidden)
+                 hidden=hidden, head_params=head_n)
 
 
 def ppo_floors(actor: Shape, critic: Shape | None, *, batch: int, prompt: int, answer: int,
@@ -130,7 +141,7 @@ def ppo_floors(actor: Shape, critic: Shape | None, *, batch: int, prompt: int, a
     # generation: the prefill is compute-bound; each decode step reads all weights and the KV
     # cache so far (2 tensors x layers x batch x context x hidden, 2 bytes), and does 2N flops
     # per token
-    prefill_flops = actor.forward_flops(batch * prompt, prompt)
+    prefill_flops = actor.forward_flops(batch * prompt, prompt, head_tokens=batch)
     gen_flops, gen_bytes, decode_floor = prefill_flops, 0.0, prefill_flops / mm
     for t in range(1, answer):
         ctx = prompt + t
@@ -145,12 +156,14 @@ def ppo_floors(actor: Shape, critic: Shape | None, *, batch: int, prompt: int, a
                         ("critic_forward", critic), ("reward_forward", reward)):
         if shape is None:
             continue
-        f = shape.forward_flops(tokens, S)
+        # the actor's and reference's logits: the answer positions only (rewards and values
+        # come from small heads)
+        f = shape.forward_flops(tokens, S, head_tokens=batch * answer)
         out[name] = (f, 0.0, f / mm)
     for name, shape in (("actor_train", actor), ("critic_train", critic)):
         if shape is None:
             continue
-        f = 3 * shape.forward_flops(tokens, S) * recompute
+        f = 3 * shape.forward_flops(tokens, S, head_tokens=batch * answer) * recompute
         # Adam: read+write fp32 master weight and two moments, read the gradient: ~20 B/param
         b = 20.0 * shape.params
         out[name] = (f, b, f / mm + b / bw)
@@ -166,14 +179,17 @@ ADAM_BYTES = 28  # per trained parameter: fp32 master weight and both moments re
 
 
 def dpo_floors(policy: Shape, *, pairs: int, seq_len: int, ceilings: dict,
-               gradient_checkpointing: bool, reference: bool) -> dict:
+               gradient_checkpointing: bool, reference: bool, answer: int | None = None) -> dict:
     """{phase: (flops, bytes, floor seconds)} of one DPO step on one GPU over `pairs` pairs =
     2 x pairs sequences of seq_len tokens: the reference's forward (when `reference`), the
     policy's forward and backward (2x forward; + one forward recomputed with gradient
-    checkpointing), and Adam's pass over the weights and its states (bytes, not FLOPs)."""
+    checkpointing), and Adam's pass over the weights and its states (bytes, not FLOPs). The
+    output head counts on each sequence's `answer` tokens (default all): the logprobs of DPO are
+    the answers'."""
     mm = ceilings["matmul_tflops"] * 1e12
     bw = ceilings["copy_gbps"] * 1e9
-    f = policy.forward_flops(2 * pairs * seq_len, seq_len)
+    f = policy.forward_flops(2 * pairs * seq_len, seq_len,
+                             head_tokens=None if answer is None else 2 * pairs * answer)
     back = (3 if gradient_checkpointing else 2) * f
     out = {"policy_forward": (f, 0.0, f / mm), "policy_backward": (back, 0.0, back / mm)}
     if reference:
@@ -455,7 +471,7 @@ def _bench_dpo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     shape = model_shape(engine.module)
     floors = dpo_floors(shape, pairs=cfg.batch, seq_len=S, ceilings=ceilings,
                         gradient_checkpointing=cfg.gradient_checkpointing,
-                        reference=precomputed is None)
+                        reference=precomputed is None, answer=cfg.max_answer_seq_len)
     d = dpo_cfg.dpo
     timer = PhaseTimer(enabled=True)
     if on_gpu:
