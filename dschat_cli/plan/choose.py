@@ -104,12 +104,15 @@ def _round_up(n: int, k: int) -> int:
 def fitting_batches(peak: Callable[[int], float], gpu_bytes: float, world_size: int, *,
                     start: int, step: int, limit: int) -> list[int]:
     """The batches above `start` (start + step, start + 2 x step, ... up to `limit`) whose
-    estimated peak fits `gpu_bytes` with or without the plan's margin, largest first. The peak
-    grows with the batch, so the walk stops at the first that does not fit."""
+    estimated peak fits `gpu_bytes`, largest first: with or without the plan's margin on one GPU,
+    where the bench catches an out-of-memory error and tries the next; with it on several, where
+    one rank's out-of-memory error ends the run. The peak grows with the batch, so the walk stops
+    at the first that does not fit."""
+    allowed = ("fits", "tight") if world_size == 1 else ("fits",)
     out = []
     b = start + step
     while b <= limit:
-        if verdict(peak(b), _overhead(peak(b), world_size), gpu_bytes) == "does not fit":
+        if verdict(peak(b), _overhead(peak(b), world_size), gpu_bytes) not in allowed:
             break
         out.append(b)
         b += step
