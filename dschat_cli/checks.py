@@ -163,6 +163,24 @@ def validate_bench(cfg: BenchConfig) -> None:
         check_model_source(ModelOptions(model=cfg.critic, random_init=True), flag="--critic")
 
 
+def check_output_file(path: str | None, flag: str) -> None:
+    """A file the run writes at its end (--json): its folder exists and is writable, and the path
+    is not a folder, so the run does not end in a traceback after its work is done."""
+    if not path:
+        return
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(flag, f"{p} is a folder; give a file path (e.g. {p / 'bench.json'})")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConfigError(flag, f"the folder {parent} does not exist; create it or give another "
+                          "path")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(flag, f"the folder {parent} is not writable; give another path")
+
+
 def check_bench_generation_tp(cfg: BenchConfig, world_size: int) -> None:
     """`dschat bench --generation-tensor-parallel N`: as `dschat ppo`'s."""
     if cfg.step == "ppo":

@@ -28,6 +28,9 @@ from dschat_cli.ui.console import console, error_line
 
 
 def launch_bench(cfg: BenchConfig, *, dry_run: bool) -> int:
+    from dschat_cli.checks import check_output_file
+
+    check_output_file(cfg.json, "--json")  # written at the end: refused now, not then
     hw = detect_hardware()
     world = plan_launch(cfg.launch, "bench", "run_config.yaml", hw=hw).world_size
     target = detect_target(cfg.gpu_memory, query_gpus() if hw.gpus else [])

@@ -159,6 +159,17 @@ def test_bench_bad_input(tmp_path, invoke_dschat):
     assert r.code == 2 and "--precompute-ref-logprobs" in r.output and "--step dpo" in r.output
     r = invoke_dschat("bench", "--step", "dpo", "--advantage-estimator", "grpo")
     assert r.code == 2 and "--advantage-estimator" in r.output
+    # --json is written at the end of the run: a path that cannot be written is refused first,
+    # before any output folder or worker
+    out = tmp_path / "out"
+    for path, says in ((tmp_path / "no" / "b.json", "does not exist"),
+                       (tmp_path, "is a folder")):
+        r = invoke_dschat("bench", "--json", path, "--output-dir", out, "--launcher", "none")
+        assert r.code == 2 and "--json" in r.output and says in r.output, r.explain()
+        assert "Traceback" not in r.output and not out.exists()
+    # --gpu-memory plans the batch; a given --batch-size leaves nothing to plan
+    r = invoke_dschat("bench", "--gpu-memory", "80", "--batch-size", "64")
+    assert r.code == 2 and "--gpu-memory" in r.output and "drop one" in r.output
 
 
 def test_bench_tensor_parallel_bad_input(tmp_path, tiny_opt, tiny_gpt2, invoke_dschat):
