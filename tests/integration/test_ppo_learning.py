@@ -195,11 +195,16 @@ def test_a_reward_that_pays_for_repetition_is_caught(recipe, invoke_dschat, monk
     assert summary["status"] == "stopped", summary
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
     steps = [row for row in rows if "reward" in row]
-    [anomaly] = [row["anomaly"] for row in rows if "anomaly" in row]
-    # seed 1234: distinct-2 0.86 -> 0.18 and repeated trigrams 0 -> 0.39 by step 27, when the
-    # diversity rule (3 steps below 0.3 x baseline) stops it; the repetition rule is next in line
-    assert anomaly["kind"] in ("diversity", "repetition"), anomaly
-    assert ("distinct-2" in last) == (anomaly["kind"] == "diversity"), last
+    anomalies = [row["anomaly"] for row in rows if "anomaly" in row]
+    # seed 1234 (old logprobs from the engine from rollout 2, --old-logprobs auto): distinct-2
+    # 0.86 -> 0.14 and repeated trigrams 0 -> 0.68 by step 33, when both the repetition rule (3
+    # steps above 0.5) and the diversity rule (3 steps below 0.3 x baseline) stop it; either may
+    # come first on another trajectory (seed 1234 with old logprobs from the forward pass: the
+    # diversity rule alone at step 27)
+    assert 1 <= len(anomalies) <= 2 and len({a["global_step"] for a in anomalies}) == 1, anomalies
+    assert {a["kind"] for a in anomalies} <= {"diversity", "repetition"}, anomalies
+    assert all(a["action"] == "stop" for a in anomalies), anomalies
+    assert any(a["figure"] in last for a in anomalies), last
     assert steps[-1]["repetition"] > 0.2 > steps[0]["repetition"], [s["repetition"] for s in steps]
     assert steps[-1]["distinct"] < 0.5 * steps[0]["distinct"], [s["distinct"] for s in steps]
     # while the proxy said the run was going well: its reward rose with the repetition
