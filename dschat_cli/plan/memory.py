@@ -7,7 +7,9 @@ run will use (no torch: `dschat plan` and the line every training command prints
     est.peak, est.peak_phase, est.models[0].optimizer       # bytes per GPU
 
 (plan/planner.py's `estimate_step(step, cfg, configs, world_size=...)` fills these from a run
-config.) Checked against measured peaks on an H200 (README, `dschat plan`): within 3%.
+config.) Checked against measured peaks on an H200 (README, `dschat plan`): within 3%. The DPO
+and PPO logits terms were rewritten since for chunked logprobs (issue 18, rlhf/logprobs.py)
+from what the code allocates; those full steps have not been measured again on a GPU.
 
 What is estimated is comparable to `torch.cuda.max_memory_allocated()`: every tensor the step
 allocates through PyTorch. The CUDA context, NCCL's buffers and the caching allocator's
@@ -38,12 +40,12 @@ runtime/zero/stage_1_and_2.py, runtime/zero/stage3.py):
               layer's gradients as working set
   logits      SFT loss: fp32 log-softmax saved + its gradient + the incoming one, 12 B per
               element of (B, S, vocab); eval: bf16 logits + fp32 copy + log-softmax (10 B);
-              DPO, over the 2B chosen + rejected rows: the fp32 copy its logprobs keep and
-              their gradient's fp32 temporaries (16 B in training), 10 B in the reference's
-              no-grad forward;
-              PPO: the bf16 logits (B, P+A, V) stay alive, the answer slice is copied to fp32
-              and logsumexp keeps it and makes temporaries (16 B per element of (B, A, V) in
-              backward, 8 B in the no-grad scoring)
+              DPO and PPO score tokens with rlhf/logprobs.py, which upcasts one chunk of
+              positions at a time (`logprob_chunk_bytes`): the bf16 logits (p B per element),
+              kept for the backward, plus the bf16 gradient it writes (p B) at the backward's
+              start; a no-grad forward holds the bf16 logits. DPO counts the 2B chosen +
+              rejected rows of S positions; PPO's actor and ref make logits of the A + 1 answer
+              positions only (logits_to_keep; a model without it makes all P + A)
   KV cache    2 (keys, values) x layers x B x (P + A) x kv width x p: the fast engine's static
               cache, kept between rollouts; HF generate's dynamic cache, freed after each
               rollout, plus one layer's copy while it grows. For PPO, B counts the rollout's
@@ -72,6 +74,20 @@ STAGE3_SUB_GROUP = 1_000_000_000
 CONTEXT_BYTES = 0.6 * GiB
 NCCL_BYTES = 0.5 * GiB
 FRAGMENTATION = 0.07
+
+
+# rlhf/logprobs.py's CHUNK_ELEMENTS, repeated here because plan/ imports no torch (a test keeps
+# the two equal)
+LOGPROB_CHUNK_ELEMENTS = 1 << 24
+
+
+def logprob_chunk_bytes(positions: int, vocab: int, per_element: float) -> float:
+    """The float32 work of rlhf/logprobs.py over `positions` positions: one chunk of at most
+    LOGPROB_CHUNK_ELEMENTS // vocab positions at a time, `per_element` bytes per element of it:
+    8 in the forward (the chunk in fp32 and logsumexp's temporary, or the entropy's
+    probabilities), 4 in the backward (the chunk, turned into its gradient in place)."""
+    rows = min(positions, max(1, LOGPROB_CHUNK_ELEMENTS // vocab))
+    return per_element * rows * vocab
 
 
 def overhead_bytes(peak: float, world_size: int) -> float:
@@ -315,12 +331,11 @@ def estimate_dpo(arch: Arch, configs: dict[str, dict], *, source: str, world_siz
       "precomputed"   that copy scoring every pair once, `eval_batch` pairs at a time, before the
                       policy is built; then freed (no second model while the policy trains);
       "adapters-off"  the LoRA policy itself with its adapters off (no second model).
-    Logits: the policy's training forward makes bf16 logits (2B, S, V) and an fp32 copy for
-    gather and logsumexp, which autograd keeps; the loss's backward adds fp32 temporaries
-    (logsumexp's gradient, gather's zero-filled one, their sum): 16 B per element at its worst
-    moment (measured on an H200: docs/benchmarks.md), then the bf16 gradient (e B). A no-grad
-    forward (the reference's, evaluation's) holds the bf16 logits, the fp32 copy and
-    logsumexp's temporary.
+    Logits: the policy's training forward makes bf16 logits (2B, S, V), which the logprobs'
+    autograd node keeps (rlhf/logprobs.py: no fp32 copy of the whole); at the loss's backward
+    they sit beside the bf16 gradient it writes (2e B per element) and one fp32 chunk, then the
+    gradient alone (e B) while the output head's weight gradient is made. A no-grad forward (the
+    reference's, evaluation's) holds the bf16 logits and one chunk's fp32 work.
     All rows are taken at seq_len and every position's logits counted (a pair whose answers
     differ from their first token); a shared prompt makes them fewer (steps/dpo.py computes the
     logits from the batch's first counted position)."""
@@ -331,11 +346,11 @@ def estimate_dpo(arch: Arch, configs: dict[str, dict], *, source: str, world_siz
     tokens = 2 * micro_batch * seq_len
     eval_tokens = 2 * eval_batch * seq_len
     act = activation_bytes(arch, tokens, e, checkpointing=checkpointing, dropout=dropout)
-    logits = 16.0 * tokens * V
+    logits = 2 * e * tokens * V + logprob_chunk_bytes(tokens, V, 4)
     one_layer = tokens * arch.activation_bytes(e, dropout)
 
     def scoring(n: int) -> float:  # a no-grad forward over n tokens with its logprobs
-        return (e + (4 if e < 4 else 0) + 4) * n * V + forward_bytes(arch, n, e)
+        return e * n * V + logprob_chunk_bytes(n, V, 8) + forward_bytes(arch, n, e)
 
     ref = None
     if reference != "adapters-off":
@@ -386,7 +401,10 @@ def estimate_ppo(archs: dict[str, Arch], configs: dict[str, dict], sources: dict
     `generation_engine`: "fast" keeps one static KV cache of the full length for the whole run
     (generation/fast.py reuses it for every rollout), "hf" grows a dynamic cache per rollout and
     frees it. `generation_tp` > 1: the tensor-parallel replica of the actor (generation/
-    tensor_parallel.py) stays allocated, the group's prompts are decoded together."""
+    tensor_parallel.py) stays allocated, the group's prompts are decoded together.
+    `generation_batches` and `ppo_epochs` (how many mini-batches an update trains on) no longer
+    move the peak: no mini-batch's logits outlive its actor backward (they did while the learner
+    held them until the next mini-batch)."""
     has_critic = "critic" in archs
     roles = ("actor", "critic", "ref", "reward") if has_critic else ("actor", "ref", "reward")
     eng = {k: Engine.from_ds(configs[k]) for k in roles}
@@ -456,24 +474,23 @@ def estimate_ppo(archs: dict[str, Arch], configs: dict[str, dict], sources: dict
                      f"({gathered / GiB:.1f} GiB)")
     generation = resident - kv_resident + kv + sampling + gathered \
         + forward_bytes(a, T * Bg * max_prompt_seq_len, e)
-    # 2. score: actor and ref logits over the whole sequence, answer slice in fp32
-    score_logits = e * Bg * S * V + 8.0 * Bg * A * V
+    # 2. score: the actor's and the ref's forward make bf16 logits of the A + 1 answer positions
+    # only (logits_to_keep), scored one fp32 chunk at a time (rlhf/logprobs.py)
+    score_logits = e * Bg * (A + 1) * V + logprob_chunk_bytes(Bg * A, V, 8)
     scoring = resident + score_logits + forward_bytes(a, Bg * S, e)
     # 4. update, per mini-batch: actor forward/backward with its logits, then its step, then the
-    # critic's; the actor's bf16 logits stay referenced until the next mini-batch replaces them.
-    # The loss's backward makes fp32 temporaries of the answer slice (16 B per element), then the
-    # bf16 gradient of the whole logits tensor beside the logits themselves.
-    mini_batches = ppo_epochs * -(-Bg * generation_batches // Bt)  # over pooled experience
-    kept_logits = e * Bt * S * V
-    previous = kept_logits if mini_batches > 1 else 0.0  # last mini-batch's, until reassigned
+    # critic's. The actor's bf16 logits (Bt, A + 1, V) are kept by the logprobs' autograd node
+    # only: the backward starts with them, the bf16 gradient it writes and one fp32 chunk, then
+    # frees them (the gradient alone while the output head's weight gradient is made). Nothing
+    # of them outlives the actor's backward: the step and the critic see no logits.
+    kept_logits = e * Bt * (A + 1) * V
     actor_act = activation_bytes(a, Bt * S, e, checkpointing=actor_checkpointing,
                                  dropout=actor_dropout)
-    actor_logits = previous + kept_logits + 16.0 * Bt * A * V
+    actor_logits = 2 * kept_logits + logprob_chunk_bytes(Bt * A, V, 4)
     actor_one = Bt * S * a.activation_bytes(e, actor_dropout)
-    actor_train = resident + _backward_peak(actor, actor_act, actor_logits,
-                                            previous + 2 * kept_logits, actor_one,
-                                            eng["actor"].grad_accum)
-    actor_step = resident + actor.grads + actor.step_extra + kept_logits
+    actor_train = resident + _backward_peak(actor, actor_act, actor_logits, kept_logits,
+                                            actor_one, eng["actor"].grad_accum)
+    actor_step = resident + actor.grads + actor.step_extra
     phases = {"generation": generation, "scoring": scoring,
               "actor training": actor_train, "actor step": actor_step}
     if critic is not None:
@@ -481,12 +498,12 @@ def estimate_ppo(archs: dict[str, Arch], configs: dict[str, dict], sources: dict
         critic_act = activation_bytes(c, Bt * S, e, checkpointing=critic_checkpointing,
                                       dropout=critic_dropout)
         critic_one = Bt * S * c.activation_bytes(e, critic_dropout)
-        phases["critic training"] = resident + kept_logits + _backward_peak(
+        phases["critic training"] = resident + _backward_peak(
             critic, critic_act, 0.0, 0.0, critic_one, eng["critic"].grad_accum)
-        phases["critic step"] = resident + kept_logits + critic.grads + critic.step_extra
-    if unsupervised:  # the LM loss on pretraining text, after the PPO loss (its logits alive)
+        phases["critic step"] = resident + critic.grads + critic.step_extra
+    if unsupervised:  # the LM loss on pretraining text (transformers' loss over all positions)
         lm = 12.0 * Bt * S * V
-        phases["unsupervised LM loss"] = resident + kept_logits + _backward_peak(
+        phases["unsupervised LM loss"] = resident + _backward_peak(
             actor, actor_act, lm, e * Bt * S * V, actor_one, eng["actor"].grad_accum)
     actor = replace(actor, activations=max(actor_act + actor_logits, score_logits), kv_cache=kv)
     ref = replace(ref, activations=score_logits)

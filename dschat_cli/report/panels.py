@@ -135,6 +135,8 @@ _PPO = (
            Curve("clipfrac_lower", "dual clip"))),
     Panel("approx_kl", "Policy change per update (approx. KL to the rollout policy)",
           "nats per token", (Curve("approx_kl", "approx KL"),)),
+    Panel("entropy", "Policy entropy (answer tokens, training forward)", "nats per token",
+          (Curve("entropy", "actor entropy"),)),
     Panel("reward_spread", "Reward spread", "std of reward-model scores",
           (Curve("reward_std", "over the batch"),
            Curve("group_reward_std", "within a prompt's answers"))),

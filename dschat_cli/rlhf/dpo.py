@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from dschat_cli.rlhf.ppo import logprobs_from_logits
+from dschat_cli.rlhf.logprobs import token_logprobs
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -73,9 +73,12 @@ def summed_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, label_mask: t
 
     logits (N, T, V) of a causal LM over input_ids (N, T); label_mask (N, T) bool over token
     positions (answer_masks). The first token has no prediction and never counts.
-    -> (sums (N,) float32, counted tokens (N,) long)."""
+    -> (sums (N,) float32, counted tokens (N,) long).
+    Token t is scored by the logits at position t - 1: labels input_ids[:, 1:] against logits
+    positions 0 .. T - 2, the last one unread (given whole rather than as logits[:, :-1], whose
+    backward would make a zero-filled copy of the logits, see rlhf/logprobs.py)."""
     mask = label_mask[:, 1:]
-    logps = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])  # (N, T-1) float32
+    logps = token_logprobs(logits, input_ids[:, 1:])  # (N, T-1) float32
     return (logps * mask).sum(-1), mask.sum(-1)
 
 

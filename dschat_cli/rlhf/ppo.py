@@ -28,6 +28,7 @@ import torch
 
 from dschat_cli.config.estimators import LOSS_AGGREGATIONS
 from dschat_cli.rlhf.kl import kl_estimate
+from dschat_cli.rlhf.logprobs import token_logprobs
 from dschat_cli.rlhf.reward import last_real_index
 
 
@@ -117,6 +118,11 @@ class PPOStats(NamedTuple):
                      (--samples-per-prompt); nan with one answer per prompt.
     zero_std_groups: share of prompts whose answers all got the same score: a group estimator
                      gives them advantage 0, so they teach nothing; nan with one answer per prompt.
+    entropy:         the actor's entropy -sum_v p log p per answer token (nats, 0 to
+                     log(vocab)), from its training forwards (dropout on; a later --ppo-epochs
+                     pass sees the updated actor), averaged over every real answer token trained
+                     on (all mini-batches and ranks); a policy collapsing onto one answer shows
+                     it falling towards 0; nan when no mini-batch was trained on.
     """
 
     actor_loss: float
@@ -140,6 +146,7 @@ class PPOStats(NamedTuple):
     clipfrac_lower: float = float("nan")
     group_reward_std: float = float("nan")
     zero_std_groups: float = float("nan")
+    entropy: float = float("nan")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,12 +157,10 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     """log softmax(logits)[label] per position, in float32.
 
     logits: (B, T, V) any float dtype; labels: (B, T) long -> (B, T) float32.
-    Computed as logit[label] - logsumexp(logits) in float32, which is the same number as
-    gather(log_softmax) without materialising the (B, T, V) log-probabilities a second time.
+    logit[label] - logsumexp(logits), computed in float32 chunk by chunk (rlhf/logprobs.py): no
+    float32 copy of the whole (B, T, V) is made, in the forward or the backward.
     """
-    logits = logits.float()
-    picked = logits.gather(-1, labels.long().unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return token_logprobs(logits, labels)
 
 
 def answer_positions(x: torch.Tensor, prompt_length: int) -> torch.Tensor:
@@ -170,13 +175,25 @@ def answer_positions(x: torch.Tensor, prompt_length: int) -> torch.Tensor:
     return x[:, prompt_length - 1:-1]
 
 
-def answer_logprobs(logits: torch.Tensor, seq: torch.Tensor, prompt_length: int) -> torch.Tensor:
-    """Log-probabilities of the answer tokens only.
+def answer_logprobs(logits: torch.Tensor, seq: torch.Tensor, prompt_length: int, *,
+                    entropy: bool = False):
+    """Log-probabilities of the answer tokens only (and, with entropy=True, the entropy of the
+    policy at each answer position).
 
-    logits: (B, P + A, V), seq: (B, P + A) -> (B, A) float32; element k is
-    log p(seq[:, P + k] | seq[:, :P + k]). Only A positions go through the softmax.
+    logits: (B, K, V), the logits of the LAST K positions of seq (B, P + A): K = P + A (the
+    whole sequence) or K = A + 1 (what a forward with ``logits_to_keep=A + 1`` returns, see
+    rlhf/logprobs.py `answer_logits_kwargs`); any K >= A + 1 works.
+    -> (B, A) float32; element k is log p(seq[:, P + k] | seq[:, :P + k]), read from the logits
+    of sequence position P - 1 + k, i.e. kept position K - A - 1 + k (`answer_positions` for
+    K = P + A). With entropy=True: (logprobs, entropy), entropy (B, A) float32 in nats, no
+    gradient. Only those A positions go through the softmax, in float32 chunks.
     """
-    return logprobs_from_logits(answer_positions(logits, prompt_length), seq[:, prompt_length:])
+    A = seq.shape[1] - prompt_length
+    K = logits.shape[1]
+    if prompt_length < 1 or K < A + 1:
+        raise ValueError(f"answer_logprobs needs the logits of at least the last A + 1 = {A + 1} "
+                         f"positions and a prompt (P = {prompt_length}); got {K} positions")
+    return token_logprobs(logits, seq[:, prompt_length:], start=K - A - 1, entropy=entropy)
 
 
 def answer_lengths(action_mask: torch.Tensor) -> torch.Tensor:

@@ -120,8 +120,11 @@ def check_ppo_output(out: Path, *, steps: int, actor_stage: int, critic_stage: i
     assert summary["steps"] == steps and summary["world_size"] == world_size, summary
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, steps + 1)), rows
+    vocab = json.loads((out / "actor" / "config.json").read_text())["vocab_size"]
     for r in rows:
         assert all(math.isfinite(r[k]) for k in STEP_KEYS), r
+        # the actor's entropy over its answer tokens (nats): a distribution over the vocabulary
+        assert 0.0 < r["entropy"] < math.log(vocab), r
         # answers of <= 1 token count 0 (dropped); a poorly trained actor does emit eos first
         assert 0 <= r["answer_length"] <= answer_len, r
         assert 0.0 <= r["clipfrac"] <= 1.0 and 0.0 <= r["value_clipfrac"] <= 1.0, r

@@ -25,6 +25,7 @@ from dschat_cli.dist import Dist
 from dschat_cli.generation.fast import check_parity
 from dschat_cli.generation.rollout import RolloutGenerator
 from dschat_cli.models.reward import positions_from_mask
+from dschat_cli.rlhf.logprobs import answer_logits_kwargs
 from dschat_cli.rlhf.ppo import Rollout, answer_logprobs, answer_positions
 from dschat_cli.rlhf.quality import distinct_ngrams, ended_with_eos, repeated_ngram_fraction
 from dschat_cli.rlhf.reward import sequence_scores
@@ -150,8 +151,9 @@ class ExperienceMaker:
         logprobs = self._old_logprobs(gen, seq, attention_mask, pos, P, real)
         with self.timer("ref_forward"):
             ref_logprobs = answer_logprobs(self.m.ref(input_ids=seq, attention_mask=attention_mask,
-                                                      position_ids=pos, use_cache=False).logits,
-                                           seq, P)
+                                                      position_ids=pos, use_cache=False,
+                                                      **answer_logits_kwargs(self.m.ref, seq, P)
+                                                      ).logits, seq, P)
         if self.m.critic is not None:
             with self.timer("critic_forward"):
                 values = answer_positions(self.m.critic(seq, attention_mask, position_ids=pos), P)
@@ -191,8 +193,9 @@ class ExperienceMaker:
             return gen.logprobs
         with self.timer("actor_forward"):
             logprobs = answer_logprobs(self.m.actor(input_ids=seq, attention_mask=attention_mask,
-                                                    position_ids=pos, use_cache=False).logits,
-                                       seq, P)
+                                                    position_ids=pos, use_cache=False,
+                                                    **answer_logits_kwargs(self.m.actor, seq, P)
+                                                    ).logits, seq, P)
         if check:  # the engine's own logprobs must agree with the actor's forward pass
             self.last_parity = check_parity(gen.logprobs, logprobs, real.long(),
                                             tolerance=self.cfg.generation.parity_tolerance,

@@ -22,9 +22,10 @@ from dschat_cli.models.reward import positions_from_mask
 from dschat_cli.rlhf.advantages import Advantages, group_stats
 from dschat_cli.rlhf.experience import minibatch_slices, take_rows, trim_padding
 from dschat_cli.rlhf.kl import kl_estimate
+from dschat_cli.rlhf.logprobs import answer_logits_kwargs
 from dschat_cli.rlhf.ppo import (PPOStats, Rollout, aggregate_loss, answer_logprobs,
-                                 answer_positions, masked_mean, policy_loss, sequence_kl,
-                                 value_loss)
+                                 answer_positions, masked_mean, masked_sum, policy_loss,
+                                 sequence_kl, value_loss)
 from dschat_cli.steps.common import PhaseTimer, move_batch
 from dschat_cli.steps.health import GradNorms
 from dschat_cli.steps.rl.experience import answer_quality
@@ -58,6 +59,7 @@ class Learner:
             self.m.critic.train()
         sums: dict[str, float] = {}
         n = 0
+        entropy_sum = entropy_tokens = 0.0
         for _ in range(t.ppo_epochs):
             for rows in minibatch_slices(exp.seq.shape[0], t.per_device_training_batch_size):
                 mini = trim_padding(take_rows(exp, rows))
@@ -69,9 +71,14 @@ class Learner:
                 seq, att, am = mini.seq, mini.attention_mask, mini.action_mask
                 pos = positions_from_mask(att)
                 with self.timer("actor_train"):
-                    logits = self.m.actor(input_ids=seq, attention_mask=att, position_ids=pos,
-                                          use_cache=False).logits
-                    lp = answer_logprobs(logits, seq, P)
+                    # logits (Bt, A + 1, V) of the answer positions only (all P + A positions
+                    # for a model without logits_to_keep); the logprobs' autograd node keeps them
+                    # for the backward, which frees them: no name here holds them longer
+                    lp, entropy = answer_logprobs(
+                        self.m.actor(input_ids=seq, attention_mask=att, position_ids=pos,
+                                     use_cache=False,
+                                     **answer_logits_kwargs(self.m.actor, seq, P)).logits,
+                        seq, P, entropy=True)
                     pl = policy_loss(lp, mini.logprobs, adv.advantages[rows, :A], am,
                                      cliprange=s.cliprange_low, cliprange_high=s.cliprange_high,
                                      dual_clip=s.dual_clip, aggregation=s.loss_aggregation,
@@ -110,8 +117,13 @@ class Learner:
                              ("value_clipfrac", vclip), ("approx_kl", pl.approx_kl),
                              ("clipfrac_lower", pl.clipfrac_lower), ("kl_loss", kl_loss)):
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
+                # the policy's entropy, summed over real answer tokens (a token-weighted mean
+                # below: a rank's mini-batch without real tokens adds nothing, not a 0)
+                entropy_sum += float(masked_sum(entropy, am))
+                entropy_tokens += float(am.sum())
                 n += 1
-        stats = self._stats(exp, adv, sums, n)
+        stats = self._stats(exp, adv, sums, n)._replace(
+            entropy=self._token_mean(entropy_sum, entropy_tokens))
         if not train_critic:  # no critic: its figures do not exist (not 0)
             stats = stats._replace(critic_loss=float("nan"), value_clipfrac=float("nan"),
                                    return_mean=float("nan"))
@@ -121,6 +133,11 @@ class Learner:
         """Whether any rank's mini-batch has a real answer token (all ranks decide alike: they
         must take the same optimizer steps)."""
         return self.dist.all_reduce_sum(float(action_mask.sum())) > 0
+
+    def _token_mean(self, total: float, tokens: float) -> float:
+        """A per-token figure's mean over every rank's real answer tokens (nan without any)."""
+        tokens = self.dist.all_reduce_sum(tokens)
+        return self.dist.all_reduce_sum(total) / tokens if tokens else float("nan")
 
     def _stats(self, exp: Rollout, adv: Advantages, sums: dict, n: int) -> PPOStats:
         mean = {k: self.dist.all_reduce_mean(v / n) if n else float("nan")

@@ -169,11 +169,24 @@ def test_ppo_kv_cache_and_phases():
                                "critic training", "critic step"}
     # actor and critic 14N resident each, ref and reward 2N (the critic's value head adds 2048)
     resident = 14e9 + 14 * (1e9 + 2048) + 2e9 + 2 * (1e9 + 2048)
-    # scoring: bf16 logits of 16 x 512 tokens (2 x 16 x 512 x 50,000 = 819,200,000) + the fp32
-    # answer slice and logsumexp's temporary (8 x 16 x 256 x 50,000 = 1,638,400,000) + a layer
+    # scoring: bf16 logits of the 256 + 1 answer positions only (logits_to_keep), 2 x 16 x 257 x
+    # 50,000 = 411,200,000, + one fp32 chunk of 16,777,216 // 50,000 = 335 positions and
+    # logsumexp's temporary (8 x 335 x 50,000 = 134,000,000) + a layer's working set over all
+    # 16 x 512 tokens
     assert est.phases["scoring"] == pytest.approx(
-        resident + 819_200_000 + 1_638_400_000 + 16 * 512 * (49_152 + 8_192))
-    assert est.peak_phase in ("actor training", "actor step")
+        resident + 411_200_000 + 134_000_000 + 16 * 512 * (49_152 + 8_192))
+    # actor training, at the backward's start: activations of 16 x 512 tokens (twice the SFT
+    # example's 4096: 10,133,438,464) + the bf16 logits of 16 x 257 positions beside their bf16
+    # gradient (2 x 2 x 16 x 257 x 50,000 = 822,400,000) + one backward chunk (4 x 335 x 50,000 =
+    # 67,000,000). Before chunked logprobs: 819,200,000 (bf16 logits of all 512 positions) +
+    # 16 x 16 x 256 x 50,000 = 3,276,800,000 (the fp32 answer slice and its backward), 3.07 GB
+    # more.
+    assert est.phases["actor training"] == pytest.approx(
+        resident + 10_133_438_464 + 822_400_000 + 67_000_000)
+    # the steps see no logits (freed by the actor's backward): 2N grads + 8N fp32 copies each
+    assert est.phases["actor step"] == pytest.approx(resident + 10e9)
+    assert est.phases["critic step"] == pytest.approx(resident + 10 * (1e9 + 2048))
+    assert est.peak_phase == "actor training"
 
 
 def test_overhead_and_verdicts():
@@ -200,11 +213,15 @@ def dpo(reference="copy", accum=1, lora=0, arch=ARCH):
                         only_lora=lora > 0, dropout=None, reference=reference)
 
 
-# DPO logits over 4 pairs = 8 sequences of 512 = 4096 tokens (the SFT example's ACT):
-#   training: the fp32 copy and its gradient's fp32 temporaries, 16 x 4096 x 50,000 = 3,276,800,000
-#   a no-grad forward: bf16 logits + fp32 copy + logsumexp's temporary, 10 x 4096 x 50,000
-#   = 2,048,000,000, plus a layer's working set 4096 x (49,152 + 8,192) = 234,881,024
-DPO_LOGITS, SCORING = 3_276_800_000, 2_048_000_000 + 234_881_024
+# DPO logits over 4 pairs = 8 sequences of 512 = 4096 tokens (the SFT example's ACT), scored in
+# fp32 chunks of 16,777,216 // 50,000 = 335 positions (rlhf/logprobs.py):
+#   training: the bf16 logits kept for the backward and the bf16 gradient it writes, 2 x 2 x 4096
+#   x 50,000 = 819,200,000, + one backward chunk 4 x 335 x 50,000 = 67,000,000 (before chunking:
+#   the fp32 copy and its gradient's fp32 temporaries, 16 x 4096 x 50,000 = 3,276,800,000)
+#   a no-grad forward: bf16 logits 2 x 4096 x 50,000 = 409,600,000 + one forward chunk 8 x 335 x
+#   50,000 = 134,000,000 (before: + the fp32 copy and logsumexp's temporary, 10 B per element),
+#   plus a layer's working set 4096 x (49,152 + 8,192) = 234,881,024
+DPO_LOGITS, SCORING = 819_200_000 + 67_000_000, 409_600_000 + 134_000_000 + 234_881_024
 
 
 def test_dpo_policy_and_reference_copy():
@@ -216,8 +233,8 @@ def test_dpo_policy_and_reference_copy():
     assert (ref.weights, ref.trainable, ref.optimizer) == (2e9, 0, 0)  # a frozen bf16 copy
     # resident: the policy's 2N weights + 12N Adam states, the copy's 2N
     assert est.phases["reference forward"] == 16e9 + SCORING
-    # backward's start: every activation + the fp32 logits work (the head moment, ACT + bf16
-    # logit gradients 409,600,000 + head gradient 204,800,000, is smaller)
+    # backward's start: every activation + the logits work (the head moment, ACT + bf16 logit
+    # gradients 409,600,000 + head gradient 204,800,000 = ACT + 614,400,000, is smaller)
     assert est.phases["policy forward + backward"] == 16e9 + ACT + DPO_LOGITS
     # the step: 16N resident + 2N grads + 8N fp32 copies
     assert est.phases["optimizer step"] == 26e9
