@@ -87,6 +87,7 @@ def run(cfg: PPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     buffer, clock, gen_s, t_start = [], Clock(), 0.0, time.perf_counter() - state.seconds
     checkpointer = Checkpointer(ckpt, models.trained, ema=trainer.ema, extras=lambda: {
         "seconds": time.perf_counter() - t_start, "rollouts": maker.rollouts,
+        "old_logprobs": maker.source.state_dict(), "last_parity": maker.last_parity,
         "kl_coef": trainer.kl.value,
         "health": health.state_dict(),
         "unsup": learner.unsup_iter.position if learner.unsup_iter is not None else None})
@@ -181,7 +182,7 @@ def _start_or_resume(ckpt: CheckpointManager, models: PPOModels,
                      trainer: PPOTrainer) -> tuple[RunState, dict | None]:
     """(a fresh RunState, None), or the state of the checkpoint --resume names and its whole
     saved record, with the engines, the RNG streams, the EMA, the unsupervised data position and
-    the parity-check count restored."""
+    the parity-check count and where old logprobs come from restored."""
     saved, tensors = ckpt.load(models.trained)
     if saved is None:
         return RunState(), None
@@ -191,6 +192,9 @@ def _start_or_resume(ckpt: CheckpointManager, models: PPOModels,
     if state.unsup is not None and trainer.learner.unsup_iter is not None:
         trainer.learner.unsup_iter.epoch, trainer.learner.unsup_iter.index = state.unsup
     trainer.maker.rollouts = state.rollouts
+    trainer.maker.source.load_state_dict(state.old_logprobs)
+    if state.last_parity is not None:
+        trainer.maker.last_parity = tuple(state.last_parity)
     if state.kl_coef is not None:
         trainer.kl.value = state.kl_coef
     console.print(f"resumed from {ckpt.resume_from}: PPO step {state.step}, epoch {state.epoch}",

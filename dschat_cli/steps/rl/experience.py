@@ -46,8 +46,7 @@ class OldLogprobsSource:
     auto: forward (checked) until a check's mean gap is <= switch_gap, then as generation, its
     checks counted from the switch; a later check above switch_gap goes back to the forward pass
     for the rest of the run (a gap above --parity-tolerance stops the run in every mode).
-    Rollouts are numbered from 1. Not saved in checkpoints: a resumed run starts from the forward
-    pass and checks again."""
+    Rollouts are numbered from 1 (the count goes on over a resume, with this state)."""
 
     def __init__(self, mode: str, *, interval: int, switch_gap: float):
         self.mode = mode
@@ -83,6 +82,21 @@ class OldLogprobsSource:
                     f"of the run (--old-logprobs auto: mean gap {gap:.4f} nats > "
                     f"--parity-switch-gap {self.switch_gap:g})")
         return None
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps, so a resumed run takes its old logprobs from where the
+        interrupted one would have (the two runs stay equal to the last bit)."""
+        return {"mode": self.mode, "from_generation": self.from_generation,
+                "anchor": self.anchor, "first": self.first, "fell_back": self.fell_back}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """A checkpoint's state (one of the same --old-logprobs mode; a checkpoint from before
+        this record existed, or another mode, starts afresh: the forward pass, checked)."""
+        if not state or state.get("mode") != self.mode:
+            return
+        self.from_generation = bool(state["from_generation"])
+        self.anchor, self.first = int(state["anchor"]), state["first"]
+        self.fell_back = bool(state["fell_back"])
 
     def describe(self, engine_has_logprobs: bool) -> str:
         """The choice so far, for the run log and the summary."""

@@ -27,6 +27,8 @@ class RunState:
                                                        # (steps/rl/experience.Heldout.summary)
     # copied from their owners when a checkpoint is written, read back on resume:
     rollouts: int = 0  # rollouts made (training and held-out): numbers the parity checks
+    old_logprobs: dict | None = None  # where old logprobs come from (OldLogprobsSource.state_dict)
+    last_parity: list[float] | None = None  # the last parity check's (mean, max) gap: logged
     kl_coef: float | None = None  # the KL coefficient (moves with --kl-target)
     unsup: list[int] | None = None  # position of the unsupervised data (Cycle.position)
     health: dict | None = None  # HealthMonitor.state_dict()

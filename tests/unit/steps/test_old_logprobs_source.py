@@ -70,3 +70,19 @@ def test_no_engine_logprobs_means_forward_without_a_check():
     s = OldLogprobsSource("auto", interval=10, switch_gap=0.03)
     assert s.plan(1, False) == (False, False)
     assert "transformers' generate" in s.describe(False)
+
+
+def test_a_checkpoints_state_continues_the_schedule_exactly():
+    s = OldLogprobsSource("auto", interval=3, switch_gap=0.03)
+    plans(s, {1: 0.01}, 5)  # switched after rollout 1; checks due on 4, 7, ...
+    resumed = OldLogprobsSource("auto", interval=3, switch_gap=0.03)
+    resumed.load_state_dict(s.state_dict())
+    assert [resumed.plan(r, True) for r in (6, 7, 8)] == [s.plan(r, True) for r in (6, 7, 8)] \
+        == [(True, False), (True, True), (True, False)]
+    # another mode's state (the user changed --old-logprobs) or none: start afresh
+    fresh = OldLogprobsSource("forward", interval=3, switch_gap=0.03)
+    fresh.load_state_dict(s.state_dict())
+    assert fresh.plan(6, True) == (False, True)
+    afresh = OldLogprobsSource("auto", interval=3, switch_gap=0.03)
+    afresh.load_state_dict(None)
+    assert afresh.plan(6, True) == (False, True)
