@@ -35,6 +35,7 @@ from dschat_cli.models.loading import (apply_lora, load_causal_lm, load_tokenize
                                        save_hf_model)
 from dschat_cli.rlhf.dpo import (answer_masks, divergence_index, dpo_loss, pair_accuracy,
                               summed_logprobs)
+from dschat_cli.rlhf.logprobs import logits_to_keep_kwarg
 from dschat_cli.steps.checkpoint import CheckpointManager, own_generator, skip_batches
 from dschat_cli.steps.common import (count_params, flops_per_token, init_engine, make_loaders,
                                      move_batch, peak_memory_gib, print_summary, real_samples,
@@ -84,11 +85,13 @@ def forward_logits(engine, batch: dict) -> torch.Tensor:
     """The logits (2B, K, V) from the position before the batch's first counted token on (K = T
     when a pair differs from its first token). The shared prompts before it never count, so
     their logits, fp32 copies and gradients are not made (half the logits work with a prompt as
-    long as the answers)."""
+    long as the answers). A model whose forward takes no logits_to_keep gives all T positions;
+    pair_logprobs reads the same ones from either."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     b, T = ids.shape[0] // 2, ids.shape[1]
     start = int(divergence_index(ids[:b], ids[b:], mask[:b], mask[b:]).min())
-    keep = {"logits_to_keep": T - start + 1} if start > 1 else {}
+    kw = logits_to_keep_kwarg(engine)  # None: a model that makes every position's logits
+    keep = {kw: T - start + 1} if start > 1 and kw else {}
     return engine(input_ids=ids, attention_mask=mask, use_cache=False, **keep).logits
 
 

@@ -45,3 +45,37 @@ def test_trimmed_logits_give_the_same_logprobs(family, tiny_model_dir):
     same = {"input_ids": torch.cat([ids[:2], ids[:2]]), "attention_mask": torch.ones(4, 9).long()}
     with torch.no_grad():
         assert forward_logits(model, same).shape[1] == 9
+
+
+def test_a_model_without_logits_to_keep_gets_every_position_and_the_same_logprobs(tiny_opt):
+    """An older remote-code model whose forward takes no logits_to_keep: forward_logits asks for
+    nothing it cannot take (a forward with **kwargs could drop it silently, or fail), and the
+    pair logprobs read the same positions from the whole sequence's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from dschat_cli.steps.dpo import forward_logits, pair_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_opt, dtype=torch.float32).eval()
+
+    class Old(torch.nn.Module):  # forward(input_ids, attention_mask, use_cache) only
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids=None, attention_mask=None, use_cache=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                              use_cache=use_cache)
+
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(10, 60, (1, 5), generator=g)
+    chosen = torch.randint(10, 60, (1, 4), generator=g)
+    rejected = chosen.clone()
+    rejected[0, 0] += 1
+    ids = torch.cat([torch.cat([prompt, chosen], 1), torch.cat([prompt, rejected], 1)])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        trimmed = forward_logits(model, batch)
+        whole = forward_logits(Old(model), batch)
+    assert trimmed.shape[1] == 5 and whole.shape[1] == 9
+    for a, b in zip(pair_logprobs(trimmed, batch), pair_logprobs(whole, batch)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
