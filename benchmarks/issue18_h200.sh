@@ -6,7 +6,8 @@
 # PARTS: comma-separated of ppo, sft, dpo, grpo, rloo, decode (default ppo,sft,dpo,grpo,decode).
 # Each part's output and JSON go to OUT_DIR/PART.txt and OUT_DIR/PART.json, wall times to
 # OUT_DIR/walls.txt. The first bench compiles DeepSpeed's FusedAdam (~1 min, cached for the rest).
-# Split the parts over device calls of at most 10 minutes (e.g. "ppo,sft" then "dpo,grpo,decode").
+# Split the parts over device calls of at most 10 minutes (e.g. "ppo,sft", then "dpo,grpo", then
+# "decode"); each part has a time limit that keeps such a pair under 9 minutes.
 set -u
 out=${1:?usage: issue18_h200.sh OUT_DIR [PARTS]}
 parts=${2:-ppo,sft,dpo,grpo,decode}
@@ -27,14 +28,14 @@ timed() {  # timed NAME LIMIT_S CMD...: run with a limit, output and wall time t
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 for part in ${parts//,/ }; do
   case $part in
-    ppo)  timed ppo 420 python3 -m dschat_cli bench --json "$out/ppo.json" --output-dir /tmp/b-ppo ;;
-    sft)  timed sft 300 python3 -m dschat_cli bench --step sft --json "$out/sft.json" --output-dir /tmp/b-sft ;;
-    dpo)  timed dpo 300 python3 -m dschat_cli bench --step dpo --json "$out/dpo.json" --output-dir /tmp/b-dpo ;;
+    ppo)  timed ppo 330 python3 -m dschat_cli bench --json "$out/ppo.json" --output-dir /tmp/b-ppo ;;
+    sft)  timed sft 210 python3 -m dschat_cli bench --step sft --json "$out/sft.json" --output-dir /tmp/b-sft ;;
+    dpo)  timed dpo 200 python3 -m dschat_cli bench --step dpo --json "$out/dpo.json" --output-dir /tmp/b-dpo ;;
     grpo|rloo)
-          timed "$part" 360 python3 -m dschat_cli bench --advantage-estimator "$part" \
+          timed "$part" 300 python3 -m dschat_cli bench --advantage-estimator "$part" \
             --generation-engine fast --json "$out/$part.json" --output-dir "/tmp/b-$part" ;;
     decode)
-          timed decode 330 python3 benchmarks/decode_profile.py opt-1.3b 64 256 256 graph,profile,compile ;;
+          timed decode 300 python3 benchmarks/decode_profile.py opt-1.3b 64 256 256 graph,profile,compile ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;
   esac
 done
