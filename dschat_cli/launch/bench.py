@@ -112,7 +112,9 @@ def _print_batches(record: dict) -> None:
         return
     from rich.table import Table
 
-    t = Table(title=f"{record['step']}: tokens/s by batch per GPU", title_justify="left")
+    what = record["step"] + (f" ({record['advantage_estimator']})" if record["step"] == "ppo"
+                             else "")
+    t = Table(title=f"{what}: tokens/s by batch per GPU", title_justify="left")
     for col in ("batch", "tokens/s", "peak GiB", "status"):
         t.add_column(col, justify="right")
     rows = [(record["batch_size"], record, "ok")]

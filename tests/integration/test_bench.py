@@ -227,7 +227,7 @@ def test_bench_measures_the_largest_batch_that_fits_and_falls_back_on_out_of_mem
     assert "chosen: --actor-zero-stage and --critic-zero-stage 0: one CPU rank" in text
     assert "--batch-size 64 (the reference's largest), then 128: the largest batch that fits" \
         in text and "on out of memory the bench tries 96" in text
-    assert "batch 128: out of GPU memory" in text and "tokens/s by batch" in text
+    assert "batch 128: out of GPU memory" in text and "ppo (gae): tokens/s by batch" in text
     res = json.loads(out_json.read_text())
     assert json.loads((out / "bench.json").read_text()) == res
     assert res["batch_size"] == 64 and res["status"] == "ok" and set(res["engines"]) == \
