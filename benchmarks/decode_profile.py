@@ -3,9 +3,7 @@ decoder layers (torch.compile) does to it, on one GPU:
 
     python benchmarks/decode_profile.py [PRESET] [BATCH] [PROMPT] [NEW] [MODES]
 
-MODES: comma-separated of graph (the engine as it ships), sdpa-cudnn / sdpa-efficient / sdpa-math
-(the same with only that attention backend allowed while the graphs are captured), profile (eager
-decode steps under
+MODES: comma-separated of graph (the engine as it ships), profile (eager decode steps under
 torch.profiler: summed kernel time per step by kernel, beside the graph's replay time), compile
 (each decoder layer compiled with torch.compile, then the same CUDA graphs). Random weights of a
 preset architecture, bf16, eos suppressed (every answer is NEW tokens long).
@@ -75,28 +73,6 @@ if "graph" in modes:
     print(f"graph: rollout {s:.3f} s, prefill {pre:.1f} ms, decode {dec:.3f} ms/step "
           f"({dec / floor_ms:.2f}x floor), captures {gen.captures}", flush=True)
     check(out, "graph")
-    gen.release()
-
-for mode in [m for m in modes if m.startswith("sdpa-")]:
-    # the graph engine with one SDPA backend allowed while its graphs are captured (the
-    # captured kernels are the ones chosen then): cudnn (torch's default on H100/H200 here),
-    # efficient (memory-efficient attention) or math (two batched matmuls and a softmax)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
-               "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "sdpa-math": SDPBackend.MATH}[mode]
-    with sdpa_kernel([backend]):
-        gen = engine()
-        try:
-            out, s, pre, dec = rollout(gen)
-        except RuntimeError as e:
-            print(f"{mode}: not available for these inputs ({str(e).splitlines()[0][:120]})")
-            gen.release()
-            continue
-    print(f"{mode}: rollout {s:.3f} s, prefill {pre:.1f} ms, decode {dec:.3f} ms/step "
-          f"({dec / floor_ms:.2f}x floor), captures {gen.captures}", flush=True)
-    check(out, mode)
     gen.release()
 
 if "profile" in modes:
