@@ -14,16 +14,7 @@ parts=${2:-ppo,sft,dpo,grpo,decode}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1
 
-timed() {  # timed NAME LIMIT_S CMD...: run with a limit, output and wall time to OUT/NAME.txt
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout --kill-after=20 "$limit" "$@" > "$out/$name.txt" 2>&1
-  local rc=$?
-  echo "$name: exit $rc, wall $((SECONDS - t0)) s" | tee -a "$out/walls.txt"
-  if [ "$rc" -ne 0 ]; then  # leave no worker holding the GPU for the next run
-    pkill -9 -f dschat_cli.worker; pkill -9 -f deepspeed.launcher; sleep 2
-  fi
-}
+source "$(dirname "$0")/timed.sh"  # timed NAME LIMIT_S CMD...
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 for part in ${parts//,/ }; do

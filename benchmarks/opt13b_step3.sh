@@ -19,16 +19,7 @@ part=${3:-all}
 mkdir -p "$out"
 common=(--generation-engine fast --old-logprobs generation --deployment-type single_node --torch-adam)
 
-timed() {  # timed NAME LIMIT_S CMD...: run with a limit, output and wall time to OUT/NAME.txt
-  local name=$1 limit=$2; shift 2
-  local t0=$SECONDS
-  timeout --kill-after=20 "$limit" "$@" > "$out/$name.txt" 2>&1
-  local rc=$?
-  echo "$name: exit $rc, wall $((SECONDS - t0)) s" | tee -a "$out/walls.txt"
-  if [ "$rc" -ne 0 ]; then  # leave no worker holding a GPU for the next run
-    pkill -9 -f dschat_cli.worker; pkill -9 -f deepspeed.launcher; sleep 2
-  fi
-}
+source "$(dirname "$0")/timed.sh"  # timed NAME LIMIT_S CMD...
 
 if [ "$part" = 13b ] || [ "$part" = all ]; then
   if [ "${EXTRAS:-1}" = 1 ]; then
