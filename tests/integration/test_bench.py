@@ -241,3 +241,30 @@ def test_bench_measures_the_largest_batch_that_fits_and_falls_back_on_out_of_mem
     e = big["engines"]["fast"]
     assert e["tokens_per_s"] == pytest.approx(96 * 11 / e["step_seconds"])
     assert res["choices"][0].startswith("--actor-zero-stage and --critic-zero-stage 0")
+
+
+def test_bench_whose_first_batch_runs_out_of_memory_says_so_and_tries_nothing_larger(
+        tmp_path, tiny_opt, invoke_dschat, monkeypatch):
+    """Batch 64 itself out of GPU memory (simulated): a one-line error naming --batch-size, exit
+    1, the record kept with its status, no larger batch launched."""
+    import torch
+
+    from dschat_cli.steps import bench
+
+    def oom(cfg, dist, resolved):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(bench, "_bench_ppo", oom)
+    out = tmp_path / "run"
+    r = invoke_dschat("bench", "--actor", tiny_opt, "--critic", tiny_opt,
+                      "--max-prompt-seq-len", "6", "--max-answer-seq-len", "5", "--steps", "1",
+                      "--warmup", "0", "--gpu-memory", "80", "--launcher", "none",
+                      "--output-dir", out)
+    assert r.code == 1, r.explain()
+    assert "Traceback" not in r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("error: --batch-size: batch 64 ran out of GPU memory"), last
+    res = json.loads((out / "bench.json").read_text())
+    assert res["status"] == "out_of_memory" and res["batch_size"] == 64
+    assert res["larger_batches_tried"] == [] and res["largest_batch"] is None
+    assert not any(p.name.startswith("batch-") for p in out.iterdir())
