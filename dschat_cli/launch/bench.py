@@ -56,12 +56,13 @@ def launch_bench(cfg: BenchConfig, *, dry_run: bool) -> int:
                    "--batch-size (`dschat plan` estimates what fits)")
         return 1
     failed = 0
-    for batch in choice.larger:
+    for i, batch in enumerate(choice.larger):
         sub = dataclasses.replace(
             first, batch_size=batch, output_dir=str(out / f"batch-{batch}"),
             generation_engine="fast" if first.generation_engine == "both"
             else first.generation_engine)
-        console.rule(f"[bold]batch {batch}: the largest the memory plan says fits")
+        console.rule(f"[bold]batch {batch}: " + ("the largest the memory plan says fits" if i == 0
+                                                 else "the next smaller one"))
         rc = launch_training("bench", sub, dry_run=False)
         larger = _read(out / f"batch-{batch}" / "bench.json")
         status = "failed" if rc != 0 or larger is None else larger.get("status", "failed")
