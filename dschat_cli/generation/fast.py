@@ -391,10 +391,17 @@ def logprob_gap(gen_logprobs: torch.Tensor, fwd_logprobs: torch.Tensor,
 
 
 def check_parity(gen_logprobs, fwd_logprobs, action_mask, *, tolerance: float,
-                 step: int) -> tuple[float, float]:
+                 step: int, reduce_max=None) -> tuple[float, float]:
     """Stop (GenerationMismatch) when the engine's logprobs are off by more than `tolerance`
-    nats on average: training on wrong old logprobs would silently corrupt PPO."""
+    nats on average: training on wrong old logprobs would silently corrupt PPO. `reduce_max`
+    (Dist.all_reduce_max): the gaps are the largest over the ranks, so every rank stops, or
+    decides anything from them, alike (a rank that skipped a forward pass the others run would
+    hang them under ZeRO-3). A nan gap counts as infinite."""
     mean, worst = logprob_gap(gen_logprobs, fwd_logprobs, action_mask)
+    if reduce_max is not None:
+        inf = float("inf")
+        mean = reduce_max(mean if mean == mean else inf)
+        worst = reduce_max(worst if worst == worst else inf)
     if not mean <= tolerance:
         raise GenerationMismatch(
             f"fast generation disagrees with the actor's forward pass at rollout {step}: mean "

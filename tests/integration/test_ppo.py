@@ -402,8 +402,9 @@ def test_ppo_launcher_two_workers_zero3_lora(tensor_parallel, tmp_path, actor_di
     """The done-when command through deepspeed.launcher on 2 ranks: actor and critic ZeRO-3 with
     LoRA (merged when saving), the reference offloaded, EMA; answers kept short (ZeRO-3 + LoRA
     generation is the slow part on CPU). Also with tensor-parallel generation over the 2 ranks
-    (adapters merged into the sharded copy; every rollout's logprobs are checked against the
-    actor's own forward, so a wrong copy stops the run)."""
+    (adapters merged into the sharded copy; the first rollout's logprobs are checked against the
+    actor's own forward before --old-logprobs auto uses them, so a wrong copy stops the run; the
+    ranks decide from the largest gap, so under ZeRO-3 they skip the scoring forward together)."""
     actor, critic = actor_dir("opt"), reward_dir("opt")
     out, cache = tmp_path / "out", tmp_path / "data-cache"
     r = run_dschat(*ppo_args(actor, critic, out, cache, pairs_dir, actor_stage=3, critic_stage=3,

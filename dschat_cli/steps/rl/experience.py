@@ -213,7 +213,8 @@ class ExperienceMaker:
         if check:  # the engine's own logprobs must agree with the actor's forward pass
             self.last_parity = check_parity(gen.logprobs, logprobs, real.long(),
                                             tolerance=self.cfg.generation.parity_tolerance,
-                                            step=self.rollouts)
+                                            step=self.rollouts,
+                                            reduce_max=self.dist.all_reduce_max)
             news = self.source.observe(self.rollouts, self.last_parity[0])
             if news:
                 console.print(f"old logprobs: {news}", markup=False)

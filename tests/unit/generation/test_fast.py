@@ -129,6 +129,31 @@ def test_parity_gate_stops_on_wrong_logprobs():
         check_parity(gen * float("nan"), fwd, mask, tolerance=0.2, step=1)
 
 
+def test_parity_gaps_are_the_largest_over_the_ranks():
+    """Every rank decides from the same gap (a rank that stopped, or skipped a forward pass the
+    others run, would leave them waiting): reduce_max stands in for Dist.all_reduce_max."""
+    gen = torch.tensor([[-1.0, -2.0]])
+    fwd = torch.tensor([[-1.0, -2.5]])
+    mask = torch.tensor([[1, 1]])
+    seen = []
+
+    def other_rank_is_worse(x):  # another rank's mean gap 0.4, max 0.9
+        seen.append(x)
+        return max(x, 0.4 if len(seen) == 1 else 0.9)
+
+    with pytest.raises(GenerationMismatch, match="0.4000"):  # this rank's 0.25 alone would pass
+        check_parity(gen, fwd, mask, tolerance=0.3, step=2, reduce_max=other_rank_is_worse)
+    seen.clear()
+    assert check_parity(gen, fwd, mask, tolerance=0.5, step=2,
+                        reduce_max=other_rank_is_worse) == (0.4, 0.9)
+    # a nan gap here goes to the other ranks as infinite (a max over nan is not defined)
+    seen.clear()
+    with pytest.raises(GenerationMismatch):
+        check_parity(gen * float("nan"), fwd, mask, tolerance=0.5, step=2,
+                     reduce_max=other_rank_is_worse)
+    assert seen[0] == float("inf")
+
+
 def test_failed_graph_capture_falls_back_to_eager_decoding(tiny_tokenizer, monkeypatch):
     """CUDA graphs cannot run on CPU; this drives the capture path with stand-ins whose capture
     fails (as PyTorch's allocator can): generation must go on eagerly, with the same tokens."""
