@@ -209,14 +209,14 @@ def test_bench_measures_the_largest_batch_that_fits_and_falls_back_on_out_of_mem
     need = {b: peak(b) + overhead_bytes(peak(b), 1) for b in (128, 160)}  # without the margin
     gpu_gib = (need[128] + need[160]) / 2 / GiB  # 128 fits (tight at most), 160 does not
 
-    real = bench._bench_ppo
+    real = bench.bench_ppo
 
     def oom_at_128(cfg, dist, resolved):
         if cfg.batch == 128:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(cfg, dist, resolved)
 
-    monkeypatch.setattr(bench, "_bench_ppo", oom_at_128)
+    monkeypatch.setattr(bench, "bench_ppo", oom_at_128)
     out, out_json = tmp_path / "run", tmp_path / "bench.json"
     r = invoke_dschat("bench", "--actor", tiny_opt, "--critic", tiny_opt,
                       "--max-prompt-seq-len", "6", "--max-answer-seq-len", "5", "--steps", "1",
@@ -254,7 +254,7 @@ def test_bench_whose_first_batch_runs_out_of_memory_says_so_and_tries_nothing_la
     def oom(cfg, dist, resolved):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
 
-    monkeypatch.setattr(bench, "_bench_ppo", oom)
+    monkeypatch.setattr(bench, "bench_ppo", oom)
     out = tmp_path / "run"
     r = invoke_dschat("bench", "--actor", tiny_opt, "--critic", tiny_opt,
                       "--max-prompt-seq-len", "6", "--max-answer-seq-len", "5", "--steps", "1",

@@ -1,4 +1,4 @@
-"""The parts step 3 is built from (steps/ppo.py is the loop that composes them; steps/bench.py
+"""The parts step 3 is built from (steps/ppo.py is the loop that composes them; steps/bench/
 times them):
 
     engines.py     PPOModels: actor, ref, critic and reward as DeepSpeed engines, plus the tokenizer
