@@ -163,22 +163,25 @@ def validate_bench(cfg: BenchConfig) -> None:
         check_model_source(ModelOptions(model=cfg.critic, random_init=True), flag="--critic")
 
 
-def check_output_file(path: str | None, flag: str) -> None:
-    """A file the run writes at its end (--json): its folder exists and is writable, and the path
-    is not a folder, so the run does not end in a traceback after its work is done."""
+def check_output_file(path: str | None, flag: str, example: str = "results.json") -> None:
+    """Before anything runs: a file written only at the end (`dschat eval --output-file`, `dschat
+    bench --json`) can be written, so minutes of work do not end in a traceback. Missing folders
+    are fine (the writer creates them); a folder in the file's place, a file in a folder's place
+    or no write permission is not."""
     if not path:
         return
     from pathlib import Path
 
     p = Path(path).expanduser()
     if p.is_dir():
-        raise ConfigError(flag, f"{p} is a folder; give a file path (e.g. {p / 'bench.json'})")
-    parent = p.parent if str(p.parent) else Path(".")
+        raise ConfigError(flag, f"{path} is a folder; give a file name, e.g. {p / example}")
+    parent = next((q for q in p.parents if q.exists()), Path("."))
     if not parent.is_dir():
-        raise ConfigError(flag, f"the folder {parent} does not exist; create it or give another "
+        raise ConfigError(flag, f"{parent} is a file, so {path} cannot be created; give another "
                           "path")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(flag, f"the folder {parent} is not writable; give another path")
+    target = p if p.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise ConfigError(flag, f"{target} is not writable; give another path")
 
 
 def check_bench_generation_tp(cfg: BenchConfig, world_size: int) -> None:

@@ -57,7 +57,8 @@ class BenchConfig:
                                  choices=("fast", "hf", "both"))
     old_logprobs: str = opt("auto", "ppo: as `dschat ppo --old-logprobs` (generation skips the "
                             "actor's scoring forward, fast engine only; auto switches to it after "
-                            "a warm-up rollout's parity check within 0.03 nats).",
+                            "a warm-up rollout's parity check within `dschat ppo`'s default "
+                            "--parity-switch-gap).",
                             choices=OLD_LOGPROBS)
     generation_tensor_parallel: int = opt(1, "ppo: as `dschat ppo --generation-tensor-parallel` "
                                           "(fast engine only).", min=1)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from dschat_cli.config.eval import EvalConfig
+from dschat_cli.checks import check_output_file
 from dschat_cli.config.schema import ConfigError
 
 # The six prompts DeepSpeed-Chat's prompt_eval.py used by default.
@@ -60,25 +61,6 @@ def read_prompts(path: str | None) -> list[str]:
     return prompts
 
 
-def check_output_file(path: str | None, flag: str = "--output-file") -> None:
-    """Before any model loads: the results file can be written (failing after minutes of
-    generation would lose the results). The file itself is written only at the end."""
-    if not path:
-        return
-    import os
-
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise ConfigError(flag, f"{path} is a folder; give a file name, e.g. {p / 'results.jsonl'}")
-    parent = next((q for q in p.parents if q.exists()), Path("."))
-    if not parent.is_dir():
-        raise ConfigError(flag, f"{parent} is a file, so {path} cannot be created; give another "
-                          "path")
-    target = p if p.exists() else parent
-    if not os.access(target, os.W_OK):
-        raise ConfigError(flag, f"{target} is not writable; give another path")
-
-
 def run_eval(cfg: EvalConfig) -> dict:
     import torch
     from rich.table import Table
@@ -93,7 +75,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     quiet_libraries()
 
     prompts = read_prompts(cfg.prompts)
-    check_output_file(cfg.output_file)
+    check_output_file(cfg.output_file, "--output-file", "results.jsonl")
     device = pick_device(cfg.inference.device)
     dtype = pick_dtype(cfg.inference.dtype, device)
     models = [(label, path, flag) for label, path, flag in

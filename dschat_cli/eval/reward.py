@@ -115,13 +115,13 @@ def run_eval_reward(cfg: EvalRewardConfig) -> dict:
     quiet_libraries()
 
     from dschat_cli.config.sections import ModelOptions
-    from dschat_cli.eval.prompts import check_output_file
+    from dschat_cli.checks import check_output_file
     from dschat_cli.models.loading import check_model_source
 
     check_reward_dir(cfg.path, "--path")
     trust = cfg.inference.trust_remote_code
     check_model_source(ModelOptions(model=cfg.path, trust_remote_code=trust), "--path")
-    check_output_file(cfg.output_file)
+    check_output_file(cfg.output_file, "--output-file", "results.jsonl")
     device = pick_device(cfg.inference.device)
     dtype = pick_dtype(cfg.inference.dtype, device)
     single = bool(cfg.answer)

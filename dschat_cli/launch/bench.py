@@ -30,7 +30,7 @@ from dschat_cli.ui.console import console, error_line
 def launch_bench(cfg: BenchConfig, *, dry_run: bool) -> int:
     from dschat_cli.checks import check_output_file
 
-    check_output_file(cfg.json, "--json")  # written at the end: refused now, not then
+    check_output_file(cfg.json, "--json", "bench.json")  # written at the end: checked now
     hw = detect_hardware()
     world = plan_launch(cfg.launch, "bench", "run_config.yaml", hw=hw).world_size
     target = detect_target(cfg.gpu_memory, query_gpus() if hw.gpus else [])
@@ -94,17 +94,16 @@ def _write(record: dict, out: Path, json_path: str | None) -> None:
     text = json.dumps(record, indent=2) + "\n"
     write_atomic(out / "bench.json", text)
     if json_path:
-        write_atomic(Path(json_path).expanduser(), text)
+        path = Path(json_path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, text)
 
 
-def tokens_per_s(result: dict) -> float | None:
-    """A run record's headline figure: the fast engine's (else the only engine's) for step 3."""
-    if result.get("status") != "ok":
-        return None
+def _headline(result: dict) -> dict:
+    """The figures a run record is compared by: step 3's fast engine (else its only engine),
+    or the record itself (sft, dpo)."""
     engines = result.get("engines")
-    if engines:
-        return (engines.get("fast") or next(iter(engines.values())))["tokens_per_s"]
-    return result.get("tokens_per_s")
+    return (engines.get("fast") or next(iter(engines.values()))) if engines else result
 
 
 def _print_batches(record: dict) -> None:
@@ -124,15 +123,8 @@ def _print_batches(record: dict) -> None:
         r = larger if larger is not None and tried["batch_size"] == larger["batch_size"] else {}
         rows.append((tried["batch_size"], r, tried["status"]))
     for batch, r, status in rows:
-        tps = tokens_per_s(r) if r else None
-        peak = _peak(r) if r else None
+        h = _headline(r) if r and status == "ok" else {}
+        tps, peak = h.get("tokens_per_s"), h.get("peak_memory_gib")
         t.add_row(str(batch), f"{tps:,.0f}" if tps is not None else "-",
                   f"{peak:.1f}" if peak is not None else "-", status.replace("_", " "))
     console.print(t)
-
-
-def _peak(result: dict) -> float | None:
-    engines = result.get("engines")
-    if engines:
-        return (engines.get("fast") or next(iter(engines.values()))).get("peak_memory_gib")
-    return result.get("peak_memory_gib")

@@ -47,13 +47,11 @@ def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: b
     False: the ranks are CPU processes (the lines say so)."""
     choice = BenchChoice(cfg)
     _choose_zero(choice, world_size, "GPU" if on_gpu else "CPU rank")
-    batch_given = cfg.batch_size is not None
-    if not batch_given:
-        choice.cfg = dataclasses.replace(choice.cfg, batch_size=BASE_BATCH)
-    peak = _peak_fn(choice.cfg, world_size, target)
-    base = choice.cfg.batch_size
-    if batch_given:
+    if cfg.batch_size is not None:  # given: measured as it is, nothing to search
         return choice
+    choice.cfg = dataclasses.replace(choice.cfg, batch_size=BASE_BATCH)
+    peak = _peak_fn(choice.cfg, world_size, target)
+    base = BASE_BATCH
     what = "the reference's largest" if cfg.step == "ppo" else "the default"
     if target.gpu_bytes is None or peak is None:
         why = ("no GPU here and no --gpu-memory" if target.gpu_bytes is None else
@@ -62,7 +60,13 @@ def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: b
                             f"searched: {why}")
         return choice
     k = choice.cfg.samples  # a batch counts answers: a whole number of prompts x k
-    fits = lambda b: _verdict(peak(b), world_size, target) != "does not fit"  # noqa: E731
+    def fits(b: int) -> bool:
+        return _verdict(peak(b), world_size, target) != "does not fit"
+
+    def est(b: int) -> str:  # "estimated peak 118.0 GiB, fits, but not with the plan's 15% ..."
+        return (f"estimated peak {peak(b) / GiB:.1f} GiB, "
+                f"{_words(_verdict(peak(b), world_size, target))}")
+
     where = f"one GPU ({target.source})"
     if not fits(base):  # a smaller GPU (or a bigger step): the largest that fits below
         down = _round_up(max(base // 8, 1), k)
@@ -74,24 +78,21 @@ def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: b
             return choice
         choice.cfg = dataclasses.replace(choice.cfg, batch_size=smaller)
         choice.lines.append(f"--batch-size {smaller}: the largest that fits {where} by the memory "
-                            f"plan (estimated peak {peak(smaller) / GiB:.1f} GiB, "
-                            f"{_verdict(peak(smaller), world_size, target)}; {base}, {what}: "
-                            f"{peak(base) / GiB:.1f} GiB, does not fit)")
+                            f"plan ({est(smaller)}; {base}, {what}: {peak(base) / GiB:.1f} GiB, "
+                            "does not fit)")
         return choice
     step = _round_up(base // 2, k)
     fitting = fitting_batches(peak, target.gpu_bytes, world_size, start=base, step=step,
                               limit=MAX_BATCH_FACTOR * base)
     if not fitting:
         choice.lines.append(f"--batch-size {base} ({what}); no larger batch fits {where} by the "
-                            f"memory plan ({base}: estimated peak {peak(base) / GiB:.1f} GiB, "
-                            f"{_verdict(peak(base), world_size, target)}; {base + step}: "
+                            f"memory plan ({base}: {est(base)}; {base + step}: "
                             f"{peak(base + step) / GiB:.1f} GiB, does not fit)")
         return choice
     choice.larger = fitting[:LARGER_TRIES]
     best = fitting[0]
     choice.lines.append(f"--batch-size {base} ({what}), then {best}: the largest batch that fits "
-                        f"{where} by the memory plan (estimated peak {peak(best) / GiB:.1f} GiB, "
-                        f"{_verdict(peak(best), world_size, target)}; {best + step}: "
+                        f"{where} by the memory plan ({est(best)}; {best + step}: "
                         f"{peak(best + step) / GiB:.1f} GiB, does not fit); on out of memory the "
                         "bench tries " + (", ".join(map(str, choice.larger[1:])) or "no other"))
     return choice
@@ -112,7 +113,7 @@ def fitting_batches(peak: Callable[[int], float], gpu_bytes: float, world_size: 
     out = []
     b = start + step
     while b <= limit:
-        if verdict(peak(b), _overhead(peak(b), world_size), gpu_bytes) not in allowed:
+        if verdict(peak(b), overhead_bytes(peak(b), world_size), gpu_bytes) not in allowed:
             break
         out.append(b)
         b += step
@@ -126,11 +127,10 @@ def _choose_zero(choice: BenchChoice, world_size: int, unit: str) -> None:
         roles.append(("critic_zero_stage", "--critic-zero-stage"))
     unset = [(name, flag) for name, flag in roles if getattr(cfg, name) is None]
     stage = 0 if world_size == 1 else 2
-    changes = {name: stage for name, _ in unset}
     # a stage that does not apply to this step (sft's critic) is filled in too: nothing reads it
-    changes.update({name: stage for name in ("actor_zero_stage", "critic_zero_stage")
-                    if getattr(cfg, name) is None})
-    choice.cfg = dataclasses.replace(cfg, **changes)
+    choice.cfg = dataclasses.replace(cfg, **{name: stage for name in ("actor_zero_stage",
+                                                                      "critic_zero_stage")
+                                             if getattr(cfg, name) is None})
     if not unset:
         return
     flags = " and ".join(flag for _, flag in unset)
@@ -164,12 +164,13 @@ def _peak_fn(cfg: BenchConfig, world_size: int, target: Target
     return peak
 
 
-def _overhead(peak: float, world_size: int) -> float:
-    return overhead_bytes(peak, world_size)
-
-
 def _verdict(peak: float, world_size: int, target: Target) -> str:
-    v = verdict(peak, _overhead(peak, world_size), target.gpu_bytes)
+    """The plan's verdict (planner.VERDICTS) on `peak` bytes per GPU, overheads included."""
+    return verdict(peak, overhead_bytes(peak, world_size), target.gpu_bytes)
+
+
+def _words(v: str) -> str:
+    """A verdict as the chosen lines say it."""
     return {"fits": f"fits with the plan's {MARGIN:.0%} margin",
             "tight": f"fits, but not with the plan's {MARGIN:.0%} margin"}.get(v, v)
 
@@ -199,7 +200,7 @@ def larger_generation_batch(cfg, record, target: Target, *, archs=None
         except ValueError:  # e.g. the training batch must divide the experience
             continue
         peak = estimate_step(candidate, record, archs=archs).peak
-        if _verdict(peak, record.world_size, target).startswith("fits with"):
+        if _verdict(peak, record.world_size, target) == "fits":
             best = (g, peak)
         else:
             break

@@ -162,7 +162,8 @@ def test_bench_bad_input(tmp_path, invoke_dschat):
     # --json is written at the end of the run: a path that cannot be written is refused first,
     # before any output folder or worker
     out = tmp_path / "out"
-    for path, says in ((tmp_path / "no" / "b.json", "does not exist"),
+    (tmp_path / "afile").write_text("x")
+    for path, says in ((tmp_path / "afile" / "b.json", "is a file, so"),
                        (tmp_path, "is a folder")):
         r = invoke_dschat("bench", "--json", path, "--output-dir", out, "--launcher", "none")
         assert r.code == 2 and "--json" in r.output and says in r.output, r.explain()
@@ -217,7 +218,7 @@ def test_bench_measures_the_largest_batch_that_fits_and_falls_back_on_out_of_mem
         return real(cfg, dist, resolved)
 
     monkeypatch.setattr(bench, "bench_ppo", oom_at_128)
-    out, out_json = tmp_path / "run", tmp_path / "bench.json"
+    out, out_json = tmp_path / "run", tmp_path / "new" / "bench.json"  # its folder is created
     r = invoke_dschat("bench", "--actor", tiny_opt, "--critic", tiny_opt,
                       "--max-prompt-seq-len", "6", "--max-answer-seq-len", "5", "--steps", "1",
                       "--warmup", "1", "--gpu-memory", f"{gpu_gib:.6f}", "--launcher", "none",
