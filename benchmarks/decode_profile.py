@@ -5,7 +5,8 @@ decoder layers (torch.compile) does to it, on one GPU:
 
 MODES: comma-separated of graph (the engine as it ships), profile (eager decode steps under
 torch.profiler: summed kernel time per step by kernel, beside the graph's replay time), compile
-(each decoder layer compiled with torch.compile, then the same CUDA graphs). Random weights of a
+(each decoder layer compiled with torch.compile, then the same CUDA graphs), stepcompile (the
+engine's compile_decode: the whole decode step compiled as one graph, then the CUDA graphs). Random weights of a
 preset architecture, bf16, eos suppressed (every answer is NEW tokens long).
 """
 import sys
@@ -112,5 +113,16 @@ if "compile" in modes:
     print(f"compile (layers) + graph: rollout {s:.3f} s, prefill {pre:.1f} ms, decode "
           f"{dec:.3f} ms/step ({dec / floor_ms:.2f}x floor), captures {gen.captures}", flush=True)
     check(out, "compile")
+    gen.release()
+if "stepcompile" in modes:  # the engine's own option: the whole decode step, one graph
+    t = time.perf_counter()
+    gen = engine(compile_decode=True)
+    out, s, pre, dec = rollout(gen, times=1)
+    print(f"stepcompile: first rollout (compiles) {time.perf_counter() - t:.1f} s, failure: "
+          f"{gen.compile_failure}", flush=True)
+    out, s, pre, dec = rollout(gen, times=2)
+    print(f"stepcompile + graph: rollout {s:.3f} s, prefill {pre:.1f} ms, decode "
+          f"{dec:.3f} ms/step ({dec / floor_ms:.2f}x floor), captures {gen.captures}", flush=True)
+    check(out, "stepcompile")
     gen.release()
 print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")

@@ -60,6 +60,8 @@ class BenchConfig:
                             "a warm-up rollout's parity check within `dschat ppo`'s default "
                             "--parity-switch-gap).",
                             choices=OLD_LOGPROBS)
+    compile_decode: str = opt("off", "ppo: as `dschat ppo --compile-decode` (fast engine only).",
+                              choices=("on", "off"))
     generation_tensor_parallel: int = opt(1, "ppo: as `dschat ppo --generation-tensor-parallel` "
                                           "(fast engine only).", min=1)
     actor_zero_stage: int | None = opt(None, "ZeRO stage of the actor (and reference; the policy "
@@ -169,6 +171,7 @@ def bench_ppo_config(cfg: BenchConfig):
                                         generation_engine=engine,
                                         old_logprobs=cfg.old_logprobs if engine == "fast"
                                         else "forward",
+                                        compile_decode=cfg.compile_decode,
                                         generation_tensor_parallel=cfg.generation_tensor_parallel
                                         if engine == "fast" else 1),
         deepspeed=PPODeepSpeedOptions(actor_zero_stage=_stage(cfg.actor_zero_stage),

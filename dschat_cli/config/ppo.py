@@ -172,6 +172,11 @@ class PPOGenerationOptions:
                                    "answer token) between the fast engine's logprobs and the forward "
                                    "pass at which the engine's are used (bf16 gives 0.007-0.021 on "
                                    "an H200, docs/benchmarks.md).", min=0.0)
+    compile_decode: str = opt("off", "Compile the fast engine's decode step with torch.compile "
+                              "(one graph per engine, compiled at the first rollout; elementwise "
+                              "work fused into fewer kernels), then record it as CUDA graphs as "
+                              "usual. A compiler failure warns once and decodes uncompiled.",
+                              choices=("on", "off"))
     generation_tensor_parallel: int = opt(
         1, "Split the actor N ways for generation: the N ranks of a group (consecutive ranks: one "
         "node's GPUs) decode their prompts together, each holding 1/N of the attention and MLP "

@@ -138,7 +138,8 @@ class FastGenerator:
                  top_p: float = 1.0, ignore_eos: bool = False, use_cuda_graph: bool | None = None,
                  check_every: int = 16,
                  bucket: int = 32, attention_backend: str | None = None,
-                 max_prompt_seq_len: int = 0, rng: torch.Generator | None = None):
+                 max_prompt_seq_len: int = 0, rng: torch.Generator | None = None,
+                 compile_decode: bool = False, compile_backend: str = "inductor"):
         self.model = model
         self.eos = int(eos_token_id)
         self.pad = int(pad_token_id)
@@ -159,6 +160,13 @@ class FastGenerator:
         self.bucket = bucket
         # SDPA backend of the decode steps (None: PyTorch's choice); benchmarks compare them
         self.attention_backend = attention_backend
+        # torch.compile the decode step (one graph: elementwise work fused, fewer kernels), then
+        # record it as CUDA graphs as usual. fullgraph: it compiles whole or not at all, so a
+        # failure happens before the step has changed anything, and the step then runs as it is
+        self.compile_decode = compile_decode
+        self.compile_backend = compile_backend
+        self._compiled = None
+        self.compile_failure: str | None = None  # why compiling failed (then it runs uncompiled)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.n_layers = _num_layers(base)
         params = inspect.signature(base.forward).parameters
@@ -244,12 +252,34 @@ class FastGenerator:
         device-side counters: graph-capturable. Expects self.noise filled by the caller (outside
         the graph)."""
         if self.attention_backend is None:
-            return self._decode_step_body(view)
+            return self._run_step(view)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         backend = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                    "cudnn": SDPBackend.CUDNN_ATTENTION}[self.attention_backend]
         with sdpa_kernel(backend):
+            return self._run_step(view)
+
+    def _run_step(self, view: int) -> None:
+        if not self.compile_decode:
+            return self._decode_step_body(view)
+        if self._compiled is None:
+            import torch._dynamo
+
+            # one compile for the first context bucket, one with the bucket as a symbolic size
+            # for all the others, per engine (the held-out greedy engine is a second one)
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+            self._compiled = torch.compile(self._decode_step_body, backend=self.compile_backend,
+                                           fullgraph=True)
+        try:
+            return self._compiled(view)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: run the step uncompiled
+            import warnings
+
+            self.compile_decode = False
+            self.compile_failure = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+            warnings.warn(f"torch.compile of the decode step failed ({self.compile_failure}); "
+                          "decoding uncompiled (slower). Please report it.", stacklevel=2)
             return self._decode_step_body(view)
 
     def _decode_step_body(self, view: int) -> None:

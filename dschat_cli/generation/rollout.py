@@ -94,7 +94,8 @@ class RolloutGenerator:
         return dict(eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
                     max_new_tokens=g.max_answer_seq_len, do_sample=g.do_sample,
                     temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
-                    ignore_eos=self.ignore_eos, max_prompt_seq_len=self.max_prompt_seq_len)
+                    ignore_eos=self.ignore_eos, max_prompt_seq_len=self.max_prompt_seq_len,
+                    compile_decode=g.compile_decode == "on")
 
     def _fast(self, module, input_ids, attention_mask):
         from dschat_cli.generation.fast import FastGenerator

@@ -197,3 +197,48 @@ def test_attention_without_4d_masks_is_refused_with_the_flag(tiny_tokenizer):
     with pytest.raises(ConfigError) as e:
         FastGenerator(model, eos_token_id=2, pad_token_id=1, max_new_tokens=4)
     assert e.value.where == "--generation-engine fast" and "--generation-engine hf" in e.value.message
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_compiled_decode_step_samples_the_same_answers(family, tiny_tokenizer):
+    """--compile-decode on: the decode step traced whole (fullgraph) and run through AOT autograd's
+    functionalised graph (aot_eager: the same tracing inductor compiles, without its C++/Triton
+    code generation, which CI has no time for) gives the uncompiled engine's tokens and logprobs,
+    over several context buckets (one recompile with the bucket symbolic)."""
+    model, ids, mask = _model_and_prompts(family, tiny_tokenizer)
+    kw = dict(eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id,
+              max_new_tokens=12, do_sample=True, ignore_eos=True, bucket=4)
+    torch.manual_seed(7)
+    expected = FastGenerator(model, **kw).generate(ids, mask)
+    gen = FastGenerator(model, compile_decode=True, compile_backend="aot_eager", **kw)
+    torch.manual_seed(7)
+    out = gen.generate(ids, mask)
+    assert gen.compile_failure is None and gen.compile_decode
+    assert torch.equal(out.seq, expected.seq)
+    assert torch.allclose(out.logprobs, expected.logprobs, atol=1e-6)
+    fwd, real = _forward_logprobs(model, out.seq, mask)
+    assert logprob_gap(out.logprobs, fwd, real)[1] < 1e-4
+
+
+def test_failed_compile_falls_back_to_the_uncompiled_step(tiny_tokenizer, monkeypatch):
+    import warnings
+
+    model, ids, mask = _model_and_prompts("opt", tiny_tokenizer)
+    kw = dict(eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id,
+              max_new_tokens=10, do_sample=False, bucket=4)
+    expected = FastGenerator(model, **kw).generate(ids, mask)
+
+    def failing_compile(fn, **kwargs):
+        def compiled(*a, **k):
+            raise RuntimeError("Unsupported: a graph break in fullgraph mode\nmore detail")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    gen = FastGenerator(model, compile_decode=True, **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = gen.generate(ids, mask)
+    assert torch.equal(out.seq, expected.seq)
+    assert gen.compile_decode is False
+    assert gen.compile_failure == "RuntimeError: Unsupported: a graph break in fullgraph mode"
+    assert sum("torch.compile of the decode step failed" in str(w.message) for w in caught) == 1
