@@ -115,7 +115,8 @@ class BenchConfig:
     def check(self) -> None:
         if self.step != "ppo":
             for flag, value, default in (("--advantage-estimator", self.advantage_estimator, "gae"),
-                                         ("--samples-per-prompt", self.samples_per_prompt, None)):
+                                         ("--samples-per-prompt", self.samples_per_prompt, None),
+                                         ("--compile-decode", self.compile_decode, "off")):
                 if value != default:
                     raise ConfigError(flag, "applies to --step ppo only")
         else:
@@ -127,6 +128,8 @@ class BenchConfig:
                               "the batch; drop one of them")
         if self.generation_engine == "hf" and self.old_logprobs == "generation":
             raise ConfigError("--old-logprobs generation", "needs --generation-engine fast or both")
+        if self.generation_engine == "hf" and self.compile_decode == "on":
+            raise ConfigError("--compile-decode on", "needs --generation-engine fast or both")
         if self.generation_engine == "hf" and self.generation_tensor_parallel > 1:
             raise ConfigError("--generation-tensor-parallel", "needs --generation-engine fast or "
                               "both")

@@ -329,6 +329,9 @@ class PPOConfig:
         if g.old_logprobs == "generation" and g.generation_engine != "fast":
             raise ConfigError("--old-logprobs generation", "needs --generation-engine fast (the hf "
                               "engine does not return logprobs)")
+        if g.compile_decode == "on" and g.generation_engine != "fast":
+            raise ConfigError("--compile-decode on", "needs --generation-engine fast (it compiles "
+                              "the fast engine's decode step)")
         if g.generation_tensor_parallel > 1:
             if g.generation_engine != "fast":
                 raise ConfigError("--generation-tensor-parallel", "needs --generation-engine fast")

@@ -267,7 +267,7 @@ class FastGenerator:
             import torch._dynamo
 
             # one compile for the first context bucket, one with the bucket as a symbolic size
-            # for all the others, per engine (the held-out greedy engine is a second one)
+            # for all the others, per engine (step 3's greedy sample-answer engine is a second)
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
             self._compiled = torch.compile(self._decode_step_body, backend=self.compile_backend,
                                            fullgraph=True)

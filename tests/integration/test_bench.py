@@ -147,6 +147,10 @@ def test_bench_bad_input(tmp_path, invoke_dschat):
     assert r.code == 2 and "--actor" in r.output and "Traceback" not in r.output
     r = invoke_dschat("bench", "--generation-engine", "hf", "--old-logprobs", "generation")
     assert r.code == 2 and "--old-logprobs generation" in r.output
+    r = invoke_dschat("bench", "--generation-engine", "hf", "--compile-decode", "on")
+    assert r.code == 2 and "--compile-decode on" in r.output and "Traceback" not in r.output
+    r = invoke_dschat("bench", "--step", "sft", "--compile-decode", "on")
+    assert r.code == 2 and "--compile-decode" in r.output and "--step ppo only" in r.output
     # --batch-size counts answers: grpo's default 8 answers per prompt do not divide 12
     r = invoke_dschat("bench", "--advantage-estimator", "grpo", "--batch-size", "12")
     assert r.code == 2 and "--batch-size" in r.output and "Traceback" not in r.output

@@ -101,3 +101,11 @@ def test_old_logprobs_defaults_to_auto_and_its_gap_is_refused_elsewhere():
             cfg(**flags).check()
         assert e.value.where == where, e.value
     cfg(old_logprobs="auto", generation_engine="hf").check()  # auto: the forward pass, said so
+
+
+def test_compile_decode_needs_the_fast_engine():
+    assert cfg().generation.compile_decode == "off"
+    cfg(compile_decode="on").check()
+    with pytest.raises(ConfigError) as e:
+        cfg(compile_decode="on", generation_engine="hf").check()
+    assert e.value.where == "--compile-decode on" and "--generation-engine fast" in e.value.message

@@ -213,7 +213,7 @@ def test_compiled_decode_step_samples_the_same_answers(family, tiny_tokenizer):
     gen = FastGenerator(model, compile_decode=True, compile_backend="aot_eager", **kw)
     torch.manual_seed(7)
     out = gen.generate(ids, mask)
-    assert gen.compile_failure is None and gen.compile_decode
+    assert gen.compile_failure is None and gen.compile_decode and gen._compiled is not None
     assert torch.equal(out.seq, expected.seq)
     assert torch.allclose(out.logprobs, expected.logprobs, atol=1e-6)
     fwd, real = _forward_logprobs(model, out.seq, mask)
