@@ -3,7 +3,8 @@ decoder layers (torch.compile) does to it, on one GPU:
 
     python benchmarks/decode_profile.py [PRESET] [BATCH] [PROMPT] [NEW] [MODES]
 
-MODES: comma-separated of graph (the engine as it ships), profile (eager decode steps under
+MODES: comma-separated of graph (the engine as it ships), unfused (the same with separate q/k/v
+projections: fuse_qkv=False), profile (eager decode steps under
 torch.profiler: summed kernel time per step by kernel, beside the graph's replay time), compile
 (each decoder layer compiled with torch.compile, then the same CUDA graphs), stepcompile (the
 engine's compile_decode: the whole decode step compiled as one graph, then the CUDA graphs). Random weights of a
@@ -74,6 +75,14 @@ if "graph" in modes:
     print(f"graph: rollout {s:.3f} s, prefill {pre:.1f} ms, decode {dec:.3f} ms/step "
           f"({dec / floor_ms:.2f}x floor), captures {gen.captures}", flush=True)
     check(out, "graph")
+    gen.release()
+
+if "unfused" in modes:
+    gen = engine(fuse_qkv=False)
+    out, s, pre, dec = rollout(gen)
+    print(f"unfused q/k/v + graph: rollout {s:.3f} s, prefill {pre:.1f} ms, decode {dec:.3f} "
+          f"ms/step ({dec / floor_ms:.2f}x floor), captures {gen.captures}", flush=True)
+    check(out, "unfused")
     gen.release()
 
 if "profile" in modes:

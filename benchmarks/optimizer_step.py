@@ -30,6 +30,14 @@ os.environ.setdefault("LOCAL_RANK", "0")
 os.environ.setdefault("WORLD_SIZE", "1")
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 os.environ.setdefault("MASTER_PORT", "29533")
+# DeepSpeed maps CUDA_VISIBLE_DEVICES to NVML ids with int(): a UUID there (as on some GPU
+# hosts) fails its set-up. The dschat launcher hands its workers plain indices; here, once torch
+# has picked its device, the variable is dropped.
+_visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+if _visible and not all(x.strip().isdigit() for x in _visible.split(",")):
+    torch.cuda.init()
+    print(f"CUDA_VISIBLE_DEVICES={_visible!r} is not a list of indices: dropped for DeepSpeed")
+    del os.environ["CUDA_VISIBLE_DEVICES"]
 raw = dict(preset_config("opt-1.3b"))
 cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
 B, S = 4, 512
@@ -144,4 +152,7 @@ for v in variants:
         else:
             run_deepspeed(int(v[1]), v.endswith("-torch"))
     except Exception as e:  # noqa: BLE001 - a measurement script: say what failed and go on
+        import traceback
+
+        traceback.print_exc()
         print(f"{v}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})", flush=True)

@@ -13,7 +13,9 @@ check that syncs with the host, and grows a dynamic KV cache, so an OPT-1.3B bat
   and keeps its counters on the device, so on CUDA it is captured once as a CUDA graph and replayed:
   no per-token Python or kernel-launch overhead. On CPU the same step runs eagerly;
 - the sampled token's log-probability under the policy comes out of the same pass, which lets the
-  trainer check (and optionally replace) the actor's scoring forward.
+  trainer check (and optionally replace) the actor's scoring forward;
+- each attention layer's q/k/v projections run as one matmul on a fused copy of their weights
+  (fused.py; not under ZeRO-3 and not for LoRA-wrapped projections).
 
 The engine drives the Hugging Face model itself (any family whose attention takes a 4D mask and a
 `Cache`: OPT, Llama/Mistral, GPT-2, GPT-NeoX are tested), LoRA adapters included (they stay
@@ -139,7 +141,8 @@ class FastGenerator:
                  check_every: int = 16,
                  bucket: int = 32, attention_backend: str | None = None,
                  max_prompt_seq_len: int = 0, rng: torch.Generator | None = None,
-                 compile_decode: bool = False, compile_backend: str = "inductor"):
+                 compile_decode: bool = False, compile_backend: str = "inductor",
+                 fuse_qkv: bool = True):
         self.model = model
         self.eos = int(eos_token_id)
         self.pad = int(pad_token_id)
@@ -167,6 +170,11 @@ class FastGenerator:
         self.compile_backend = compile_backend
         self._compiled = None
         self.compile_failure: str | None = None  # why compiling failed (then it runs uncompiled)
+        # one matmul for each attention layer's q/k/v projections while generating (fused.py);
+        # built at the first rollout (under ZeRO-3 the weights exist only inside the gather)
+        self.fuse_qkv = fuse_qkv
+        self.fusion = None
+        self.fusion_failure: str | None = None  # why the model could not be fused
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.n_layers = _num_layers(base)
         params = inspect.signature(base.forward).parameters
@@ -294,6 +302,28 @@ class FastGenerator:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Generated:
+        if self.fuse_qkv and self.fusion is None:
+            from dschat_cli.generation.fused import QKVFusion
+
+            self.fusion = QKVFusion.build(self.model)
+            if self.fusion is None:  # nothing to fuse (GPT-2, NeoX: fused already; LoRA'd q/k/v)
+                self.fuse_qkv = False
+        if self.fusion is None:
+            return self._generate(input_ids, attention_mask)
+        from dschat_cli.generation.fused import FusionMismatch
+
+        try:
+            with self.fusion.active():
+                return self._generate(input_ids, attention_mask)
+        except FusionMismatch as e:  # found on the eager prefill, before any graph is recorded
+            import warnings
+
+            self.fuse_qkv, self.fusion, self.fusion_failure = False, None, str(e)
+            self._drop_graphs()
+            warnings.warn(f"{e}: generating with separate q/k/v projections", stacklevel=2)
+            return self._generate(input_ids, attention_mask)
+
+    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Generated:
         B, P = input_ids.shape
         device = input_ids.device
         t0 = self._clock(device)
@@ -408,6 +438,7 @@ class FastGenerator:
         self._drop_graphs()
         self._state_key = None
         self.cache = None
+        self.fusion = None  # rebuilt (weights copied afresh) at the next rollout
 
 
 def logprob_gap(gen_logprobs: torch.Tensor, fwd_logprobs: torch.Tensor,

@@ -103,7 +103,9 @@ class RolloutGenerator:
         if self.opts.generation_tensor_parallel > 1:
             return self._tensor_parallel(module, input_ids, attention_mask)
         if self.engine is None:
-            self.engine = FastGenerator(module, **self._fast_kwargs())
+            # under ZeRO-3 the weights are gathered afresh for each rollout (new addresses, new
+            # graphs): a fused q/k/v copy would add a quarter of the layers to that gather
+            self.engine = FastGenerator(module, fuse_qkv=not self.zero3, **self._fast_kwargs())
             self.engine.profile = self.profile
         with rollout_context(module, zero3=self.zero3):
             return self.engine.generate(input_ids, attention_mask)

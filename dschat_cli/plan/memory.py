@@ -384,6 +384,21 @@ def estimate_dpo(arch: Arch, configs: dict[str, dict], *, source: str, world_siz
                     phases=phases, notes=notes)
 
 
+def fused_qkv_bytes(a: Arch, elem: int, tp: int = 1, *, lora_dim: int = 0,
+                    lora_filter: str = "") -> float:
+    """The fast engine's copy of every attention layer's q/k/v weights as one matrix
+    (generation/fused.py); none where peft wraps them (LoRA on q/k/v: left separate)."""
+    groups: dict[str, list] = {}
+    for lin in a.linears:
+        owner, _, leaf = lin.name.rpartition(".")
+        if leaf in ("q_proj", "k_proj", "v_proj"):
+            groups.setdefault(owner, []).append(lin)
+    wrapped = tp == 1 and lora_dim > 0  # the tensor-parallel replica holds plain Linears
+    return elem * sum(lin.fan_in * lin.fan_out for group in groups.values() if len(group) == 3
+                      and not (wrapped and any(lora_filter in lin.name for lin in group))
+                      for lin in group) / tp
+
+
 def estimate_ppo(archs: dict[str, Arch], configs: dict[str, dict], sources: dict[str, str], *,
                  world_size: int, generation_batch: int, training_batch: int,
                  generation_batches: int, ppo_epochs: int, max_prompt_seq_len: int, max_answer_seq_len: int,
@@ -451,6 +466,14 @@ def estimate_ppo(archs: dict[str, Arch], configs: dict[str, dict], sources: dict
         kv_resident, sampling = kv, 16.0 * T * Bg * V
         notes.append(f"the fast generation engine keeps its static KV cache ({kv / GiB:.1f} GiB) "
                      "allocated through training, so it counts in every phase")
+        # (not under ZeRO-3 without tensor parallelism: there the weights are gathered afresh
+        # for each rollout, and the engine does not fuse them)
+        fused = fused_qkv_bytes(a, e, T, lora_dim=actor_lora[0], lora_filter=actor_lora[1]) \
+            if (actor.stage != 3 or T > 1) else 0.0
+        if fused:
+            resident += fused
+            notes.append(f"it also keeps each attention layer's q/k/v weights fused into one "
+                         f"matrix ({fused / GiB:.2f} GiB)")
     else:
         kv_resident, sampling = 0.0, 0.0
         kv += 2.0 * Bg * S * a.kv_dim * e

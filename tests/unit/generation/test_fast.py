@@ -208,14 +208,15 @@ def test_compiled_decode_step_samples_the_same_answers(family, tiny_tokenizer):
     model, ids, mask = _model_and_prompts(family, tiny_tokenizer)
     kw = dict(eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id,
               max_new_tokens=12, do_sample=True, ignore_eos=True, bucket=4)
-    torch.manual_seed(7)
-    expected = FastGenerator(model, **kw).generate(ids, mask)
+    torch.manual_seed(7)  # separate q/k/v uncompiled against fused q/k/v compiled
+    expected = FastGenerator(model, fuse_qkv=False, **kw).generate(ids, mask)
     gen = FastGenerator(model, compile_decode=True, compile_backend="aot_eager", **kw)
     torch.manual_seed(7)
     out = gen.generate(ids, mask)
     assert gen.compile_failure is None and gen.compile_decode and gen._compiled is not None
+    assert gen.fusion is not None
     assert torch.equal(out.seq, expected.seq)
-    assert torch.allclose(out.logprobs, expected.logprobs, atol=1e-6)
+    assert torch.allclose(out.logprobs, expected.logprobs, atol=1e-5)
     fwd, real = _forward_logprobs(model, out.seq, mask)
     assert logprob_gap(out.logprobs, fwd, real)[1] < 1e-4
 

@@ -189,6 +189,29 @@ def test_ppo_kv_cache_and_phases():
     assert est.peak_phase == "actor training"
 
 
+def test_fused_qkv_copy_counts_only_the_layers_the_engine_fuses():
+    """The fast engine copies each attention layer's plain q/k/v Linears into one matrix; LoRA-
+    wrapped ones stay separate; a tensor-parallel replica's are 1/T wide and always plain."""
+    from dataclasses import replace
+
+    from dschat_cli.plan.arch import Linear
+    from dschat_cli.plan.memory import fused_qkv_bytes
+
+    lins = []
+    for i in range(2):
+        at = f"decoder.layers.{i}."
+        lins += [Linear(at + "self_attn.q_proj", 2048, 2048),
+                 Linear(at + "self_attn.k_proj", 2048, 512),
+                 Linear(at + "self_attn.v_proj", 2048, 512), Linear(at + "fc1", 2048, 8192)]
+    arch = replace(ARCH, layers=2, linears=tuple(lins))
+    per_layer = 2048 * (2048 + 512 + 512)  # fc1 is no part of it
+    assert fused_qkv_bytes(arch, 2) == 2 * 2 * per_layer
+    assert fused_qkv_bytes(arch, 2, lora_dim=8, lora_filter="") == 0  # every Linear wrapped
+    assert fused_qkv_bytes(arch, 2, lora_dim=8, lora_filter="layers.1.") == 2 * per_layer
+    assert fused_qkv_bytes(arch, 2, lora_dim=8, lora_filter="fc1") == 2 * 2 * per_layer
+    assert fused_qkv_bytes(arch, 2, 4, lora_dim=8, lora_filter="") == 2 * 2 * per_layer / 4
+
+
 def test_overhead_and_verdicts():
     from dschat_cli.plan.memory import GiB, overhead_bytes
     from dschat_cli.plan.planner import verdict
