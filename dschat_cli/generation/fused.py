@@ -11,7 +11,7 @@ outputs, each returns its own columns. After the rollout the original modules ar
 so training, checkpoints and DeepSpeed never see the parts.
 
     fusion = QKVFusion.build(model)        # None: nothing to fuse (GPT-2, NeoX: already fused)
-    with fusion.active(model):             # weights copied in, parts swapped in
+    with fusion.active():                  # weights copied in, parts swapped in
         ...generate...
 
 The fused weights are a copy (3 x hidden x hidden per layer for multi-head attention; counted by
@@ -74,15 +74,13 @@ class _Group:
         elif not torch.compiler.is_compiling() and x is not self.input:
             # another input than the sibling that computed the outputs: this family does not
             # project queries, keys and values from one tensor (caught on the eager prefill)
-            self.input = self.outputs = None
-            self.taken = 0
+            self.reset()
             raise FusionMismatch(f"{type(self.owner).__name__} projects q/k/v from different "
                                  "inputs")
         out = self.outputs[i]
         self.taken += 1
         if self.taken == len(self.sizes):  # all three handed out: hold no tensor between calls
-            self.input = self.outputs = None
-            self.taken = 0
+            self.reset()
         return out
 
     def reset(self) -> None:
@@ -129,11 +127,6 @@ class QKVFusion:
             if linears is not None:
                 groups.append(_Group(module, linears))
         return cls(groups) if groups else None
-
-    def nbytes(self) -> int:
-        return sum(g.weight.numel() * g.weight.element_size()
-                   + (g.bias.numel() * g.bias.element_size() if g.bias is not None else 0)
-                   for g in self.groups)
 
     @contextlib.contextmanager
     def active(self):
