@@ -150,3 +150,15 @@ def pairs_dir(tmp_path_factory) -> Path:
     # the easy task (good vs plain rude answers): the demo's hard negatives need a bigger model
     return write_jsonfile_dir(tmp_path_factory.mktemp("pairs"), n_train=256, n_eval=64, seed=0,
                               hard_negatives=False)
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A world of one in this process (DeepSpeed engines in unit tests); the env Dist.init()
+    reads is restored afterwards."""
+    from dschat_cli.dist import Dist, free_port
+
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(k, v)
+    return Dist.init()

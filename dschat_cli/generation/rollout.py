@@ -1,14 +1,15 @@
 """Turn the actor's training engine into a generator for one rollout, and back.
 
-    with rollout_context(actor_engine.module, zero3=True):
+    with rollout_context(actor_engine.module, zero3=True, bare=True):
         out = generator.generate(prompts, mask)
 
 Under ZeRO-3 every parameter is gathered once for the whole rollout (not once per token and
-layer) and released after; DeepSpeed's per-module forward hooks, which would otherwise run
-(fetch bookkeeping, prefetch tracing) around every layer of every decode step, are set aside for
-the rollout and put back after, so the decode step is plain tensor code (and CUDA-graph
-capturable). The gathered copies are discarded on exit (modifier_rank=None): generation never
-changes the trained weights.
+layer) and released after; the gathered copies are discarded on exit (modifier_rank=None):
+generation never changes the trained weights. DeepSpeed's forward hooks are set aside for the
+rollout and put back after, under ZeRO-3 (per-module fetch bookkeeping and prefetch tracing
+around every layer of every decode step) and for the fast engine (`bare`: the engine's timers and
+ZeRO bookkeeping on the whole module, which a recorded CUDA graph skips anyway and which
+`--compile-decode on` could not trace), so the decode step is plain tensor code.
 """
 
 from __future__ import annotations
@@ -37,18 +38,20 @@ def without_forward_hooks(module):
 
 
 @contextlib.contextmanager
-def rollout_context(module, *, zero3: bool):
-    """Eval mode (no dropout) and, under ZeRO-3, all parameters gathered without hooks."""
+def rollout_context(module, *, zero3: bool, bare: bool = False):
+    """Eval mode (no dropout); under ZeRO-3 all parameters gathered; without forward hooks
+    under ZeRO-3 or when `bare`."""
     was_training = module.training
     module.eval()
     try:
-        if zero3:
-            import deepspeed
+        with contextlib.ExitStack() as stack:
+            if zero3:
+                import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None), \
-                    without_forward_hooks(module):
-                yield
-        else:
+                stack.enter_context(deepspeed.zero.GatheredParameters(list(module.parameters()),
+                                                                      modifier_rank=None))
+            if zero3 or bare:
+                stack.enter_context(without_forward_hooks(module))
             yield
     finally:
         module.train(was_training)
@@ -107,7 +110,7 @@ class RolloutGenerator:
             # graphs): a fused q/k/v copy would add a quarter of the layers to that gather
             self.engine = FastGenerator(module, fuse_qkv=not self.zero3, **self._fast_kwargs())
             self.engine.profile = self.profile
-        with rollout_context(module, zero3=self.zero3):
+        with rollout_context(module, zero3=self.zero3, bare=True):
             return self.engine.generate(input_ids, attention_mask)
 
     def _tensor_parallel(self, module, input_ids, attention_mask):

@@ -14,21 +14,8 @@ from __future__ import annotations
 
 import pytest
 
-from dschat_cli.dist import free_port
-
 TEXTS = [" Human: How do I bake bread? Assistant: Sure! Knead the dough well.",
          " Human: hello? Assistant: fine thanks."]
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    """A world of one in this process; the env Dist.init() reads is restored afterwards."""
-    from dschat_cli.dist import Dist
-
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
-        monkeypatch.setenv(k, v)
-    return Dist.init()
 
 
 def _ds_config(zero_stage: int) -> dict:
