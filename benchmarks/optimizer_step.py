@@ -4,7 +4,8 @@
     python benchmarks/optimizer_step.py [VARIANTS]
 
 VARIANTS: comma-separated of z0, z1, z2 (dschat's own DeepSpeed config at that ZeRO stage,
-FusedAdam), z0-torch (the same with --torch-adam), plain (no DeepSpeed: fp32 master weights,
+FusedAdam), a -torch suffix (the same with --torch-adam), a -nocheck suffix (bf16
+check_grad_overflow off), plain (no DeepSpeed: fp32 master weights,
 torch's fused AdamW, foreach gradient copy, norm and clipping: what the step could cost).
 Each variant: 3 warm-up steps of 4 x 512 tokens, then backward and step timed (synchronised)
 over 5 steps, then one step under torch.profiler: its CPU wall time, the summed kernel time, the
@@ -21,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dschat_cli.config.ds_config import train_ds_config
 from dschat_cli.config.sections import DeepSpeedOptions, OptimOptions
+from dschat_cli.dist import _fix_cuda_arch_list
 from dschat_cli.models.loading import optimizer_groups
 from dschat_cli.models.presets import preset_config
 
@@ -30,14 +32,9 @@ os.environ.setdefault("LOCAL_RANK", "0")
 os.environ.setdefault("WORLD_SIZE", "1")
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 os.environ.setdefault("MASTER_PORT", "29533")
-# DeepSpeed maps CUDA_VISIBLE_DEVICES to NVML ids with int(): a UUID there (as on some GPU
-# hosts) fails its set-up. The dschat launcher hands its workers plain indices; here, once torch
-# has picked its device, the variable is dropped.
-_visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-if _visible and not all(x.strip().isdigit() for x in _visible.split(",")):
-    torch.cuda.init()
-    print(f"CUDA_VISIBLE_DEVICES={_visible!r} is not a list of indices: dropped for DeepSpeed")
-    del os.environ["CUDA_VISIBLE_DEVICES"]
+# as the dschat workers do: an image's TORCH_CUDA_ARCH_LIST of "9.0a" fails DeepSpeed's FusedAdam
+# build ("invalid literal for int() with base 10: '0a'")
+_fix_cuda_arch_list(torch.cuda.get_device_capability(0))
 raw = dict(preset_config("opt-1.3b"))
 cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
 B, S = 4, 512
@@ -84,13 +81,15 @@ def profile(label, fn):
     print("\n".join("    " + line for line in table.splitlines()[:16]), flush=True)
 
 
-def run_deepspeed(stage, torch_adam):
+def run_deepspeed(stage, torch_adam, nocheck):
     import deepspeed
 
     model, ids = model_and_batch()
     ds = train_ds_config(DeepSpeedOptions(zero_stage=stage),
                          OptimOptions(per_device_train_batch_size=B), world_size=1,
                          dtype="bf16", torch_adam=torch_adam)
+    if nocheck:  # skip DeepSpeed's per-tensor inf/nan scan of the gradients (bf16 default: on)
+        ds["bf16"]["check_grad_overflow"] = False
     engine, *_ = deepspeed.initialize(model=model, config=ds, model_parameters=optimizer_groups(
         model, weight_decay=0.0, lora_lr=0.0))
     back, step = [], []
@@ -101,7 +100,7 @@ def run_deepspeed(stage, torch_adam):
         if i >= 3:
             back.append(b)
             step.append(s)
-    print(f"z{stage}{'-torch' if torch_adam else ''}: backward {statistics.mean(back) * 1e3:.1f} "
+    print(f"z{stage}{'-torch' if torch_adam else ''}{'-nocheck' if nocheck else ''}: backward {statistics.mean(back) * 1e3:.1f} "
           f"ms, optimizer step {statistics.mean(step) * 1e3:.1f} ms "
           f"({', '.join(f'{x * 1e3:.1f}' for x in step)})", flush=True)
     loss = engine(input_ids=ids, labels=ids, use_cache=False).loss
@@ -150,7 +149,7 @@ for v in variants:
         if v == "plain":
             run_plain()
         else:
-            run_deepspeed(int(v[1]), v.endswith("-torch"))
+            run_deepspeed(int(v[1]), "-torch" in v, "-nocheck" in v)
     except Exception as e:  # noqa: BLE001 - a measurement script: say what failed and go on
         import traceback
 
