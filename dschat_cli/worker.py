@@ -35,10 +35,15 @@ def _quiet_libraries(rank: int) -> None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one 'warning: ...' line (no source excerpt)."""
+    """Warnings as one 'warning: ...' line (no source excerpt). A warning raised with no text
+    (some libraries warn with an empty message) names its category and origin instead of
+    printing a bare 'warning:'."""
     from dschat_cli.ui.console import warn_line
 
-    warn_line(str(message))
+    text = str(message).strip()
+    if not text:
+        text = f"{getattr(category, '__name__', 'Warning')} with no message, from {filename}:{lineno}"
+    warn_line(text)
 
 
 def _shutdown_distributed() -> None:

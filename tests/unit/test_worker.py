@@ -46,3 +46,12 @@ def test_a_rank_with_other_hardware_than_the_record_stops(tmp_path):
     worker.check_hardware(record, Dist(rank=0, local_rank=0, world_size=2, device="cpu"))
     with pytest.raises(ConfigError, match="resolved for 2 rank\\(s\\) but 3 started"):
         worker.check_hardware(record, Dist(rank=0, local_rank=0, world_size=3, device="cpu"))
+
+
+def test_warnings_print_as_one_line_and_an_empty_one_names_its_origin(capsys):
+    worker._show_warning(UserWarning("cache is cold"), UserWarning, "/x/y.py", 7)
+    assert capsys.readouterr().err.strip() == "warning: cache is cold"
+    # an H100 bench printed three bare "warning:" lines (a library warned with no text)
+    worker._show_warning(UserWarning(""), UserWarning, "/site/torch/_inductor/foo.py", 42)
+    err = capsys.readouterr().err.strip()
+    assert err == "warning: UserWarning with no message, from /site/torch/_inductor/foo.py:42"
