@@ -3,7 +3,9 @@
 # batch 64 then the largest batch that fits, --old-logprobs auto), step by step, and where the
 # decode step's time goes:
 #   bash benchmarks/issue18_h200.sh OUT_DIR [PARTS]
-# PARTS: comma-separated of ppo, sft, dpo, grpo, rloo, decode (default ppo,sft,dpo,grpo,decode).
+# PARTS: comma-separated of ppo, sft, dpo, grpo, rloo, decode (default ppo,sft,dpo,grpo,decode),
+# and compile-ab: the fast engine alone at --batch-size ${AB_BATCH:-64} with --compile-decode off,
+# auto (the default: compiled on a GPU), then off again (the repeat shows the run-to-run spread).
 # Each part's output and JSON go to OUT_DIR/PART.txt and OUT_DIR/PART.json, wall times to
 # OUT_DIR/walls.txt. The first bench compiles DeepSpeed's FusedAdam (~1 min, cached for the rest).
 # Split the parts over device calls of at most 10 minutes (e.g. "ppo,sft", then "dpo,grpo", then
@@ -25,6 +27,12 @@ for part in ${parts//,/ }; do
     grpo|rloo)
           timed "$part" 300 python3 -m dschat_cli bench --advantage-estimator "$part" \
             --generation-engine fast --json "$out/$part.json" --output-dir "/tmp/b-$part" ;;
+    compile-ab)
+          for run in off1:off auto:auto off2:off; do
+            timed "ab-${run%%:*}" 240 python3 -m dschat_cli bench --generation-engine fast \
+              --batch-size "${AB_BATCH:-64}" --compile-decode "${run#*:}" \
+              --json "$out/ab-${run%%:*}.json" --output-dir "/tmp/b-ab-${run%%:*}"
+          done ;;
     decode)
           timed decode 300 python3 benchmarks/decode_profile.py opt-1.3b 64 256 256 graph,profile,compile ;;
     *) echo "unknown part: $part" >&2; exit 2 ;;

@@ -60,8 +60,9 @@ class BenchConfig:
                             "a warm-up rollout's parity check within `dschat ppo`'s default "
                             "--parity-switch-gap).",
                             choices=OLD_LOGPROBS)
-    compile_decode: str = opt("off", "ppo: as `dschat ppo --compile-decode` (fast engine only).",
-                              choices=("on", "off"))
+    compile_decode: str = opt("auto", "ppo: as `dschat ppo --compile-decode` (fast engine only; "
+                              "auto compiles on a GPU, so the first warm-up step includes the "
+                              "compile).", choices=("auto", "on", "off"))
     generation_tensor_parallel: int = opt(1, "ppo: as `dschat ppo --generation-tensor-parallel` "
                                           "(fast engine only).", min=1)
     actor_zero_stage: int | None = opt(None, "ZeRO stage of the actor (and reference; the policy "
@@ -116,7 +117,7 @@ class BenchConfig:
         if self.step != "ppo":
             for flag, value, default in (("--advantage-estimator", self.advantage_estimator, "gae"),
                                          ("--samples-per-prompt", self.samples_per_prompt, None),
-                                         ("--compile-decode", self.compile_decode, "off")):
+                                         ("--compile-decode", self.compile_decode, "auto")):
                 if value != default:
                     raise ConfigError(flag, "applies to --step ppo only")
         else:

@@ -37,7 +37,10 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 # computation and must match (the world size is compared separately).
 FREE_OPTIONS = ("output_dir", "overwrite", "checkpoint.", "launch.", "health.", "report.",
                 "data.data_cache_dir", "deepspeed.enable_tensorboard", "generation.print_answers",
-                "eval_interval")
+                "eval_interval",
+                # how fast the decode step runs, not what the run computes: a resume may skip
+                # the compile (--compile-decode off) or ask for it
+                "generation.compile_decode")
 RESTART = "drop --resume and pass --overwrite (or use a new --output-dir) to start over"
 # Peak learning rates may differ too: lowering one and resuming from the last good checkpoint is
 # the health monitor's advice after a divergence. steps/checkpoint.py then scales the restored

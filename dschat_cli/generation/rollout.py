@@ -57,6 +57,48 @@ def rollout_context(module, *, zero3: bool, bare: bool = False):
         module.train(was_training)
 
 
+COMPILE_GAIN = ("the decode step 14% faster on an H100 at batch 56, docs/benchmarks.md; compiled "
+                "once at the first rollout, about 1-2 minutes")
+
+
+def decode_compile_choice(setting: str, *, device: str, engine: str, tensor_parallel: int,
+                          zero3: bool, occasional: bool = False,
+                          has_triton: bool | None = None) -> tuple[bool, str]:
+    """--compile-decode on/off/auto -> (compile the fast engine's decode step?, why, for the run
+    log). auto compiles where it was measured to pay: the fast engine on a GPU (a CPU gains
+    nothing measured and compiles slowly), generating alone (tensor-parallel decode steps call
+    collectives the compiled graph cannot hold) from a ZeRO-0/1/2 actor (ZeRO-3's weights are
+    gathered afresh each rollout: not measured), for the rollouts themselves (an `occasional`
+    generator, the held-out or greedy checks, runs too seldom to earn its compile), with Triton
+    there for torch.compile's GPU kernels (`has_triton` None: looked up)."""
+    if engine != "fast":
+        return False, "uncompiled (the hf engine)"
+    if setting != "auto":
+        return setting == "on", f"{'compiled' if setting == 'on' else 'uncompiled'} " \
+                                f"(--compile-decode {setting})"
+    why_not = ("on CPU" if not device.startswith("cuda") else
+               "the actor is ZeRO-3" if zero3 else
+               "tensor-parallel generation" if tensor_parallel > 1 else
+               "an occasional generation (held-out or greedy check)" if occasional else None)
+    if why_not is None:
+        if has_triton is None:
+            has_triton = _has_triton()
+        if not has_triton:
+            why_not = "no Triton for torch.compile's GPU kernels"
+    if why_not is not None:
+        return False, f"uncompiled (--compile-decode auto: {why_not})"
+    return True, f"compiled (--compile-decode auto: {COMPILE_GAIN}; --compile-decode off skips it)"
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+
+        return bool(has_triton())
+    except ImportError:  # pragma: no cover - a torch without the helper
+        return False
+
+
 class RolloutGenerator:
     """# 1. generate: answers for a batch of left-padded prompts from the actor engine, with the
     engine --generation-engine chooses.
@@ -71,7 +113,8 @@ class RolloutGenerator:
     per rollout, not once per token.
     """
 
-    def __init__(self, options, tokenizer, *, max_prompt_seq_len: int, zero3: bool, world_size: int):
+    def __init__(self, options, tokenizer, *, max_prompt_seq_len: int, zero3: bool, world_size: int,
+                 device: str = "cpu", occasional: bool = False):
         self.opts = options  # config/ppo.PPOGenerationOptions
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
@@ -82,6 +125,18 @@ class RolloutGenerator:
         self.profile = False  # split the fast engine's time into prefill and decode
         self.engine = None  # the FastGenerator, once built (None with the hf engine)
         self.tensor_parallel = None  # the TensorParallelRollout with --generation-tensor-parallel
+        # whether the fast engine's decode step is compiled, and why (printed in the run log)
+        self.compile_decode, self.compile_reason = decode_compile_choice(
+            options.compile_decode, device=device, engine=options.generation_engine,
+            tensor_parallel=options.generation_tensor_parallel, zero3=zero3,
+            occasional=occasional)
+
+    def compile_line(self) -> str:
+        """The decode step as it ran: the choice, and a compiler failure that undid it."""
+        failure = self.engine.compile_failure if self.engine is not None else None
+        if failure:
+            return f"uncompiled: torch.compile failed ({failure}); it was {self.compile_reason}"
+        return self.compile_reason
 
     def generate(self, module, input_ids, attention_mask):
         """(B, P) left-padded prompts -> Generated(seq (B, P + A), logprobs (B, A) or None)."""
@@ -98,7 +153,7 @@ class RolloutGenerator:
                     max_new_tokens=g.max_answer_seq_len, do_sample=g.do_sample,
                     temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
                     ignore_eos=self.ignore_eos, max_prompt_seq_len=self.max_prompt_seq_len,
-                    compile_decode=g.compile_decode == "on")
+                    compile_decode=self.compile_decode)
 
     def _fast(self, module, input_ids, attention_mask):
         from dschat_cli.generation.fast import FastGenerator

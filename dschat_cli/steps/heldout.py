@@ -104,7 +104,8 @@ class HeldoutProbe:
 
         return RolloutGenerator(dataclasses.replace(self.sampling, do_sample=do_sample),
                                 self.tokenizer, max_prompt_seq_len=self.max_prompt_seq_len,
-                                zero3=self.zero3, world_size=self.dist.world_size)
+                                zero3=self.zero3, world_size=self.dist.world_size,
+                                device=self.dist.device, occasional=True)
 
     @torch.no_grad()
     def measure(self, module) -> HeldoutAnswers:

@@ -77,6 +77,8 @@ def run(cfg: PPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
         f"{schedule.optimizer_steps} optimizer steps")
     console.print(f"old logprobs: {maker.source.describe(cfg.generation.generation_engine == 'fast')}",
                   markup=False)
+    if cfg.generation.generation_engine == "fast":
+        console.print(f"decode step: {maker.generator.compile_reason}", markup=False)
     if saved is None and data.heldout is not None:
         start = maker.heldout(data.heldout, cfg.health.greedy_check_prompts)
         state.heldout_start = start.summary("start")
@@ -143,7 +145,9 @@ def run(cfg: PPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
         **({"critic": models.critic.global_steps, "planned_critic": schedule.optimizer_steps}
            if models.critic is not None else {}),
         "skipped_minibatches": learner.skipped_minibatches},
-        old_logprobs=maker.source.describe(cfg.generation.generation_engine == "fast"))
+        old_logprobs=maker.source.describe(cfg.generation.generation_engine == "fast"),
+        decode=maker.generator.compile_line() if cfg.generation.generation_engine == "fast"
+        else None)
     metrics.close()
     dist.barrier()
     return result
@@ -237,7 +241,8 @@ def _save_models(cfg: PPOConfig, models: PPOModels, trainer: PPOTrainer, out: Pa
 
 
 def _summary(cfg: PPOConfig, dist: Dist, state: RunState, end: Heldout, elapsed: float,
-             out: Path, ckpt, health, optimizer_steps: dict, old_logprobs: str) -> dict:
+             out: Path, ckpt, health, optimizer_steps: dict, old_logprobs: str,
+             decode: str | None) -> dict:
     from dschat_cli.steps.common import write_summary_json
 
     nan = float("nan")
@@ -250,7 +255,8 @@ def _summary(cfg: PPOConfig, dist: Dist, state: RunState, end: Heldout, elapsed:
               "world_size": dist.world_size, "output_dir": str(out), "status": "completed",
               "anomalies": health.history, "health": health.state_dict(),
               "lr_changes": ckpt.lr_changes, "peak_memory_gib": peak_memory_gib(dist),
-              "optimizer_steps": optimizer_steps, "old_logprobs": old_logprobs}
+              "optimizer_steps": optimizer_steps, "old_logprobs": old_logprobs,
+              "decode_step": decode}
     if dist.is_main:
         write_summary_json(out, result)
 
@@ -298,6 +304,7 @@ def _summary(cfg: PPOConfig, dist: Dist, state: RunState, end: Heldout, elapsed:
         ("time", f"{elapsed:.1f} s (generation {state.gen_s:.1f} s, training "
                  f"{state.train_s:.1f} s)"),
         ("old logprobs (PPO's ratio)", old_logprobs),
+        *([("decode step", decode)] if decode else []),
         ("saved", f"{out / 'actor'}" + (f", {out / 'critic'}" if cfg.has_critic else "")
                   + (f", {out / 'actor_ema'}" if cfg.ppo.enable_ema else "")),
         *ckpt.summary_rows(),

@@ -43,6 +43,8 @@ def test_bench_ppo_both_engines(tmp_path, tiny_opt, invoke_dschat):
     assert res["engines"]["hf"]["logprob_gap"] is None
     assert res["engines"]["fast"]["old_logprobs"] == "fast engine's sampling pass (from rollout 2)"
     assert res["engines"]["hf"]["old_logprobs"].startswith("actor forward pass")
+    assert res["engines"]["fast"]["decode_step"] == "uncompiled (--compile-decode auto: on CPU)"
+    assert res["engines"]["hf"]["decode_step"] is None
 
 
 def test_bench_critic_free_has_no_critic_phases(tmp_path, tiny_opt, invoke_dschat):

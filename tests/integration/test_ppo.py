@@ -336,6 +336,9 @@ def test_ppo_in_process(case, tmp_path, actor_dir, reward_dir, tiny_model_dir, p
         assert "old logprobs: from the fast engine's sampling pass from rollout 2 on" in r.output
         summary = json.loads((out / "train_summary.json").read_text())
         assert summary["old_logprobs"] == "fast engine's sampling pass (from rollout 2)"
+        # --compile-decode auto on CPU: said so in the log and the summary
+        assert "decode step: uncompiled (--compile-decode auto: on CPU)" in r.output
+        assert summary["decode_step"] == "uncompiled (--compile-decode auto: on CPU)"
     if "--old-logprobs" in extra and "generation" in extra:  # checked on rollouts 1 and 3: fp32
         # on CPU, same numbers
         rows = read_jsonl(out / "metrics.jsonl")

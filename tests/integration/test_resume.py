@@ -96,8 +96,10 @@ def _strip(obj):
     return obj
 
 
-def assert_same_run(ref: Path, resumed: Path, weight_files: list[str]) -> None:
-    """Bit-identical weights, metrics rows and summary (wall-clock figures aside)."""
+def assert_same_run(ref: Path, resumed: Path, weight_files: list[str],
+                    summary_differs: dict | None = None) -> None:
+    """Bit-identical weights, metrics rows and summary (wall-clock figures aside, and the
+    summary's `summary_differs` keys: key -> (ref's value, the resumed run's))."""
     import torch
     from safetensors.torch import load_file
 
@@ -106,6 +108,8 @@ def assert_same_run(ref: Path, resumed: Path, weight_files: list[str]) -> None:
 
     assert rows(resumed) == rows(ref)
     summary = [_strip(json.loads((o / "train_summary.json").read_text())) for o in (ref, resumed)]
+    for key, values in (summary_differs or {}).items():
+        assert (summary[0].pop(key), summary[1].pop(key)) == values, key
     assert summary[1] == summary[0]
     for name in weight_files:
         a, b = load_file(str(ref / name)), load_file(str(resumed / name))
@@ -267,12 +271,16 @@ def test_ppo_killed_mid_run_resumes_exactly(tmp_path, tiny_opt, critic_dir, pair
     assert r.code == 0, r.explain()
     finish_killed(proc)
     assert checkpoints(out)[1] == "step_000002"
+    # --compile-decode is free on resume (how fast the decode step runs, not what it computes)
     resumed = invoke_dschat(*ppo_args(tiny_opt, critic_dir, pairs_dir, unsup, out,
-                                      tmp_path / "cache-k"), "--resume", "auto")
+                                      tmp_path / "cache-k"), "--resume", "auto",
+                            "--compile-decode", "off")
     assert resumed.code == 0, resumed.explain()
     assert resumed_from(resumed.output) == "step_000002"
     assert_same_run(ref, out, ["actor/model.safetensors", "critic/model.safetensors",
-                               "critic/value_head.safetensors", "actor_ema/model.safetensors"])
+                               "critic/value_head.safetensors", "actor_ema/model.safetensors"],
+                    summary_differs={"decode_step": ("uncompiled (--compile-decode auto: on CPU)",
+                                                     "uncompiled (--compile-decode off)")})
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["unsup_loss"] > 0
     # interval 2, 5 steps: 2, 4 and the final 5; the newest two kept

@@ -114,6 +114,7 @@ def bench_ppo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
             "other_seconds": step - sum(phases.values()),
             "logprob_gap": trainer.maker.last_parity[0] if trainer.maker.last_parity else None,
             "old_logprobs": trainer.maker.source.describe(engine == "fast"),
+            "decode_step": rollouts.compile_line() if engine == "fast" else None,
             "peak_memory_gib": peak_gib(dist, on_gpu),
             "graph_captures": rollouts.engine.captures if rollouts.engine else None,
             "generation_tensor_parallel": tp.size if tp is not None else 1,

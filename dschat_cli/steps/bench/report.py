@@ -74,6 +74,9 @@ def print_result(r: dict) -> None:
                   f"{v['step_x_floor']:.2f}", _fmt(v["logprob_gap"], ".4f"),
                   _fmt(v["peak_memory_gib"], ".1f"))
     console.print(s)
+    for e, v in engines.items():
+        if v.get("decode_step"):
+            console.print(f"{e} engine's decode step: {v['decode_step']}", markup=False)
     console.print("[dim]gen: generation's share of the step; decode ms: per decode step (fast) or "
                   "per generated token including the prefill (hf); floor ms: weights + KV cache at "
                   "the mean context over the measured copy bandwidth; lp gap: mean |logprob| "

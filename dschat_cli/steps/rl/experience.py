@@ -118,7 +118,8 @@ class ExperienceMaker:
         self.timer = timer or PhaseTimer(enabled=False)
         self.generator = RolloutGenerator(
             cfg.generation, models.tokenizer, max_prompt_seq_len=cfg.data.max_prompt_seq_len,
-            zero3=cfg.deepspeed.actor_zero_stage == 3, world_size=dist.world_size)
+            zero3=cfg.deepspeed.actor_zero_stage == 3, world_size=dist.world_size,
+            device=dist.device)
         self.rollouts = 0  # rollouts made so far (numbers the parity checks; restored on resume)
         self.last_generation_s = 0.0
         self.last_parity: tuple[float, float] | None = None  # (mean, max) logprob gap
@@ -263,7 +264,8 @@ class ExperienceMaker:
                                     generation_engine="hf" if g.generation_tensor_parallel > 1
                                     else g.generation_engine),
                 self.m.tokenizer, max_prompt_seq_len=self.cfg.data.max_prompt_seq_len,
-                zero3=self.cfg.deepspeed.actor_zero_stage == 3, world_size=self.dist.world_size)
+                zero3=self.cfg.deepspeed.actor_zero_stage == 3, world_size=self.dist.world_size,
+                device=self.dist.device, occasional=True)
         batch = next(iter(loader))
         return self.make({key: v[:k] for key, v in batch.items()}, generator=self._greedy,
                          samples=1)

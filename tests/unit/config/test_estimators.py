@@ -104,8 +104,9 @@ def test_old_logprobs_defaults_to_auto_and_its_gap_is_refused_elsewhere():
 
 
 def test_compile_decode_needs_the_fast_engine():
-    assert cfg().generation.compile_decode == "off"
+    assert cfg().generation.compile_decode == "auto"
     cfg(compile_decode="on").check()
+    cfg(generation_engine="hf").check()  # auto with the hf engine: nothing to compile
     with pytest.raises(ConfigError) as e:
         cfg(compile_decode="on", generation_engine="hf").check()
     assert e.value.where == "--compile-decode on" and "--generation-engine fast" in e.value.message

@@ -65,3 +65,59 @@ def test_compiled_fast_rollout_of_a_deepspeed_engine_runs_without_its_hooks(
     assert _hooks(module) == hooks  # back in place for training's forward
     engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert calls == [1]
+
+
+@pytest.mark.parametrize("where, kwargs, compiled, why", [
+    ("a GPU run's rollouts", {}, True, "auto: the decode step 14% faster"),
+    ("CPU", {"device": "cpu"}, False, "auto: on CPU"),
+    ("ZeRO-3", {"zero3": True}, False, "auto: the actor is ZeRO-3"),
+    ("tensor-parallel", {"tensor_parallel": 2}, False, "auto: tensor-parallel generation"),
+    ("held-out/greedy checks", {"occasional": True}, False, "auto: an occasional generation"),
+    ("no Triton", {"has_triton": False}, False, "auto: no Triton"),
+    ("the hf engine", {"engine": "hf"}, False, "the hf engine"),
+])
+def test_compile_decode_auto_compiles_only_where_it_was_measured_to_pay(where, kwargs, compiled,
+                                                                         why):
+    from dschat_cli.generation.rollout import decode_compile_choice
+
+    args = dict(device="cuda:0", engine="fast", tensor_parallel=1, zero3=False, has_triton=True)
+    on, reason = decode_compile_choice("auto", **{**args, **kwargs})
+    assert on is compiled and why in reason, (where, reason)
+    assert reason.startswith("compiled" if compiled else "uncompiled")
+
+
+def test_an_explicit_compile_decode_wins_over_auto():
+    from dschat_cli.generation.rollout import decode_compile_choice
+
+    args = dict(engine="fast", tensor_parallel=1, zero3=False, has_triton=False)
+    assert decode_compile_choice("on", device="cpu", **args) == \
+        (True, "compiled (--compile-decode on)")
+    assert decode_compile_choice("off", device="cuda:0", **{**args, "has_triton": True}) == \
+        (False, "uncompiled (--compile-decode off)")
+
+
+def test_the_rollout_generator_hands_its_choice_to_the_engine_and_reports_a_failure(
+        tiny_model_dir):
+    from types import SimpleNamespace
+
+    from dschat_cli.config.ppo import PPOGenerationOptions
+    from dschat_cli.config.sections import ModelOptions
+    from dschat_cli.generation.rollout import RolloutGenerator
+    from dschat_cli.models.loading import load_tokenizer
+
+    tok = load_tokenizer(ModelOptions(model=str(tiny_model_dir("opt"))))
+    opts = PPOGenerationOptions(max_answer_seq_len=6)  # --compile-decode auto
+
+    def make(**kw):
+        return RolloutGenerator(opts, tok, max_prompt_seq_len=8, zero3=False, world_size=1, **kw)
+
+    assert make(device="cpu")._fast_kwargs()["compile_decode"] is False
+    gpu = make(device="cuda:0")
+    assert gpu._fast_kwargs()["compile_decode"] is gpu.compile_decode
+    assert make(device="cuda:0", occasional=True)._fast_kwargs()["compile_decode"] is False
+    gpu.compile_reason = "compiled (--compile-decode auto: ...)"
+    gpu.engine = SimpleNamespace(compile_failure="RuntimeError: boom")
+    assert gpu.compile_line() == ("uncompiled: torch.compile failed (RuntimeError: boom); it was "
+                                  "compiled (--compile-decode auto: ...)")
+    gpu.engine = SimpleNamespace(compile_failure=None)
+    assert gpu.compile_line() == "compiled (--compile-decode auto: ...)"
