@@ -103,7 +103,8 @@ class RolloutGenerator:
     """# 1. generate: answers for a batch of left-padded prompts from the actor engine, with the
     engine --generation-engine chooses.
 
-        gen = RolloutGenerator(cfg.generation, tokenizer, max_prompt_seq_len=..., zero3=..., world_size=...)
+        gen = RolloutGenerator(cfg.generation, tokenizer, max_prompt_seq_len=..., zero3=..., world_size=...,
+                               device=dist.device)  # "cuda:N" or "cpu": --compile-decode auto reads it
         out = gen.generate(actor_engine.module, prompts, prompt_mask)   # Generated(seq, logprobs)
 
     fast: dschat's engine (generation/fast.py), built at the first rollout, returning the sampled
@@ -114,7 +115,7 @@ class RolloutGenerator:
     """
 
     def __init__(self, options, tokenizer, *, max_prompt_seq_len: int, zero3: bool, world_size: int,
-                 device: str = "cpu", occasional: bool = False):
+                 device: str, occasional: bool = False):
         self.opts = options  # config/ppo.PPOGenerationOptions
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id

@@ -50,7 +50,8 @@ def test_compiled_fast_rollout_of_a_deepspeed_engine_runs_without_its_hooks(
     module.register_forward_pre_hook(lambda m, a: calls.append(1))
     hooks = _hooks(module)
     opts = PPOGenerationOptions(max_answer_seq_len=6, compile_decode="on")
-    gen = RolloutGenerator(opts, tok, max_prompt_seq_len=8, zero3=False, world_size=1)
+    gen = RolloutGenerator(opts, tok, max_prompt_seq_len=8, zero3=False, world_size=1,
+                           device="cpu")
     kwargs = gen._fast_kwargs()
     assert kwargs.pop("compile_decode") is True
     # the engine RolloutGenerator would build, with the compile backend CI has time for
@@ -97,7 +98,7 @@ def test_an_explicit_compile_decode_wins_over_auto():
 
 
 def test_the_rollout_generator_hands_its_choice_to_the_engine_and_reports_a_failure(
-        tiny_model_dir):
+        tiny_model_dir, monkeypatch):
     from types import SimpleNamespace
 
     from dschat_cli.config.ppo import PPOGenerationOptions
@@ -111,9 +112,13 @@ def test_the_rollout_generator_hands_its_choice_to_the_engine_and_reports_a_fail
     def make(**kw):
         return RolloutGenerator(opts, tok, max_prompt_seq_len=8, zero3=False, world_size=1, **kw)
 
+    from dschat_cli.generation import rollout
+
+    monkeypatch.setattr(rollout, "_has_triton", lambda: True)  # as on a CUDA machine
     assert make(device="cpu")._fast_kwargs()["compile_decode"] is False
     gpu = make(device="cuda:0")
-    assert gpu._fast_kwargs()["compile_decode"] is gpu.compile_decode
+    assert gpu._fast_kwargs()["compile_decode"] is True
+    assert gpu.compile_reason.startswith("compiled (--compile-decode auto: ")
     assert make(device="cuda:0", occasional=True)._fast_kwargs()["compile_decode"] is False
     gpu.compile_reason = "compiled (--compile-decode auto: ...)"
     gpu.engine = SimpleNamespace(compile_failure="RuntimeError: boom")
