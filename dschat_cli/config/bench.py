@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from dschat_cli.config.estimators import ESTIMATORS, estimator_spec
 from dschat_cli.config.ppo import OLD_LOGPROBS
 from dschat_cli.config.schema import ConfigError, opt, section
-from dschat_cli.config.sections import DTYPES, LaunchOptions
+from dschat_cli.config.sections import DTYPES, FP32_GRAD_ACCUM, LaunchOptions
 
 GROUP_SAMPLES = 8  # --samples-per-prompt when unset for a group estimator (GRPO's papers, TRL)
 BASE_BATCH = 64  # --batch-size when unset: the reference's largest batch on one H200
@@ -66,9 +66,10 @@ class BenchConfig:
     generation_tensor_parallel: int = opt(1, "ppo: as `dschat ppo --generation-tensor-parallel` "
                                           "(fast engine only).", min=1)
     actor_zero_stage: int | None = opt(None, "ZeRO stage of the actor (and reference; the policy "
-                                       "and its reference for dpo). Unset: 0 on one GPU (nothing "
-                                       "to partition there), 2 on several (the reference's "
-                                       "benchmark setting).", choices=(0, 1, 2, 3))
+                                       "and its reference for dpo). Unset: 1 on one GPU (with "
+                                       "bf16, DeepSpeed's fp32-accumulating BF16_Optimizer: the "
+                                       "fastest optimizer step measured), 2 on several (the "
+                                       "reference's benchmark setting).", choices=(0, 1, 2, 3))
     critic_zero_stage: int | None = opt(None, "ZeRO stage of the critic (and reward model). "
                                         "Unset: as --actor-zero-stage's default.",
                                         choices=(0, 1, 2, 3))
@@ -77,6 +78,8 @@ class BenchConfig:
                                    "against).", min=0.1)
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass.")
     dtype: str = opt("auto", "Precision; auto is bf16 where supported.", choices=DTYPES)
+    fp32_grad_accum: str = opt("auto", "As `dschat ppo --fp32-grad-accum` (auto: on for bf16 at "
+                               "ZeRO-1).", choices=FP32_GRAD_ACCUM)
     torch_adam: bool = opt(False, "torch's AdamW instead of DeepSpeed's fused Adam.")
     precompute_ref_logprobs: bool = opt(False, "dpo: the reference copy scores the pairs before "
                                         "the measured steps and is freed, as `dschat dpo "
@@ -180,7 +183,7 @@ def bench_ppo_config(cfg: BenchConfig):
                                         if engine == "fast" else 1),
         deepspeed=PPODeepSpeedOptions(actor_zero_stage=_stage(cfg.actor_zero_stage),
                                       critic_zero_stage=_stage(cfg.critic_zero_stage),
-                                      dtype=cfg.dtype),
+                                      dtype=cfg.dtype, fp32_grad_accum=cfg.fp32_grad_accum),
         launch=cfg.launch, output_dir=cfg.output_dir, overwrite=True, seed=cfg.seed)
 
 
@@ -195,7 +198,8 @@ def bench_sft_config(cfg: BenchConfig):
         data=DataOptions(max_seq_len=cfg.max_prompt_seq_len + cfg.max_answer_seq_len),
         optim=OptimOptions(per_device_train_batch_size=cfg.batch, num_train_epochs=1,
                            max_steps=cfg.warmup + cfg.steps, torch_adam=cfg.torch_adam),
-        deepspeed=DeepSpeedOptions(zero_stage=_stage(cfg.actor_zero_stage), dtype=cfg.dtype),
+        deepspeed=DeepSpeedOptions(zero_stage=_stage(cfg.actor_zero_stage), dtype=cfg.dtype,
+                                   fp32_grad_accum=cfg.fp32_grad_accum),
         launch=cfg.launch, output_dir=cfg.output_dir, overwrite=True, seed=cfg.seed)
 
 
@@ -216,7 +220,8 @@ def bench_dpo_config(cfg: BenchConfig):
                               max_steps=cfg.warmup + cfg.steps, num_warmup_steps=0,
                               torch_adam=cfg.torch_adam),
         reference=ReferenceOptions(precompute_ref_logprobs=cfg.precompute_ref_logprobs),
-        deepspeed=DeepSpeedOptions(zero_stage=_stage(cfg.actor_zero_stage), dtype=cfg.dtype),
+        deepspeed=DeepSpeedOptions(zero_stage=_stage(cfg.actor_zero_stage), dtype=cfg.dtype,
+                                   fp32_grad_accum=cfg.fp32_grad_accum),
         launch=cfg.launch, output_dir=cfg.output_dir, overwrite=True, seed=cfg.seed)
 
 

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from dschat_cli.config.estimators import (ESTIMATORS, KL_ESTIMATORS, KL_PLACEMENTS,
                                           LOSS_AGGREGATIONS, RLSettings, rl_settings)
 from dschat_cli.config.schema import ConfigError, opt, section
-from dschat_cli.config.sections import (DTYPES, SCHEDULERS, CheckpointOptions, DataOptions,
-                                        HealthOptions, LaunchOptions, LoraOptions, ModelOptions,
-                                        OptimOptions, ReportOptions, parse_split)
+from dschat_cli.config.sections import (DTYPES, FP32_GRAD_ACCUM, FP32_GRAD_ACCUM_HELP,
+                                        SCHEDULERS, CheckpointOptions, DataOptions, HealthOptions,
+                                        LaunchOptions, LoraOptions, ModelOptions, OptimOptions,
+                                        ReportOptions, parse_split)
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,8 @@ class PPODeepSpeedOptions:
                                      "memory (ZeRO-3 parameter offload).")
     dtype: str = opt("auto", "Precision of all four models; auto is bf16 on GPUs that support it, "
                      "else fp16 on GPU, fp32 on CPU.", choices=DTYPES)
+    fp32_grad_accum: str = opt("auto", FP32_GRAD_ACCUM_HELP + " The actor and the critic each "
+                               "follow their own ZeRO stage.", choices=FP32_GRAD_ACCUM)
     enable_tensorboard: bool = opt(False, "Also write TensorBoard event files (to "
                                    "OUTPUT_DIR/tensorboard): DeepSpeed-Chat's name for "
                                    "--report-to tensorboard.")
@@ -297,7 +300,8 @@ class PPOConfig:
         d = self.deepspeed
         return DeepSpeedOptions(
             zero_stage=d.actor_zero_stage if role == "actor" else d.critic_zero_stage,
-            offload=d.offload, dtype=d.dtype, enable_tensorboard=d.enable_tensorboard)
+            offload=d.offload, dtype=d.dtype, fp32_grad_accum=d.fp32_grad_accum,
+            enable_tensorboard=d.enable_tensorboard)
 
     def check(self) -> None:
         if not self.actor.model:

@@ -16,6 +16,12 @@ from dschat_cli.config.schema import ConfigError, opt
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
               "constant_with_warmup", "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+FP32_GRAD_ACCUM = ("auto", "on", "off")
+FP32_GRAD_ACCUM_HELP = (
+    "Accumulate and clip the gradients in fp32 (DeepSpeed's BF16_Optimizer): more exact than bf16 "
+    "gradients and a faster optimizer step (one inf/nan test of the global norm instead of one "
+    "per tensor), for 4 more bytes per trained parameter kept on the GPU. DeepSpeed does it for "
+    "bf16 training at ZeRO-1 without --offload only; auto: on there, off elsewhere.")
 DEPLOYMENTS = ("single_gpu", "single_node", "multi_node")
 TRACKERS = ("tensorboard", "wandb")  # --report-to's experiment trackers (ui/metrics.py feeds them)
 WANDB_PROJECT = "dschat"
@@ -127,6 +133,7 @@ class DeepSpeedOptions:
                         "to CPU memory.")
     dtype: str = opt("auto", "Training precision; auto is bf16 on GPUs that support it, else fp16 "
                      "on GPU, fp32 on CPU.", choices=DTYPES)
+    fp32_grad_accum: str = opt("auto", FP32_GRAD_ACCUM_HELP, choices=FP32_GRAD_ACCUM)
     enable_tensorboard: bool = opt(False, "Also write TensorBoard event files (to "
                                    "OUTPUT_DIR/tensorboard): DeepSpeed-Chat's name for "
                                    "--report-to tensorboard.")

@@ -58,7 +58,7 @@ def launch_bench(cfg: BenchConfig, *, dry_run: bool) -> int:
     failed = 0
     for i, batch in enumerate(choice.larger):
         sub = dataclasses.replace(
-            first, batch_size=batch, output_dir=str(out / f"batch-{batch}"),
+            choice.config_for(batch), json=None, output_dir=str(out / f"batch-{batch}"),
             generation_engine="fast" if first.generation_engine == "both"
             else first.generation_engine)
         console.rule(f"[bold]batch {batch}: " + ("the largest the memory plan says fits" if i == 0

@@ -6,9 +6,12 @@
     choice.larger       # larger batches to measure next, largest first ([] when none fits)
 
 Users do not tune, so the defaults should be the fastest correct setting that fits:
-- ZeRO: on one GPU there is nothing to partition, and stage 0 skips ZeRO's bookkeeping (the plan's
-  peak is the same at every stage there), so 0; on several GPUs 2, the reference's benchmark
-  setting (ZeRO-0 across GPUs has not been measured against it).
+- ZeRO: on one GPU there is nothing to partition. In bf16, 1: it is where DeepSpeed accumulates
+  the gradients in fp32 (its BF16_Optimizer, --fp32-grad-accum auto), whose optimizer step is the
+  fastest measured (OPT-1.3B on an H100, backward + step: 77 ms against 112 at ZeRO-0, where every
+  tensor is scanned for inf/nan one by one; docs/benchmarks.md). In another precision, or with
+  --fp32-grad-accum off, 0, which skips ZeRO's bookkeeping. On several GPUs 2, the reference's
+  benchmark setting (ZeRO-0 across GPUs has not been measured against it).
 - Batch: --batch-size 64 (the reference's largest, the figure compared with it), then the largest
   batch the plan says fits one GPU (with or without its margin: the bench's own out-of-memory
   fallback is the final word), in steps of half the base batch.
@@ -38,6 +41,13 @@ class BenchChoice:
     cfg: BenchConfig
     lines: list[str] = field(default_factory=list)
     larger: list[int] = field(default_factory=list)
+    # the ZeRO stages (BenchConfig field -> stage) a larger batch runs at instead of cfg's: one
+    # GPU's ZeRO-1 keeps an fp32 gradient buffer, so a batch that fits only without it runs at 0
+    zero_at: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def config_for(self, batch: int) -> BenchConfig:
+        """cfg at --batch-size `batch` (one of `larger`), with that batch's ZeRO stages."""
+        return dataclasses.replace(self.cfg, batch_size=batch, **self.zero_at.get(batch, {}))
 
 
 def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: bool = True
@@ -46,28 +56,45 @@ def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: b
     GPUs (or the --gpu-memory it names; a target without GPU memory: no search). `on_gpu`
     False: the ranks are CPU processes (the lines say so)."""
     choice = BenchChoice(cfg)
-    _choose_zero(choice, world_size, "GPU" if on_gpu else "CPU rank")
+    fallback = _choose_zero(choice, world_size, "GPU" if on_gpu else "CPU rank",
+                            bf16=cfg.dtype == "bf16" or (cfg.dtype == "auto" and on_gpu
+                                                         and target.bf16))
     if cfg.batch_size is not None:  # given: measured as it is, nothing to search
         return choice
     choice.cfg = dataclasses.replace(choice.cfg, batch_size=BASE_BATCH)
-    peak = _peak_fn(choice.cfg, world_size, target)
+    chosen = _peak_fn(choice.cfg, world_size, target)
+    lean = _peak_fn(dataclasses.replace(choice.cfg, **fallback), world_size, target) \
+        if fallback and chosen is not None else None
     base = BASE_BATCH
     what = "the reference's largest" if cfg.step == "ppo" else "the default"
-    if target.gpu_bytes is None or peak is None:
+    if target.gpu_bytes is None or chosen is None:
         why = ("no GPU here and no --gpu-memory" if target.gpu_bytes is None else
                "the memory plan has no estimate for these models")
         choice.lines.append(f"--batch-size {base} ({what}); the largest batch that fits was not "
                             f"searched: {why}")
         return choice
-    k = choice.cfg.samples  # a batch counts answers: a whole number of prompts x k
+    allowed = ("fits", "tight") if world_size == 1 else ("fits",)
+
+    def at(b: int) -> dict[str, int]:
+        """The ZeRO stages batch b runs at: the chosen ones where they fit, else the fallback's
+        where those do."""
+        if lean is None or _verdict(chosen(b), world_size, target) in allowed or \
+                _verdict(lean(b), world_size, target) not in allowed:
+            return {}
+        return fallback
+
+    def peak(b: int) -> float:
+        return (lean if at(b) else chosen)(b)
+
     def fits(b: int) -> bool:
         return _verdict(peak(b), world_size, target) != "does not fit"
 
     def est(b: int) -> str:  # "estimated peak 118.0 GiB, fits, but not with the plan's 15% ..."
         return (f"estimated peak {peak(b) / GiB:.1f} GiB, "
-                f"{_words(_verdict(peak(b), world_size, target))}")
+                f"{_words(_verdict(peak(b), world_size, target))}{_at_zero0(at(b))}")
 
     where = f"one GPU ({target.source})"
+    k = choice.cfg.samples  # a batch counts answers: a whole number of prompts x k
     if not fits(base):  # a smaller GPU (or a bigger step): the largest that fits below
         down = _round_up(max(base // 8, 1), k)
         smaller = next((b for b in range(base - down, 0, -down) if fits(b)), None)
@@ -76,11 +103,15 @@ def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: b
                                 f"the memory plan (estimated peak {peak(base) / GiB:.1f} GiB) and "
                                 "no smaller batch does either; measuring it anyway")
             return choice
-        choice.cfg = dataclasses.replace(choice.cfg, batch_size=smaller)
+        choice.cfg = dataclasses.replace(choice.cfg, batch_size=smaller, **at(smaller))
         choice.lines.append(f"--batch-size {smaller}: the largest that fits {where} by the memory "
                             f"plan ({est(smaller)}; {base}, {what}: {peak(base) / GiB:.1f} GiB, "
                             "does not fit)")
         return choice
+    if at(base):
+        choice.cfg = dataclasses.replace(choice.cfg, **at(base))
+        choice.lines.append(f"--batch-size {base} fits {where} only at ZeRO-0 ({est(base)}; "
+                            f"ZeRO-1's fp32 gradients: {chosen(base) / GiB:.1f} GiB)")
     step = _round_up(base // 2, k)
     fitting = fitting_batches(peak, target.gpu_bytes, world_size, start=base, step=step,
                               limit=MAX_BATCH_FACTOR * base)
@@ -90,12 +121,17 @@ def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: b
                             f"{peak(base + step) / GiB:.1f} GiB, does not fit)")
         return choice
     choice.larger = fitting[:LARGER_TRIES]
+    choice.zero_at = {b: at(b) for b in choice.larger if at(b) and not at(base)}
     best = fitting[0]
     choice.lines.append(f"--batch-size {base} ({what}), then {best}: the largest batch that fits "
                         f"{where} by the memory plan ({est(best)}; {best + step}: "
                         f"{peak(best + step) / GiB:.1f} GiB, does not fit); on out of memory the "
                         "bench tries " + (", ".join(map(str, choice.larger[1:])) or "no other"))
     return choice
+
+
+def _at_zero0(stages: dict[str, int]) -> str:
+    return (" at ZeRO-0: it does not fit with ZeRO-1's fp32 gradient buffer" if stages else "")
 
 
 def _round_up(n: int, k: int) -> int:
@@ -120,25 +156,40 @@ def fitting_batches(peak: Callable[[int], float], gpu_bytes: float, world_size: 
     return out[::-1]
 
 
-def _choose_zero(choice: BenchChoice, world_size: int, unit: str) -> None:
+def _choose_zero(choice: BenchChoice, world_size: int, unit: str, *, bf16: bool
+                 ) -> dict[str, int]:
+    """Fill in the unset ZeRO stages; `bf16`: the run trains in bf16 (given or auto's pick).
+    Returns the fallback for a batch that does not fit at the stages chosen (those stages at 0:
+    one GPU's ZeRO-1 for fp32 gradients), or {} when there is none."""
     cfg = choice.cfg
     roles = [("actor_zero_stage", "--actor-zero-stage")]
     if cfg.step == "ppo":
         roles.append(("critic_zero_stage", "--critic-zero-stage"))
     unset = [(name, flag) for name, flag in roles if getattr(cfg, name) is None]
-    stage = 0 if world_size == 1 else 2
+    fp32_accum = bf16 and cfg.fp32_grad_accum != "off"
+    stage = 2 if world_size > 1 else 1 if fp32_accum else 0
     # a stage that does not apply to this step (sft's critic) is filled in too: nothing reads it
-    choice.cfg = dataclasses.replace(cfg, **{name: stage for name in ("actor_zero_stage",
-                                                                      "critic_zero_stage")
-                                             if getattr(cfg, name) is None})
+    filled = [name for name in ("actor_zero_stage", "critic_zero_stage")
+              if getattr(cfg, name) is None]
+    choice.cfg = dataclasses.replace(cfg, **{name: stage for name in filled})
+    fallback = {name: 0 for name in filled} if stage == 1 else {}
     if not unset:
-        return
+        return fallback
     flags = " and ".join(flag for _, flag in unset)
-    why = (f"one {unit}: ZeRO has nothing to partition, and stage 0 skips its bookkeeping (the "
-           "memory plan's peak is the same at every stage on one GPU)" if world_size == 1 else
-           f"{world_size} {unit}s: ZeRO-2, the reference's benchmark setting, partitions the "
-           "optimizer states and gradients")
+    if world_size > 1:
+        why = (f"{world_size} {unit}s: ZeRO-2, the reference's benchmark setting, partitions the "
+               "optimizer states and gradients")
+    elif fp32_accum:
+        why = (f"one {unit} in bf16: nothing to partition, but ZeRO-1 is where DeepSpeed "
+               "accumulates the gradients in fp32 (--fp32-grad-accum auto), the fastest optimizer "
+               "step measured (one inf/nan test of the global norm instead of one per tensor); 0 "
+               "at a batch that fits only without its fp32 gradient buffer")
+    else:
+        why = (f"one {unit}: ZeRO has nothing to partition, and stage 0 skips its bookkeeping"
+               + (" (fp32 gradient accumulation, ZeRO-1's gain, is off)" if bf16 else
+                  " (fp32 gradient accumulation, ZeRO-1's gain, needs bf16)"))
     choice.lines.append(f"{flags} {stage}: {why}")
+    return fallback
 
 
 def _peak_fn(cfg: BenchConfig, world_size: int, target: Target

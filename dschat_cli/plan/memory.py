@@ -18,7 +18,7 @@ maximum lengths (--max-seq-len; prompt + answer for PPO): batches of shorter sam
 
 Formulas, per rank, with N parameters (Nt trainable), D data-parallel ranks, p bytes per weight
 (2 in bf16/fp16, 4 in fp32). They follow DeepSpeed 0.19's code (runtime/fp16/fused_optimizer.py,
-runtime/zero/stage_1_and_2.py, runtime/zero/stage3.py):
+runtime/bf16_optimizer.py, runtime/zero/stage_1_and_2.py, runtime/zero/stage3.py):
 
   weights     p*N; ZeRO-3: p*N/D (plus the parameters gathered for the layer running);
               ZeRO-3 with offload: only the gathered ones
@@ -35,6 +35,11 @@ runtime/zero/stage_1_and_2.py, runtime/zero/stage3.py):
               (8*Nt) while the bf16 grads still exist; ZeRO-1/2: an fp32 copy of the gradient
               partition (4*Nt/D); ZeRO-3: same per sub-group (at most 1e9 elements);
               --torch-adam adds one fp32 temporary per parameter (foreach sqrt)
+  fp32 grads  bf16 at ZeRO-1 with --fp32-grad-accum (DeepSpeed's BF16_Optimizer,
+              runtime/bf16_optimizer.py): bf16 grads p*Nt as at ZeRO-0, plus a flat 4*Nt fp32
+              buffer they are added into, kept for the whole run, not partitioned; no reduce
+              buckets; the end-of-backward all-reduce copies that buffer (4*Nt) unless its first
+              parameter group alone fills a 5e8-element bucket
   activations per token and layer, arch.activation_bytes (saved for backward); with gradient
               checkpointing only each layer's input (p*h) plus one layer recomputed; plus one
               layer's gradients as working set
@@ -68,6 +73,8 @@ GiB = 1024 ** 3
 REDUCE_BUCKET = 500_000_000
 STAGE3_PREFETCH = 50_000_000
 STAGE3_SUB_GROUP = 1_000_000_000
+# engine.py's allreduce_gradients bucket (MEMORY_OPT_ALLREDUCE_SIZE), elements
+ALLREDUCE_BUCKET = 500_000_000
 # Memory the GPU needs beyond what PyTorch allocates: the CUDA context and kernels of one process
 # (~0.5 GiB on an H200 with CUDA 12/13), NCCL's buffers when several ranks talk, and an allowance
 # for the caching allocator's fragmentation (memory reserved above what is allocated).
@@ -107,6 +114,7 @@ class Engine:
     double_bucket: bool  # overlap_comm
     prefetch: int
     grad_accum: int
+    fp32_accum: bool = False  # bf16 at ZeRO-1 with grad_accum_dtype fp32: DeepSpeed's BF16_Optimizer
 
     @property
     def elem(self) -> int:
@@ -119,13 +127,18 @@ class Engine:
         dtype = "bf16" if ds.get("bf16", {}).get("enabled") else \
             "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
         opt = ds.get("optimizer")
+        # the rule of DeepSpeed's engine (_do_optimizer_sanity_check): only there does it build
+        # the BF16_Optimizer; other stages ignore the key (ZeRO-0 refuses it)
+        fp32_accum = (ds.get("data_types", {}).get("grad_accum_dtype") == "fp32"
+                      and dtype == "bf16" and stage == 1 and "offload_optimizer" not in z)
         return cls(stage=stage, dtype=dtype, offload_optimizer="offload_optimizer" in z,
                    offload_param="offload_param" in z,
                    torch_adam=bool(opt and opt.get("params", {}).get("torch_adam")),
                    reduce_bucket=int(z.get("reduce_bucket_size", REDUCE_BUCKET)),
                    double_bucket=bool(z.get("overlap_comm", stage == 3)),
                    prefetch=int(z.get("stage3_prefetch_bucket_size", STAGE3_PREFETCH)),
-                   grad_accum=int(ds.get("gradient_accumulation_steps", 1)))
+                   grad_accum=int(ds.get("gradient_accumulation_steps", 1)),
+                   fp32_accum=fp32_accum)
 
 
 @dataclass(frozen=True)
@@ -150,11 +163,13 @@ class ModelMemory:
     buffers_resident: bool = False  # ZeRO-3's bucket stays; ZeRO-1/2's live only in backward
     bucket_elements: int = 0  # ZeRO-1/2: one reduce bucket's elements
     head_grad: float = 0.0  # the output head's weight gradient, the first one backward makes
+    hp_grads: float = 0.0  # BF16_Optimizer's fp32 gradient buffer, allocated once and kept
 
     @property
     def resident(self) -> float:
         """Allocated between steps (generation, scoring, evaluation)."""
-        return (self.weights + self.optimizer + (self.grads if self.grads_resident else 0.0)
+        return (self.weights + self.optimizer + self.hp_grads
+                + (self.grads if self.grads_resident else 0.0)
                 + (self.buffers if self.buffers_resident else 0.0))
 
 
@@ -179,7 +194,20 @@ def trained_model(arch: Arch, eng: Engine, *, role: str, source: str, world_size
     else:
         weights = p * n
         buffers = (2 if eng.double_bucket else 1) * p * eng.reduce_bucket if s in (1, 2) else 0.0
-    if eng.offload_optimizer:
+    hp_grads = 0.0
+    if eng.fp32_accum:
+        # DeepSpeed's BF16_Optimizer (bf16_optimizer.py): backward writes bf16 gradients as at
+        # ZeRO-0, which are added into a flat fp32 buffer of every trainable parameter (kept for
+        # the run) and freed by the step; no reduce buckets. The fp32 master copy and Adam's m, v
+        # are partitioned. At the end of backward the all-reduce flattens its bucket: a copy of
+        # the fp32 buffer when the parameter groups share one bucket, none when the first group
+        # alone fills it (torch's flatten of a single tensor is a view).
+        buffers = 0.0
+        grads = p * nt
+        hp_grads = 4 * nt
+        optimizer = 12 * nt / D
+        step_extra = 0.0 if nt > ALLREDUCE_BUCKET else 4 * nt
+    elif eng.offload_optimizer:
         grads = 0.0
         optimizer = 0.0
         step_extra = 0.0
@@ -199,9 +227,11 @@ def trained_model(arch: Arch, eng: Engine, *, role: str, source: str, world_size
                        offload=eng.offload_optimizer or eng.offload_param, weights=weights,
                        grads=grads, optimizer=optimizer, buffers=buffers, step_extra=step_extra,
                        grads_resident=s == 3, buffers_resident=s == 3,
-                       bucket_elements=eng.reduce_bucket if s in (1, 2) else 0,
-                       head_grad=p * arch.vocab * arch.head_in if s == 0 and not value_head
-                       and nt == n else 0.0)
+                       bucket_elements=eng.reduce_bucket if s in (1, 2) and
+                       not eng.fp32_accum else 0,
+                       head_grad=p * arch.vocab * arch.head_in if (s == 0 or eng.fp32_accum)
+                       and not value_head and nt == n else 0.0,
+                       hp_grads=hp_grads)
 
 
 def frozen_model(arch: Arch, eng: Engine, *, role: str, source: str, world_size: int,
@@ -258,7 +288,7 @@ def _backward_peak(m: ModelMemory, act: float, logits_peak: float, logits_after:
     head = act + logits_after + buckets + m.head_grad
     end = m.grads + buckets + one_layer
     moments = [start, head, end]
-    if m.stage in (1, 2) and m.trainable > m.bucket_elements:
+    if m.bucket_elements and m.trainable > m.bucket_elements:
         left = 1.0 - m.bucket_elements / m.trainable
         moments.append(act * left + buckets + m.grads)
     return max(moments)

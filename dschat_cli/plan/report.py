@@ -29,7 +29,8 @@ def count(n: int) -> str:
 
 
 def _zero(m) -> str:
-    return f"ZeRO-{m.stage}" + (" + offload" if m.offload else "") if m.trainable else \
+    return f"ZeRO-{m.stage}" + (" + offload" if m.offload else "") + \
+        (", fp32 grads" if m.hp_grads else "") if m.trainable else \
         ("ZeRO-3" + (" offload" if m.offload else "") if m.stage == 3 else "full copy")
 
 
@@ -71,6 +72,9 @@ def render(sp: StepPlan, console) -> None:
             ("DeepSpeed buffers", [gib(m.buffers) for m in est.models]),
             ("activations + logits", [gib(m.activations) for m in est.models]),
         ]
+        if any(m.hp_grads for m in est.models):  # kept for the run, unlike the gradients above
+            rows.insert(6, ("fp32 gradient buffer", [gib(m.hp_grads) if m.hp_grads else "-"
+                                                     for m in est.models]))
         if any(m.kv_cache for m in est.models):
             rows.append(("KV cache (generation)", [gib(m.kv_cache) if m.kv_cache else "-"
                                                    for m in est.models]))

@@ -3,8 +3,12 @@ bottom and calls these)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import random
+import re
+import sys
 
 import torch
 
@@ -124,7 +128,6 @@ def total_optimizer_steps(n_batches: int, optim) -> int:
 
 def init_engine(model, groups: list[dict], ds_config: dict, optim, total_steps: int):
     """deepspeed.initialize with the optimizer from the DS config and transformers' scheduler."""
-    import deepspeed
     from transformers import get_scheduler
 
     def scheduler(optimizer):
@@ -132,8 +135,30 @@ def init_engine(model, groups: list[dict], ds_config: dict, optim, total_steps: 
                              num_warmup_steps=optim.num_warmup_steps,
                              num_training_steps=total_steps)
 
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config,
-                                      lr_scheduler=scheduler)
+    return ds_initialize(model=model, model_parameters=groups, config=ds_config,
+                         lr_scheduler=scheduler)
+
+
+# The memory report DeepSpeed prints to stdout, unasked, each time it builds a bf16 engine (its
+# BF16_Optimizer calls see_memory_usage(..., force=True)): a label line, then allocator and host
+# memory figures. The run log keeps every other line DeepSpeed prints.
+_DS_MEMORY_REPORT = re.compile(r"^(begin bf16_optimizer|end bf16_ optimizer|"
+                               r"(before|after) initializing group \d+|MA [\d.]+ GB\s.*|"
+                               r"CPU Virtual Memory:.*)\s*$")
+
+
+def ds_initialize(**kwargs):
+    """deepspeed.initialize(**kwargs) -> the engine, without DeepSpeed's memory report lines."""
+    import deepspeed
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            engine, *_ = deepspeed.initialize(**kwargs)
+    finally:
+        kept = [ln for ln in captured.getvalue().splitlines() if not _DS_MEMORY_REPORT.match(ln)]
+        if kept:
+            print("\n".join(kept), file=sys.stdout, flush=True)
     return engine
 
 

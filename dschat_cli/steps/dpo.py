@@ -28,6 +28,7 @@ import torch
 from rich.markup import escape
 
 from dschat_cli.config.dpo import DPOConfig
+from dschat_cli.config.ds_config import zero_label
 from dschat_cli.config.resolved import ResolvedRun
 from dschat_cli.data.reward import collate_pairs, pair_drop_counts, reward_datasets
 from dschat_cli.dist import Dist
@@ -37,9 +38,10 @@ from dschat_cli.rlhf.dpo import (answer_masks, divergence_index, dpo_loss, pair_
                               summed_logprobs)
 from dschat_cli.rlhf.logprobs import logits_to_keep_kwarg
 from dschat_cli.steps.checkpoint import CheckpointManager, own_generator, skip_batches
-from dschat_cli.steps.common import (count_params, flops_per_token, init_engine, make_loaders,
-                                     move_batch, peak_memory_gib, print_summary, real_samples,
-                                     seed_everything, total_optimizer_steps, write_summary_json)
+from dschat_cli.steps.common import (count_params, ds_initialize, flops_per_token, init_engine,
+                                     make_loaders, move_batch, peak_memory_gib, print_summary,
+                                     real_samples, seed_everything, total_optimizer_steps,
+                                     write_summary_json)
 from dschat_cli.steps.health import GradNorms, HealthMonitor
 from dschat_cli.ui.console import console
 from dschat_cli.ui.progress import fmt_metrics, train_progress
@@ -290,7 +292,7 @@ def run(cfg: DPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
                                     else ""))
     console.print(f"[bold]dpo[/bold] {escape(cfg.model.model)}: {n_params / 1e6:.1f}M parameters, "
                   f"{len(train_data)} train / {len(eval_data)} eval pairs, {dist.placement}, "
-                  f"{dtype}, ZeRO-{cfg.deepspeed.zero_stage}, global batch "
+                  f"{dtype}, {zero_label(ds_config)}, global batch "
                   f"{ds_config['train_batch_size']} pairs, {total_steps} steps, "
                   f"{cfg.dpo.loss_type} loss, beta {cfg.dpo.beta:g}, {ref_text}")
 
@@ -538,8 +540,6 @@ def _frozen(opts):
 def _frozen_engine(model, config: dict):
     """An engine without optimizer (partitioned under ZeRO-3, offloaded with offload_param), in
     eval mode; it only runs under no_grad."""
-    import deepspeed
-
-    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine = ds_initialize(model=model, config=config)
     engine.eval()
     return engine

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from dschat_cli.config.ds_config import zero_label
 from dschat_cli.config.ppo import PPOConfig
 from dschat_cli.config.resolved import ResolvedRun
 from dschat_cli.config.schedule import ppo_schedule
@@ -70,9 +71,10 @@ def run(cfg: PPOConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     console.print(
         f"[bold]ppo[/bold]: actor "
         f"{count_params(models.actor.module) / 1e6:.1f}M parameters, {critic}; {data.n_train} "
-        f"train / {data.n_heldout} held-out prompts; {dist.placement}, {models.dtype}; ZeRO actor "
-        f"{cfg.deepspeed.actor_zero_stage} / {'critic' if cfg.has_critic else 'reward'} "
-        f"{cfg.deepspeed.critic_zero_stage}; {schedule.ppo_steps} PPO steps of "
+        f"train / {data.n_heldout} held-out prompts; {dist.placement}, {models.dtype}; actor "
+        f"{zero_label(resolved.ds_config('actor'))} / {'critic' if cfg.has_critic else 'reward'} "
+        f"{zero_label(resolved.ds_config('critic' if cfg.has_critic else 'reward'))}; "
+        f"{schedule.ppo_steps} PPO steps of "
         f"{t.per_device_generation_batch_size * dist.world_size} prompts{answers}, "
         f"{schedule.optimizer_steps} optimizer steps")
     console.print(f"old logprobs: {maker.source.describe(cfg.generation.generation_engine == 'fast')}",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dschat_cli.config.ds_config import zero_label
 from dschat_cli.config.resolved import ResolvedRun
 from dschat_cli.config.reward import RewardConfig
 from dschat_cli.data.reward import collate_pairs, pair_drop_counts, reward_datasets
@@ -109,7 +110,7 @@ def run(cfg: RewardConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     grad_norms = GradNorms(engine)
     console.print(f"[bold]reward[/bold] {escape(cfg.model.model)}: {n_params / 1e6:.1f}M parameters, "
                   f"{len(train_data)} train / {len(eval_data)} eval pairs, "
-                  f"{dist.placement}, {dtype}, ZeRO-{cfg.deepspeed.zero_stage}, global batch "
+                  f"{dist.placement}, {dtype}, {zero_label(ds_config)}, global batch "
                   f"{ds_config['train_batch_size']} pairs, {total_steps} steps, {cfg.loss} loss")
 
     history: list[dict] = []

@@ -11,6 +11,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from dschat_cli.config.ds_config import zero_label
 from dschat_cli.config.resolved import ResolvedRun
 from dschat_cli.config.sft import SFTConfig
 from dschat_cli.data.sft import collate_sft, sft_datasets
@@ -64,7 +65,7 @@ def run(cfg: SFTConfig, dist: Dist, resolved: ResolvedRun) -> dict:
                                 cfg.model.gradient_checkpointing)
     console.print(f"[bold]sft[/bold] {escape(cfg.model.model)}: {n_params / 1e6:.1f}M parameters, "
                   f"{len(train_data)} train / {len(eval_data)} eval samples, "
-                  f"{dist.placement}, {dtype}, ZeRO-{cfg.deepspeed.zero_stage}, global batch "
+                  f"{dist.placement}, {dtype}, {zero_label(ds_config)}, global batch "
                   f"{ds_config['train_batch_size']}, {total_steps} steps")
 
     # 2. train ---------------------------------------------------------------------------------

@@ -313,7 +313,7 @@ def test_ppo_in_process(case, tmp_path, actor_dir, reward_dir, tiny_model_dir, p
     assert r.code == 0, r.explain()
     assert "Traceback" not in r.output
     assert "ppo summary" in r.output and "held-out reward (before -> after)" in r.output
-    assert f"ZeRO actor {a_stage} / critic {c_stage}" in r.output, r.explain()
+    assert f"actor ZeRO-{a_stage} / critic ZeRO-{c_stage};" in r.output, r.explain()
     assert f"{steps} PPO steps of {GEN_BATCH} prompts" in r.output, r.explain()
     check_ppo_output(out, steps=steps, actor_stage=a_stage, critic_stage=c_stage,
                      actor_lora=a_lora, critic_lora=c_lora, base_actor=actor, reward_dir=critic,

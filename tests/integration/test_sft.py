@@ -10,10 +10,11 @@ that AutoModelForCausalLM loads and generates with, holding the trained weights.
 Launcher runs (the user's real path through deepspeed.launcher, ~30 s each on 2 cores) cover
 two worker processes at ZeRO 2 (full) and ZeRO 3 (LoRA). The in-process runs (`--launcher none`,
 the same worker code without the spawn) fill in the family x stage x LoRA matrix so that every
-family and every stage is trained both with and without LoRA somewhere:
+family and every stage is trained both with and without LoRA somewhere. The ZeRO-1 run trains in
+bf16, so its gradients accumulate in fp32 (DeepSpeed's BF16_Optimizer, --fp32-grad-accum auto):
 
                  launcher                           in process
-    opt                                             z0 + LoRA, z1 full, z3 + LoRA
+    opt                                             z0 + LoRA, z1 full (bf16), z3 + LoRA
     llama        z2 full, 2 workers                 z0 + LoRA, z3 full
     gpt2                                            z0 full, z2 + LoRA, z3 LoRA only
     gpt_neox     z3 + LoRA, 2 workers (done-when)   z2 full
@@ -21,12 +22,15 @@ family and every stage is trained both with and without LoRA somewhere:
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 # (family, zero stage, lora dim, extra flags)
 IN_PROCESS = [
     ("opt", 0, 8, ()),
-    ("opt", 1, 0, ()),
+    # bf16 on CPU: ZeRO-1 accumulates the gradients in fp32 (--fp32-grad-accum auto)
+    ("opt", 1, 0, ("--dtype", "bf16")),
     ("opt", 3, 8, ()),
     ("llama", 0, 8, ()),
     ("llama", 3, 0, ()),
@@ -40,7 +44,8 @@ IN_PROCESS = [
 
 def _id(p) -> str:
     fam, stage, lora, extra = p
-    return f"{fam}-z{stage}-{'lora' if lora else 'full'}{'-only' if extra else ''}"
+    suffix = {"--only-optimize-lora": "-only", "--dtype": "-bf16"}.get(extra[0], "") if extra else ""
+    return f"{fam}-z{stage}-{'lora' if lora else 'full'}{suffix}"
 
 
 @pytest.mark.parametrize("family, zero_stage, lora_dim, extra", IN_PROCESS,
@@ -53,6 +58,14 @@ def test_sft_in_process(family, zero_stage, lora_dim, extra, sft_run, check_sft_
     assert "sft summary" in result.output and "eval loss (start -> end)" in result.output
     check_sft_output(out, zero_stage=zero_stage, lora_dim=lora_dim,
                      base_model=tiny_model_dir(family), data_dir=pairs_dir)
+    ds = json.loads((out / "ds_config.json").read_text())
+    if "--dtype" in extra:  # bf16 at ZeRO-1: fp32 accumulation, said in the run's header
+        assert ds["bf16"]["enabled"] and ds["data_types"] == {"grad_accum_dtype": "fp32"}
+        assert "bf16, ZeRO-1, fp32 gradients, global batch" in result.output, result.output
+        # DeepSpeed's unasked memory report of its BF16_Optimizer stays out of the log
+        assert "bf16_optimizer" not in result.output and "CPU Virtual Memory" not in result.output
+    else:
+        assert "data_types" not in ds
 
 
 def test_sft_only_optimize_lora_keeps_base_frozen(sft_run, tiny_gpt2):

@@ -9,6 +9,7 @@ import time
 import torch
 
 from dschat_cli.config.bench import BenchConfig, bench_dpo_config
+from dschat_cli.config.ds_config import zero_label
 from dschat_cli.config.resolved import ResolvedRun
 from dschat_cli.dist import Dist
 from dschat_cli.steps.bench.floors import (device_name, dpo_floors, measure_ceilings, model_shape,
@@ -35,11 +36,9 @@ def _random_pairs(pairs: int, prompt: int, answer: int, tokenizer, generator) ->
 def bench_dpo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     import gc
 
-    import deepspeed
-
     from dschat_cli.models.loading import load_causal_lm, load_tokenizer, optimizer_groups
     from dschat_cli.rlhf.dpo import dpo_loss
-    from dschat_cli.steps.common import init_engine, move_batch
+    from dschat_cli.steps.common import ds_initialize, init_engine, move_batch
     from dschat_cli.steps.dpo import Reference, forward_logits, pair_logprobs
 
     dpo_cfg = bench_dpo_config(cfg)
@@ -58,7 +57,7 @@ def bench_dpo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     with console.status("building the random-weight reference copy"):
         ref_model = load_causal_lm(ref_opts, tokenizer, dtype=dtype_name,
                                    ds_config=resolved.ds_config("ref"), device=dist.device)
-        ref_engine, *_ = deepspeed.initialize(model=ref_model, config=resolved.ds_config("ref"))
+        ref_engine = ds_initialize(model=ref_model, config=resolved.ds_config("ref"))
         ref_engine.eval()
     del ref_model
     reference, precomputed = Reference(engine=ref_engine), None
@@ -126,6 +125,7 @@ def bench_dpo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
             "max_prompt_seq_len": cfg.max_prompt_seq_len,
             "max_answer_seq_len": cfg.max_answer_seq_len, "seq_len": S, "tokens_per_pair": 2 * S,
             "steps": cfg.steps, "warmup": cfg.warmup, "zero_stage": cfg.actor_zero_stage,
+            "zero": zero_label(resolved.ds_config("model")),
             "gradient_checkpointing": cfg.gradient_checkpointing,
             "reference": "precomputed" if precomputed is not None else "copy",
             "loss_type": d.loss_type, "beta": d.beta, "ceilings": ceilings,

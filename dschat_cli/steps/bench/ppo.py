@@ -9,6 +9,7 @@ import time
 import torch
 
 from dschat_cli.config.bench import BenchConfig, bench_ppo_config
+from dschat_cli.config.ds_config import zero_label
 from dschat_cli.config.resolved import ResolvedRun
 from dschat_cli.dist import Dist
 from dschat_cli.steps.bench.floors import (device_name, measure_ceilings, model_shape, peak_gib,
@@ -133,6 +134,9 @@ def bench_ppo(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
             "batch_size": cfg.batch, "max_prompt_seq_len": cfg.max_prompt_seq_len,
             "max_answer_seq_len": cfg.max_answer_seq_len, "steps": cfg.steps, "warmup": cfg.warmup,
             "actor_zero_stage": cfg.actor_zero_stage, "critic_zero_stage": cfg.critic_zero_stage,
+            "actor_zero": zero_label(resolved.ds_config("actor")),
+            "critic_zero": zero_label(resolved.ds_config("critic")) if critic is not None
+            else None,
             "old_logprobs": cfg.old_logprobs,
             "generation_tensor_parallel": cfg.generation_tensor_parallel, "ceilings": ceilings,
             "engines": results}

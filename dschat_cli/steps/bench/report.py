@@ -21,7 +21,7 @@ def print_result(r: dict) -> None:
     if r["step"] == "sft":
         t = Table(title=f"step 1: {r['actor']} ({r['actor_params'] / 1e6:.0f}M), batch "
                         f"{r['batch_size']} x {r['seq_len']} tokens per GPU, "
-                        f"ZeRO-{r['zero_stage']}",
+                        f"{r.get('zero') or 'ZeRO-%s' % r['zero_stage']}",
                   title_justify="left")
         ph = r.get("phases") or {}
         cols = ("s/step", "forward s", "backward s", "optimizer step s", "tokens/s",
@@ -36,11 +36,14 @@ def print_result(r: dict) -> None:
         return
     engines = r["engines"]
     est, k = r.get("advantage_estimator", "gae"), r.get("samples_per_prompt", 1)
-    models = (f"critic {r['critic']}" if r.get("critic") else
+    zero = {role: f" ({r[role + '_zero']})" if r.get(role + "_zero") else ""
+            for role in ("actor", "critic")}
+    models = (f"critic {r['critic']}{zero['critic']}" if r.get("critic") else
               f"reward {r.get('reward')}, no critic ({est})")
     batch = f"{r['batch_size']} answers per GPU ({r['prompts_per_gpu']} prompts x {k})" \
         if k > 1 else f"batch {r['batch_size']} per GPU"
-    t = Table(title=f"step 3 per phase (seconds per PPO step): actor {r['actor']}, {models}, "
+    t = Table(title=f"step 3 per phase (seconds per PPO step): actor {r['actor']}"
+                    f"{zero['actor']}, {models}, "
                     f"{batch}, {r['max_prompt_seq_len']} + {r['max_answer_seq_len']} tokens",
               title_justify="left")
     t.add_column("phase")
@@ -93,7 +96,7 @@ def print_dpo(r: dict) -> None:
     t = Table(title=f"DPO step per phase: policy {r['actor']} ({r['actor_params'] / 1e6:.0f}M), "
                     f"{B} pairs per GPU = {2 * B} sequences of {P} + {A} tokens (chosen and "
                     f"rejected share the prompt: pairs of 2 x {P + A} tokens), "
-                    f"ZeRO-{r['zero_stage']}, {ref}", title_justify="left")
+                    f"{r.get('zero') or 'ZeRO-%s' % r['zero_stage']}, {ref}", title_justify="left")
     for col, just in (("phase", "left"), ("s", "right"), ("share", "right"),
                       ("TFLOP/s", "right"), ("floor s", "right"), ("x floor", "right")):
         t.add_column(col, justify=just)

@@ -8,6 +8,7 @@ import time
 import torch
 
 from dschat_cli.config.bench import BenchConfig, bench_sft_config
+from dschat_cli.config.ds_config import zero_label
 from dschat_cli.config.resolved import ResolvedRun
 from dschat_cli.dist import Dist
 from dschat_cli.steps.bench.floors import device_name, measure_ceilings, peak_gib, sync
@@ -67,7 +68,8 @@ def bench_sft(cfg: BenchConfig, dist: Dist, resolved: ResolvedRun) -> dict:
     return {"step": "sft", "device": device_name(dist), "world_size": dist.world_size,
             "dtype": dtype_name, "actor": cfg.actor, "actor_params": n_params,
             "batch_size": cfg.batch, "seq_len": S, "steps": cfg.steps, "warmup": cfg.warmup,
-            "zero_stage": cfg.actor_zero_stage, "ceilings": ceilings,
+            "zero_stage": cfg.actor_zero_stage, "zero": zero_label(ds_config),
+            "ceilings": ceilings,
             "step_seconds": step, "step_seconds_all": step_s, "tokens_per_s": tokens / step,
             "phases": {k: statistics.mean(v) for k, v in phase_s.items()},
             "tflops_per_gpu": flops / dist.world_size / step / 1e12,

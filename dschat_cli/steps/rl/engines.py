@@ -110,22 +110,21 @@ class _Optim:
 def _engine(model, config: dict, optim: _Optim | None, total_steps: int):
     """A DeepSpeed engine: frozen (no optimizer; partitioned under ZeRO-3, eval mode) when optim
     is None, else with AdamW parameter groups and the LR schedule over total_steps."""
-    import deepspeed
     from transformers import get_scheduler
 
     from dschat_cli.models.loading import optimizer_groups
+    from dschat_cli.steps.common import ds_initialize
 
     if optim is None:
-        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine = ds_initialize(model=model, config=config)
         engine.eval()
         return engine
     groups = optimizer_groups(model, weight_decay=optim.weight_decay, lora_lr=optim.lora_lr)
-    engine, *_ = deepspeed.initialize(
+    return ds_initialize(
         model=model, model_parameters=groups, config=config,
         lr_scheduler=lambda opt: get_scheduler(optim.scheduler, opt,
                                                num_warmup_steps=optim.warmup,
                                                num_training_steps=total_steps))
-    return engine
 
 
 def this_machine(cfg, dist: Dist, step: str = "ppo") -> ResolvedRun:

@@ -39,6 +39,10 @@ def _train_cases() -> dict[str, dict]:
                 cases[name] = train_ds_config(DeepSpeedOptions(zero_stage=stage, offload=offload),
                                               OPTIM, world_size=WORLD, dtype=dtype,
                                               torch_adam=False)
+    # bf16 at ZeRO-1 accumulates in fp32 unless told not to (the case above has data_types)
+    cases["train_z1_bf16_fp32acc_off"] = train_ds_config(
+        DeepSpeedOptions(zero_stage=1, fp32_grad_accum="off"), OPTIM, world_size=WORLD,
+        dtype="bf16", torch_adam=False)
     # What the CPU integration tests run: torch AdamW (no JIT build), ZeRO-3 releasing every
     # gathered parameter (so missing collectives hang instead of hiding), TensorBoard on.
     cases["train_z3_fp32_cputest"] = train_ds_config(
@@ -281,6 +285,26 @@ def test_eval_fp16_has_no_loss_scaling():
 
 
 # --- errors -----------------------------------------------------------------------------------
+
+def test_fp32_grad_accum_where_deepspeed_runs_it():
+    def cfg(stage=1, dtype="bf16", offload=False, setting="auto"):
+        return train_ds_config(DeepSpeedOptions(zero_stage=stage, offload=offload,
+                                                fp32_grad_accum=setting), OPTIM, world_size=WORLD,
+                               dtype=dtype, torch_adam=False)
+
+    # auto: only bf16 at ZeRO-1 without offload (DeepSpeed's BF16_Optimizer)
+    assert cfg()["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert cfg(setting="on")["data_types"] == {"grad_accum_dtype": "fp32"}
+    for kw in ({"stage": 0}, {"stage": 2}, {"stage": 3}, {"dtype": "fp16"}, {"dtype": "fp32"},
+               {"offload": True}, {"setting": "off"}):
+        assert "data_types" not in cfg(**kw), kw
+    # on where DeepSpeed cannot: the flag, what is wrong, and the fix
+    for kw, why in (({"stage": 0}, "not ZeRO-0"), ({"stage": 2}, "not ZeRO-2"),
+                    ({"dtype": "fp32"}, "not fp32 training"), ({"offload": True}, "not --offload")):
+        with pytest.raises(ConfigError, match=f"on needs bf16 training at ZeRO-1 .*{why}") as e:
+            cfg(setting="on", **kw)
+        assert e.value.where == "--fp32-grad-accum"
+
 
 def test_offload_needs_zero_stage():
     with pytest.raises(ConfigError) as e:

@@ -1,4 +1,5 @@
-"""What `dschat bench` chooses for unset settings (plan/choose.py): ZeRO 0 on one GPU, 2 on
+"""What `dschat bench` chooses for unset settings (plan/choose.py): ZeRO 1 on one GPU in bf16
+(fp32 gradient accumulation) and 0 at a batch only ZeRO-0 fits or in another precision, 2 on
 several; --batch-size 64, then the largest batch the memory plan says fits; a flag given wins."""
 
 from __future__ import annotations
@@ -30,28 +31,64 @@ def test_fitting_batches_walks_up_until_the_first_that_does_not_fit():
     assert fitting_batches(peak, 100 * GiB, 2, start=64, step=8, limit=1024) == [80, 72]
 
 
-def test_one_h200_defaults_zero_0_and_searches_a_larger_batch():
+def _peak(cfg: BenchConfig, batch: int) -> float:
+    from dschat_cli.config.bench import bench_step_config
+    from dschat_cli.config.resolved import resolve_run
+    from dschat_cli.plan.planner import estimate_step
+
+    step, run_cfg = bench_step_config(dataclasses.replace(cfg, batch_size=batch, output_dir="x"))
+    record = resolve_run(step, run_cfg, world_size=1, device="cuda", bf16_supported=True,
+                         hub_reachable=False)
+    return estimate_step(run_cfg, record).peak
+
+
+def _fits(peak: float, target=H200) -> bool:
+    return verdict(peak, overhead_bytes(peak, 1), target.gpu_bytes) != "does not fit"
+
+
+def test_one_h200_defaults_zero_1_and_searches_a_larger_batch_at_zero_0_where_needed():
     c = choose_bench(BenchConfig(), world_size=1, target=H200)
-    assert (c.cfg.actor_zero_stage, c.cfg.critic_zero_stage, c.cfg.batch_size) == (0, 0, 64)
-    assert c.lines[0].startswith("--actor-zero-stage and --critic-zero-stage 0: one GPU")
+    assert (c.cfg.actor_zero_stage, c.cfg.critic_zero_stage, c.cfg.batch_size) == (1, 1, 64)
+    assert c.lines[0].startswith("--actor-zero-stage and --critic-zero-stage 1: one GPU in bf16")
+    assert "fp32" in c.lines[0]
     assert c.larger, c.lines
     best = c.larger[0]
     assert best > 64 and best % 32 == 0 and c.larger == sorted(c.larger, reverse=True)
-    # the largest batch fits by the plan (with or without its margin); 32 more does not
-    peaks = {}
-    for b in (best, best + 32):
-        from dschat_cli.config.bench import bench_step_config
-        from dschat_cli.config.resolved import resolve_run
-        from dschat_cli.plan.planner import estimate_step
-
-        step, run_cfg = bench_step_config(dataclasses.replace(c.cfg, batch_size=b, output_dir="x"))
-        record = resolve_run(step, run_cfg, world_size=1, device="cuda", bf16_supported=True,
-                             hub_reachable=False)
-        peaks[b] = estimate_step(run_cfg, record).peak
-    assert verdict(peaks[best], overhead_bytes(peaks[best], 1), H200.gpu_bytes) != "does not fit"
-    assert verdict(peaks[best + 32], overhead_bytes(peaks[best + 32], 1),
-                   H200.gpu_bytes) == "does not fit"
+    zero0 = dataclasses.replace(c.cfg, actor_zero_stage=0, critic_zero_stage=0)
+    # the largest batch fits by the plan only without ZeRO-1's fp32 gradient buffer: it runs at
+    # ZeRO-0; 32 more fits neither way
+    assert not _fits(_peak(c.cfg, best)) and _fits(_peak(zero0, best))
+    assert not _fits(_peak(zero0, best + 32))
+    assert c.config_for(best) == dataclasses.replace(zero0, batch_size=best)
     assert f"then {best}: the largest batch that fits one GPU (--gpu-memory 139.8)" in c.lines[1]
+    assert "at ZeRO-0: it does not fit with ZeRO-1's fp32 gradient buffer" in c.lines[1]
+    # a batch that fits at ZeRO-1 stays there
+    for b in c.larger[1:]:
+        if _fits(_peak(c.cfg, b)):
+            assert c.config_for(b) == dataclasses.replace(c.cfg, batch_size=b)
+
+
+def test_one_gpu_without_bf16_or_with_fp32_accumulation_off_stays_at_zero_0():
+    for cfg in (BenchConfig(dtype="fp32"), BenchConfig(fp32_grad_accum="off")):
+        c = choose_bench(cfg, world_size=1, target=H200)
+        assert (c.cfg.actor_zero_stage, c.cfg.critic_zero_stage) == (0, 0), c.lines
+        assert c.lines[0].startswith("--actor-zero-stage and --critic-zero-stage 0: one GPU")
+        assert c.zero_at == {}
+    # a CPU rank trains in fp32 (auto): 0, and the line says why ZeRO-1 would not help
+    c = choose_bench(BenchConfig(), world_size=1, target=detect_target(None, []), on_gpu=False)
+    assert c.cfg.actor_zero_stage == 0 and "needs bf16" in c.lines[0]
+
+
+def test_a_base_batch_that_fits_only_at_zero_0_runs_there():
+    # on 80 GB the plan's largest batch fits only without the fp32 gradient buffer
+    gpu = detect_target(80.0)
+    c = choose_bench(BenchConfig(), world_size=1, target=gpu)
+    assert (c.cfg.actor_zero_stage, c.cfg.critic_zero_stage) == (0, 0), c.lines
+    b = c.cfg.batch_size
+    assert _fits(_peak(c.cfg, b), gpu)
+    assert not _fits(_peak(dataclasses.replace(c.cfg, actor_zero_stage=1, critic_zero_stage=1),
+                           b), gpu)
+    assert "at ZeRO-0: it does not fit with ZeRO-1's fp32 gradient buffer" in c.lines[-1]
 
 
 def test_several_gpus_default_zero_2():
@@ -63,9 +100,9 @@ def test_several_gpus_default_zero_2():
 def test_a_flag_given_wins():
     c = choose_bench(BenchConfig(actor_zero_stage=3, batch_size=32), world_size=1, target=H200)
     # the critic's stage was unset: chosen and said; the actor's and the batch kept, no search
-    assert (c.cfg.actor_zero_stage, c.cfg.critic_zero_stage, c.cfg.batch_size) == (3, 0, 32)
+    assert (c.cfg.actor_zero_stage, c.cfg.critic_zero_stage, c.cfg.batch_size) == (3, 1, 32)
     assert c.larger == [] and c.lines == [c.lines[0]] and c.lines[0].startswith(
-        "--critic-zero-stage 0")
+        "--critic-zero-stage 1")
     c = choose_bench(BenchConfig(actor_zero_stage=2, critic_zero_stage=2, batch_size=48),
                      world_size=1, target=H200)
     assert c.lines == [] and c.larger == [] and c.cfg.batch_size == 48
@@ -80,7 +117,7 @@ def test_no_gpu_memory_known_means_no_search_and_says_so():
 @pytest.mark.parametrize("step", ["sft", "dpo"])
 def test_sft_and_dpo_search_their_own_batch(step):
     c = choose_bench(BenchConfig(step=step), world_size=1, target=H200)
-    assert c.cfg.actor_zero_stage == 0 and c.lines[0].startswith("--actor-zero-stage 0")
+    assert c.cfg.actor_zero_stage == 1 and c.lines[0].startswith("--actor-zero-stage 1")
     if step == "sft":  # 64 sequences of 512 tokens fit, and a larger batch
         assert c.cfg.batch_size == 64 and c.larger[0] > 64
     else:  # dpo: 64 pairs are 128 sequences of 512 tokens: they fit (bf16 logits and their

@@ -17,8 +17,10 @@ ARCH = Arch(model_type="opt", family="opt", hidden=2048, layers=24, heads=32, kv
             largest_tensor=100_000_000, dropout=0.0, prefix="model.", linears=())
 
 
-def ds(stage=0, offload=False, dtype="bf16", world=1, micro=8, accum=1, torch_adam=False):
-    return train_ds_config(DeepSpeedOptions(zero_stage=stage, offload=offload),
+def ds(stage=0, offload=False, dtype="bf16", world=1, micro=8, accum=1, torch_adam=False,
+       fp32_grad_accum="auto"):
+    return train_ds_config(DeepSpeedOptions(zero_stage=stage, offload=offload,
+                                            fp32_grad_accum=fp32_grad_accum),
                            OptimOptions(per_device_train_batch_size=micro,
                                         gradient_accumulation_steps=accum),
                            world_size=world, dtype=dtype, torch_adam=torch_adam)
@@ -59,6 +61,45 @@ def test_zero0_gradient_accumulation_keeps_gradients():
                           eval_batch=8, seq_len=512, checkpointing=False, lora_dim=0,
                           lora_filter="", only_lora=False, dropout=None)
     assert est.phases["training forward + backward"] == 14e9 + 2e9 + ACT + LOGITS
+
+
+def test_zero1_bf16_accumulates_in_an_fp32_buffer_kept_for_the_run():
+    est = sft(stage=1)
+    m = est.models[0]
+    # DeepSpeed's BF16_Optimizer: bf16 grads 2N as at ZeRO-0, an fp32 gradient buffer 4N kept
+    # between steps, master + Adam 12N (one rank: nothing partitioned); no reduce buckets, and
+    # the step copies nothing (1e9 parameters fill the 5e8-element all-reduce bucket alone)
+    assert (m.weights, m.grads, m.hp_grads, m.optimizer, m.step_extra, m.buffers) == \
+        (2e9, 2e9, 4e9, 12e9, 0.0, 0.0)
+    assert m.resident == 18e9  # ZeRO-0's 14N + the fp32 buffer
+    # backward as at ZeRO-0 (the head's gradient first, no bucket): activations + logits lead
+    assert est.phases["training forward + backward"] == 18e9 + ACT + LOGITS
+    # the step: 18N + the bf16 grads = 20 bytes per parameter, against ZeRO-0's 24
+    assert est.phases["optimizer step"] == 20e9
+    assert est.peak_phase == "training forward + backward"
+    # two ranks partition the master copy and Adam's states, not the fp32 gradient buffer
+    m2 = sft(stage=1, world=2).models[0]
+    assert (m2.hp_grads, m2.optimizer) == (4e9, 6e9)
+
+
+def test_fp32_accumulation_only_where_deepspeed_builds_bf16_optimizer():
+    assert Engine.from_ds(ds(1)).fp32_accum
+    off = train_ds_config(DeepSpeedOptions(zero_stage=1, fp32_grad_accum="off"),
+                          OptimOptions(per_device_train_batch_size=8), world_size=1,
+                          dtype="bf16", torch_adam=False)
+    assert not Engine.from_ds(off).fp32_accum
+    assert sft(stage=1, fp32_grad_accum="off").models[0].hp_grads == 0
+    for cfg in (ds(1, dtype="fp16"), ds(1, dtype="fp32"), ds(1, offload=True), ds(2)):
+        assert not Engine.from_ds(cfg).fp32_accum
+    # the key alone does not make DeepSpeed's BF16_Optimizer at ZeRO-2: it is ignored there
+    assert not Engine.from_ds({**ds(2), "data_types": {"grad_accum_dtype": "fp32"}}).fp32_accum
+
+
+def test_a_small_model_copies_its_fp32_gradients_for_the_all_reduce():
+    small = Arch(**{**ARCH.__dict__, "params": 300_000_000})
+    m = trained_model(small, Engine.from_ds(ds(1)), role="model", source="m", world_size=1)
+    # all parameter groups share one 5e8-element bucket: flattened into a copy
+    assert m.step_extra == 4 * 300_000_000
 
 
 def test_zero2_partitions_over_four_gpus():

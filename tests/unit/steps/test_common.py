@@ -1,4 +1,6 @@
-"""Eval sums count every sample once although the sampler repeats some to even out the ranks."""
+"""The steps' shared helpers: eval sums count every sample once although the sampler repeats some
+to even out the ranks; the header names where the ranks run; DeepSpeed's unasked memory report
+stays out of the log."""
 
 import pytest
 from torch.utils.data import DistributedSampler
@@ -29,3 +31,33 @@ def test_placement_says_where_the_ranks_run():
     assert Dist(0, 0, 4, "cuda:0").placement == "4 rank(s), one GPU each"
     assert Dist(0, 0, 1, "cuda:0").placement == "1 rank on cuda:0"
     assert Dist(0, 0, 2, "cpu").placement == "2 rank(s) on cpu"
+
+
+def test_ds_initialize_drops_deepspeeds_memory_report_and_keeps_the_rest(monkeypatch, capsys):
+    import deepspeed
+
+    from dschat_cli.steps.common import ds_initialize
+
+    def fake_initialize(**kwargs):  # what DeepSpeed 0.19's BF16_Optimizer prints, among others
+        print("begin bf16_optimizer")
+        print("MA 19.61 GB         Max_MA 22.06 GB         CA 29.79 GB         Max_CA 30 GB ")
+        print("CPU Virtual Memory:  used = 1.68 GB, percent = 1.3%")
+        print("before initializing group 0")
+        print("a line of DeepSpeed's own that the log keeps")
+        print("after initializing group 0")
+        print("end bf16_ optimizer")
+        return ("engine", kwargs["config"]), None, None, None
+
+    monkeypatch.setattr(deepspeed, "initialize", fake_initialize)
+    assert ds_initialize(model=None, config={"x": 1}) == ("engine", {"x": 1})
+    assert capsys.readouterr().out == "a line of DeepSpeed's own that the log keeps\n"
+
+    def failing_initialize(**kwargs):  # what was printed before an error still reaches the log
+        print("begin bf16_optimizer")
+        print("DeepSpeed says why")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(deepspeed, "initialize", failing_initialize)
+    with pytest.raises(RuntimeError, match="boom"):
+        ds_initialize(model=None, config={})
+    assert capsys.readouterr().out == "DeepSpeed says why\n"
