@@ -55,3 +55,20 @@ def test_warnings_print_as_one_line_and_an_empty_one_names_its_origin(capsys):
     worker._show_warning(UserWarning(""), UserWarning, "/site/torch/_inductor/foo.py", 42)
     err = capsys.readouterr().err.strip()
     assert err == "warning: UserWarning with no message, from /site/torch/_inductor/foo.py:42"
+
+
+def test_inductors_online_softmax_note_is_silenced_and_other_warnings_are_not(capsys):
+    import warnings
+
+    saved = (warnings.filters[:], warnings.showwarning)
+    try:
+        worker._quiet_libraries(0)
+        # as an H100 bench printed it three times with --compile-decode auto
+        warnings.warn("Online softmax is disabled on the fly since Inductor decides to\nsplit the "
+                      "reduction. Cut an issue to PyTorch if this is an\nimportant use case",
+                      UserWarning)
+        assert capsys.readouterr().err == ""
+        warnings.warn("the cache is cold", UserWarning)
+        assert capsys.readouterr().err.strip() == "warning: the cache is cold"
+    finally:
+        warnings.filters[:], warnings.showwarning = saved
