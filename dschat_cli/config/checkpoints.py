@@ -41,6 +41,10 @@ FREE_OPTIONS = ("output_dir", "overwrite", "checkpoint.", "launch.", "health.", 
                 # how fast the decode step runs, not what the run computes: a resume may skip
                 # the compile (--compile-decode off) or ask for it
                 "generation.compile_decode")
+# Options added after checkpoints were already being written, with the value an older checkpoint
+# (whose config lacks the key) was trained as: the comparison reads that value in its place, so the
+# error names a value the user can pass.
+ADDED_OPTIONS = {"deepspeed.fp32_grad_accum": "off"}
 RESTART = "drop --resume and pass --overwrite (or use a new --output-dir) to start over"
 # Peak learning rates may differ too: lowering one and resuming from the last good checkpoint is
 # the health monitor's advice after a divergence. steps/checkpoint.py then scales the restored
@@ -172,6 +176,8 @@ def check_compatible(folder: Path, cfg, world_size: int, restart: str = RESTART)
     run that wrote it (ConfigError naming the first flag that differs)."""
     state = read_json(folder / STATE) or {}
     then, now = _flat(state.get("config", {})), _flat(to_dict(cfg))
+    if then:
+        then = {**{k: v for k, v in ADDED_OPTIONS.items() if k in now}, **then}
     flags = {s.dotted: s.flag for s in flag_specs(type(cfg))}
     order = {k: i for i, k in enumerate(flags)}
     for key in sorted(set(then) | set(now), key=lambda k: order.get(k, len(order))):

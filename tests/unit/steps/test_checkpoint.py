@@ -206,3 +206,25 @@ def test_resume_accepts_another_peak_learning_rate_but_no_other_change(tmp_path)
     with pytest.raises(ConfigError) as e:
         resolve_resume(run(resume=step2, weight_decay=0.1), 1)
     assert e.value.where == "--weight-decay"
+
+
+def test_a_checkpoint_from_before_fp32_grad_accum_resumes_as_off(tmp_path):
+    """A checkpoint written before --fp32-grad-accum existed has no such key: it trained with
+    bf16 gradient accumulation, so it resumes with --fp32-grad-accum off, and the error for
+    anything else names that value (one the user can pass)."""
+    CheckpointManager(cfg(tmp_path, save_interval=2), DIST, tmp_path).save(
+        2, {"model": Engine()}, {})
+    step2 = tmp_path / "checkpoints" / "step_000002"
+    state_file = step2 / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["deepspeed"]["fp32_grad_accum"]
+    state_file.write_text(json.dumps(state))
+    marker_file = step2 / "complete.json"  # the marker records each file's size: keep it whole
+    marker = json.loads(marker_file.read_text())
+    marker["files"]["trainer_state.json"] = state_file.stat().st_size
+    marker_file.write_text(json.dumps(marker))
+    assert resolve_resume(cfg(tmp_path, resume=str(step2), fp32_grad_accum="off"), 1) == step2
+    with pytest.raises(ConfigError) as e:
+        resolve_resume(cfg(tmp_path, resume=str(step2)), 1)
+    assert e.value.where == "--fp32-grad-accum"
+    assert "is auto but checkpoint" in e.value.message and "written with off" in e.value.message
