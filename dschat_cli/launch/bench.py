@@ -42,8 +42,10 @@ def launch_bench(cfg: BenchConfig, *, dry_run: bool) -> int:
     out = Path(first.output_dir).expanduser().resolve()
     if dry_run:
         if choice.larger:
-            console.print(f"then: batch {choice.larger[0]} in {escape(str(out))}/batch-"
-                          f"{choice.larger[0]} (fast engine only)", soft_wrap=True)
+            b = choice.larger[0]
+            zero0 = " at ZeRO-0" if choice.zero_at.get(b) else ""
+            console.print(f"then: batch {b}{zero0} in {escape(str(out))}/batch-{b} (fast engine "
+                          "only)", soft_wrap=True)
         return rc
     result = _read(out / "bench.json")
     if rc != 0 or result is None:

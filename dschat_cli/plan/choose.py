@@ -90,8 +90,8 @@ def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: b
         return _verdict(peak(b), world_size, target) != "does not fit"
 
     def est(b: int) -> str:  # "estimated peak 118.0 GiB, fits, but not with the plan's 15% ..."
-        return (f"estimated peak {peak(b) / GiB:.1f} GiB, "
-                f"{_words(_verdict(peak(b), world_size, target))}{_at_zero0(at(b))}")
+        return (f"estimated peak {peak(b) / GiB:.1f} GiB{_at_zero0(at(b))}, "
+                f"{_words(_verdict(peak(b), world_size, target))}")
 
     where = f"one GPU ({target.source})"
     k = choice.cfg.samples  # a batch counts answers: a whole number of prompts x k
@@ -131,7 +131,7 @@ def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: b
 
 
 def _at_zero0(stages: dict[str, int]) -> str:
-    return (" at ZeRO-0: it does not fit with ZeRO-1's fp32 gradient buffer" if stages else "")
+    return (" at ZeRO-0 (with ZeRO-1's fp32 gradient buffer it does not fit)" if stages else "")
 
 
 def _round_up(n: int, k: int) -> int:
