@@ -275,3 +275,17 @@ def test_bench_whose_first_batch_runs_out_of_memory_says_so_and_tries_nothing_la
     assert res["status"] == "out_of_memory" and res["batch_size"] == 64
     assert res["larger_batches_tried"] == [] and res["largest_batch"] is None
     assert not any(p.name.startswith("batch-") for p in out.iterdir())
+
+
+def test_bench_dry_run_on_a_bf16_h200_chooses_zero_1_and_zero_0_for_the_largest_batch(
+        tmp_path, invoke_dschat):
+    """The defaults on one 139.8 GiB GPU in bf16, planned from here: ZeRO-1 (fp32 gradients) at
+    batch 64; the largest batch, 128, fits only without the fp32 buffer and runs at ZeRO-0."""
+    r = invoke_dschat("bench", "--gpu-memory", "139.8", "--dtype", "bf16", "--dry-run",
+                      "--output-dir", tmp_path / "b")
+    assert r.code == 0, r.explain()
+    text = " ".join(r.output.split())
+    assert "chosen: --actor-zero-stage and --critic-zero-stage 1: one CPU rank in bf16" in text
+    assert "at ZeRO-0 (with ZeRO-1's fp32 gradient buffer it does not fit)" in text
+    assert "then: batch 128 at ZeRO-0 in" in text
+    assert '"grad_accum_dtype": "fp32"' in text  # the actor's and critic's DeepSpeed configs
