@@ -66,9 +66,10 @@ class BenchConfig:
     generation_tensor_parallel: int = opt(1, "ppo: as `dschat ppo --generation-tensor-parallel` "
                                           "(fast engine only).", min=1)
     actor_zero_stage: int | None = opt(None, "ZeRO stage of the actor (and reference; the policy "
-                                       "and its reference for dpo). Unset: 1 on one GPU (with "
-                                       "bf16, DeepSpeed's fp32-accumulating BF16_Optimizer: the "
-                                       "fastest optimizer step measured), 2 on several (the "
+                                       "and its reference for dpo). Unset: on one GPU in bf16, 1 "
+                                       "(DeepSpeed's fp32-accumulating BF16_Optimizer: the "
+                                       "fastest optimizer step measured) at a batch where its fp32 "
+                                       "gradient buffer fits, else 0; 2 on several (the "
                                        "reference's benchmark setting).", choices=(0, 1, 2, 3))
     critic_zero_stage: int | None = opt(None, "ZeRO stage of the critic (and reward model). "
                                         "Unset: as --actor-zero-stage's default.",

@@ -322,6 +322,15 @@ class PPOConfig:
         if self.deepspeed.offload and self.has_critic and 0 in (self.deepspeed.actor_zero_stage,
                                                                 self.deepspeed.critic_zero_stage):
             raise ConfigError("--offload", "needs --actor-zero-stage and --critic-zero-stage >= 1")
+        d = self.deepspeed
+        stages = [("--actor-zero-stage", d.actor_zero_stage)] + \
+            ([("--critic-zero-stage", d.critic_zero_stage)] if self.has_critic else [])
+        for flag, stage in stages:
+            if d.fp32_grad_accum == "on" and stage != 1:
+                raise ConfigError("--fp32-grad-accum", f"on needs ZeRO-1 for the actor and the "
+                                  f"critic (DeepSpeed accumulates bf16 gradients in fp32 only "
+                                  f"there), but {flag} is {stage}; pass {flag} 1, or "
+                                  "--fp32-grad-accum auto (fp32 wherever the stage is 1)")
         if self.data.unsupervised_dataset_config_name and not self.data.unsupervised_dataset_name:
             raise ConfigError("--unsupervised-dataset-config-name",
                               "needs --unsupervised-dataset-name")

@@ -127,6 +127,10 @@ CASES: list[Case] = [
     ("offload-with-zero-0", lambda c: c.sft("--offload", "--zero-stage", "0"), "--offload"),
     ("negative-lora-dim", lambda c: c.sft("--lora-dim", "-1"), "--lora-dim"),
     ("bad-dtype", lambda c: c.sft("--dtype", "fp8"), "--dtype"),
+    # fp32 gradients where DeepSpeed has none: ZeRO-0 here, and fp32 training on this CPU
+    ("fp32-grad-accum-at-zero-0", lambda c: c.sft("--fp32-grad-accum", "on"), "--fp32-grad-accum"),
+    ("fp32-grad-accum-in-fp32", lambda c: c.sft("--fp32-grad-accum", "on", "--zero-stage", "1"),
+     "--fp32-grad-accum"),
     ("config-file-missing", lambda c: c.sft("--config", c.tmp / "run.yaml"), "--config"),
     ("config-unknown-key", lambda c: c.sft("--config", c.write("run.yaml", "optim:\n  lr: 1\n")),
      "--config"),

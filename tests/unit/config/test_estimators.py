@@ -110,3 +110,17 @@ def test_compile_decode_needs_the_fast_engine():
     with pytest.raises(ConfigError) as e:
         cfg(compile_decode="on", generation_engine="hf").check()
     assert e.value.where == "--compile-decode on" and "--generation-engine fast" in e.value.message
+
+
+def test_fp32_grad_accum_on_needs_zero_1_for_each_trained_model():
+    cfg(fp32_grad_accum="on", actor_zero_stage=1, critic_zero_stage=1).check()
+    # no critic is trained without one: only the actor's stage counts
+    cfg(fp32_grad_accum="on", actor_zero_stage=1, advantage_estimator="grpo",
+        samples_per_prompt=2).check()
+    cfg(actor_zero_stage=1).check()  # auto: fp32 wherever the stage is 1, nothing to refuse
+    for flags, named in (({"actor_zero_stage": 1}, "--critic-zero-stage is 0"),
+                         ({"critic_zero_stage": 1, "actor_zero_stage": 2},
+                          "--actor-zero-stage is 2")):
+        with pytest.raises(ConfigError) as e:
+            cfg(fp32_grad_accum="on", **flags).check()
+        assert e.value.where == "--fp32-grad-accum" and named in e.value.message
