@@ -157,7 +157,8 @@ def launch_estimate(cfg, record, target: Target, *, console, archs=None) -> None
     console.print(Text(f"memory estimate per GPU ({est.dtype}, {world_size} GPU(s); "
                        f"`dschat plan {step}` explains it):", style="bold"))
     for m in est.models:
-        parts = [("weights", m.weights), ("grads", m.grads), ("optimizer", m.optimizer),
+        parts = [("weights", m.weights), ("grads", m.grads), ("fp32 grads", m.hp_grads),
+                 ("optimizer", m.optimizer),
                  ("buffers", m.buffers), ("activations", m.activations), ("KV cache", m.kv_cache)]
         body = " + ".join(f"{name} {gib(v)}" for name, v in parts if v >= 0.05 * GiB) or "0.0"
         console.print(Text(f"  {m.role} {m.source} ({count(m.params)}, {_zero(m)}): {body} GiB"))

@@ -191,3 +191,23 @@ def test_ppo_hints_a_larger_generation_batch_and_never_applies_it():
     assert f"hint: --per-device-generation-batch-size {g} also fits" in text
     assert f"{g // 16}x fewer PPO steps per epoch with the same optimizer steps" in text
     assert cfg.train.per_device_generation_batch_size == 16  # a hint only
+
+
+def test_the_launch_estimate_lists_zero_1s_fp32_gradient_buffer():
+    import io
+
+    from rich.console import Console
+
+    from dschat_cli.plan.report import launch_estimate
+
+    cfg, record = _ppo(actor_zero_stage=1, critic_zero_stage=1)
+    out = io.StringIO()
+    launch_estimate(cfg, record, H200, console=Console(file=out, width=400))
+    lines = out.getvalue().splitlines()
+    actor = next(ln for ln in lines if ln.strip().startswith("actor opt-1.3b"))
+    # 1.32e9 trained parameters x 4 B = 4.9 GiB, named beside the bf16 gradients
+    assert "ZeRO-1, fp32 grads" in actor and "fp32 grads 4.9" in actor, actor
+    cfg0, record0 = _ppo()
+    out0 = io.StringIO()
+    launch_estimate(cfg0, record0, H200, console=Console(file=out0, width=400))
+    assert "fp32 grads" not in out0.getvalue()
