@@ -256,3 +256,34 @@ def larger_generation_batch(cfg, record, target: Target, *, archs=None
         else:
             break
     return best
+
+
+def zero1_hint(cfg, record, target: Target, *, archs=None) -> tuple[list[str], float] | None:
+    """The training commands' hint on one GPU in bf16 (printed before the launch, never
+    applied): the flags that move each trained model from ZeRO-0 to ZeRO-1, where its gradients
+    accumulate in fp32 (--fp32-grad-accum auto) and the optimizer step is faster (the bench's
+    choice; docs/benchmarks.md), with that estimate's peak bytes; None when no model is at
+    ZeRO-0, the run is not one GPU in bf16, --fp32-grad-accum is off, or ZeRO-1's fp32 gradient
+    buffer does not fit `target` with the plan's margin.
+
+    A hint, not a default: `--zero-stage 0` is the reference's default, and the 4 B per parameter
+    the buffer keeps could push a run that fits today over the edge of another GPU."""
+    d = cfg.deepspeed
+    if record.world_size != 1 or record.dtype != "bf16" or d.fp32_grad_accum == "off":
+        return None
+    if hasattr(d, "actor_zero_stage"):  # step 3: the actor, and the critic when there is one
+        stages = [("actor_zero_stage", "--actor-zero-stage")] + (
+            [("critic_zero_stage", "--critic-zero-stage")] if cfg.has_critic else [])
+    else:
+        stages = [("zero_stage", "--zero-stage")]
+    move = [(name, flag) for name, flag in stages if getattr(d, name) == 0]
+    if not move:
+        return None
+    candidate = dataclasses.replace(cfg, deepspeed=dataclasses.replace(
+        d, **{name: 1 for name, _ in move}))
+    rec = resolve_run(record.step, candidate, world_size=1, device="cuda", bf16_supported=True,
+                      hub_reachable=False)
+    peak = estimate_step(candidate, rec, archs=archs).peak
+    if _verdict(peak, 1, target) != "fits":
+        return None
+    return [f"{flag} 1" for _, flag in move], peak

@@ -211,3 +211,62 @@ def test_the_launch_estimate_lists_zero_1s_fp32_gradient_buffer():
     out0 = io.StringIO()
     launch_estimate(cfg0, record0, H200, console=Console(file=out0, width=400))
     assert "fp32 grads" not in out0.getvalue()
+
+
+def _estimate_text(cfg, record, target=H200) -> str:
+    import io
+
+    from rich.console import Console
+
+    from dschat_cli.plan.report import launch_estimate
+
+    out = io.StringIO()
+    launch_estimate(cfg, record, target, console=Console(file=out, width=400))
+    return " ".join(out.getvalue().split())
+
+
+def test_one_gpu_launches_at_zero_0_hint_zero_1_where_its_fp32_buffer_fits():
+    from dschat_cli.plan.choose import zero1_hint
+
+    cfg, record = _ppo()
+    flags, peak = zero1_hint(cfg, record, H200)
+    assert flags == ["--actor-zero-stage 1", "--critic-zero-stage 1"]
+    moved, rec1 = _ppo(actor_zero_stage=1, critic_zero_stage=1)
+    from dschat_cli.plan.planner import estimate_step
+
+    assert peak == estimate_step(moved, rec1).peak
+    assert "hint: --actor-zero-stage 1 --critic-zero-stage 1 also fits" in _estimate_text(cfg,
+                                                                                         record)
+    assert cfg.deepspeed.actor_zero_stage == 0  # a hint only
+    # only the model still at 0; none when both are at 1 or fp32 accumulation is off
+    assert zero1_hint(*_ppo(actor_zero_stage=1), H200)[0] == ["--critic-zero-stage 1"]
+    assert zero1_hint(moved, rec1, H200) is None
+    assert zero1_hint(*_ppo(fp32_grad_accum="off"), H200) is None
+    # a critic-free run trains no critic
+    assert zero1_hint(*_ppo(advantage_estimator="grpo", samples_per_prompt=8),
+                      H200)[0] == ["--actor-zero-stage 1"]
+    # not where the buffer does not fit with the plan's margin: on 52 GiB the run fits at ZeRO-0
+    # (peak 38.9 GiB) but not with ZeRO-1's 6.1 GiB fp32 buffers (43.8 GiB)
+    small = detect_target(52.0)
+    p0 = estimate_step(cfg, record).peak
+    assert verdict(p0, overhead_bytes(p0, 1), small.gpu_bytes) == "fits"
+    assert verdict(peak, overhead_bytes(peak, 1), small.gpu_bytes) != "fits"
+    assert zero1_hint(cfg, record, small) is None
+    assert "hint: --actor-zero-stage" not in _estimate_text(cfg, record, small)
+
+
+def test_sft_hints_zero_1_and_fp32_runs_get_no_hint():
+    from dschat_cli.config.resolved import resolve_run
+    from dschat_cli.config.schema import from_flags
+    from dschat_cli.config.sft import SFTConfig
+    from dschat_cli.plan.choose import zero1_hint
+
+    def sft(**flags):
+        cfg = from_flags(SFTConfig, **{"model": "opt-1.3b", "output_dir": "/tmp/x", **flags})
+        return cfg, resolve_run("sft", cfg, world_size=1, device="cuda", bf16_supported=True,
+                                hub_reachable=False)
+
+    assert zero1_hint(*sft(), H200)[0] == ["--zero-stage 1"]
+    assert "hint: --zero-stage 1 also fits" in _estimate_text(*sft())
+    assert zero1_hint(*sft(dtype="fp16"), H200) is None
+    assert "hint: --zero-stage" not in _estimate_text(*sft(zero_stage=2))
