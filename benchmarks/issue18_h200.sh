@@ -5,9 +5,13 @@
 #   bash benchmarks/issue18_h200.sh OUT_DIR [PARTS]
 # PARTS: comma-separated of ppo, sft, dpo, grpo, rloo, decode (default ppo,sft,dpo,grpo,decode),
 # and compile-ab: the fast engine alone at --batch-size ${AB_BATCH:-64} with --compile-decode off,
-# auto (the default: compiled on a GPU), then off again (the repeat shows the run-to-run spread).
+# auto (the default: compiled on a GPU), then off again (the repeat shows the run-to-run spread);
+# zero-ab: the same batch with ZeRO-0 given, then with the stages the bench chooses (ZeRO-1 with
+# fp32 gradients where they fit), then ZeRO-0 again; sft-zero-ab: the same for step 1.
 # Each part's output and JSON go to OUT_DIR/PART.txt and OUT_DIR/PART.json, wall times to
 # OUT_DIR/walls.txt. The first bench compiles DeepSpeed's FusedAdam (~1 min, cached for the rest).
+# The device tool brings back at most 8 files: write OUT outside $OUT and end the call with
+# `tar czf $OUT/issue18.tgz -C OUT .` (each part leaves a .txt and a .json).
 # Split the parts over device calls of at most 10 minutes (e.g. "ppo,sft", then "dpo,grpo", then
 # "decode"); each part has a time limit that keeps such a pair under 9 minutes.
 set -u
@@ -32,6 +36,15 @@ for part in ${parts//,/ }; do
             timed "ab-${run%%:*}" 240 python3 -m dschat_cli bench --generation-engine fast \
               --batch-size "${AB_BATCH:-64}" --compile-decode "${run#*:}" \
               --json "$out/ab-${run%%:*}.json" --output-dir "/tmp/b-ab-${run%%:*}"
+          done ;;
+    zero-ab|sft-zero-ab)
+          step=$([ "$part" = sft-zero-ab ] && echo "--step sft" || echo "--generation-engine fast")
+          for run in z0a:0 chosen: z0b:0; do
+            name="${part%-ab}-${run%%:*}" stage=${run#*:}
+            timed "$name" 200 python3 -m dschat_cli bench $step --batch-size "${AB_BATCH:-64}" \
+              ${stage:+--actor-zero-stage $stage} \
+              $([ -n "$stage" ] && [ "$part" = zero-ab ] && echo "--critic-zero-stage $stage") \
+              --json "$out/$name.json" --output-dir "/tmp/b-$name"
           done ;;
     decode)
           timed decode 300 python3 benchmarks/decode_profile.py opt-1.3b 64 256 256 graph,profile,compile ;;
