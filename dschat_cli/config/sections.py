@@ -18,10 +18,11 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 FP32_GRAD_ACCUM = ("auto", "on", "off")
 FP32_GRAD_ACCUM_HELP = (
-    "Accumulate and clip the gradients in fp32 (DeepSpeed's BF16_Optimizer): more exact than bf16 "
-    "gradients and a faster optimizer step (one inf/nan test of the global norm instead of one "
-    "per tensor), for 4 more bytes per trained parameter kept on the GPU. DeepSpeed does it for "
-    "bf16 training at ZeRO-1 without --offload only; auto: on there, off elsewhere.")
+    "Accumulate and clip the gradients in fp32 (DeepSpeed's BF16_Optimizer): no bf16 rounding "
+    "between micro-batches, and a faster optimizer step (one inf/nan test of the global norm "
+    "instead of one per tensor), for 4 more bytes per trained parameter kept on the GPU. "
+    "DeepSpeed does it for bf16 training at ZeRO-1 without --offload only; auto: on there, off "
+    "elsewhere.")
 DEPLOYMENTS = ("single_gpu", "single_node", "multi_node")
 TRACKERS = ("tensorboard", "wandb")  # --report-to's experiment trackers (ui/metrics.py feeds them)
 WANDB_PROJECT = "dschat"
