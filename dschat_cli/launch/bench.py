@@ -5,10 +5,11 @@ again at the largest batch that fits, and keep one record of both.
 
 plan/choose.py decides (ZeRO stages, the batch sizes) and says why; each measurement is a launch
 of its own (a fresh process: the second run's memory is not the first's leftovers), the first in
-OUT, the larger batch in OUT/batch-N. OUT/bench.json (and --json) is the first run's record plus
-`choices` (the lines printed), `largest_batch` (the larger run's record, or null) and
-`larger_batches_tried` ([{batch_size, status}]: ok, out_of_memory, failed). A larger batch that
-runs out of memory is not an error: the next smaller one the plan allows is tried.
+OUT, the larger batch in OUT/batch-N (OUT/batch-N-zero0 when it runs again at ZeRO-0 after running
+out of memory at ZeRO-1: plan/choose.py's `attempts`). OUT/bench.json (and --json) is the first
+run's record plus `choices` (the lines printed), `largest_batch` (the larger run's record, or null)
+and `larger_batches_tried` ([{batch_size, status, actor_zero_stage}]: ok, out_of_memory, failed).
+A larger batch that runs out of memory is not an error: the next attempt the plan allows runs.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def launch_bench(cfg: BenchConfig, *, dry_run: bool) -> int:
     rc = launch_training("bench", first, dry_run=dry_run)
     out = Path(first.output_dir).expanduser().resolve()
     if dry_run:
-        if choice.larger:
-            b = choice.larger[0]
-            zero0 = " at ZeRO-0" if choice.zero_at.get(b) else ""
+        if choice.attempts:
+            b, stages = choice.attempts[0]
+            zero0 = " at ZeRO-0" if stages else ""
             console.print(f"then: batch {b}{zero0} in {escape(str(out))}/batch-{b} (fast engine "
                           "only)", soft_wrap=True)
         return rc
@@ -58,25 +59,29 @@ def launch_bench(cfg: BenchConfig, *, dry_run: bool) -> int:
                    "--batch-size (`dschat plan` estimates what fits)")
         return 1
     failed = 0
-    for i, batch in enumerate(choice.larger):
+    for i, (batch, stages) in enumerate(choice.attempts):
+        again = i > 0 and choice.attempts[i - 1][0] == batch  # the same batch, now at ZeRO-0
+        folder = out / (f"batch-{batch}" + ("-zero0" if again else ""))
         sub = dataclasses.replace(
-            choice.config_for(batch), json=None, output_dir=str(out / f"batch-{batch}"),
+            choice.config_for(batch, stages), json=None, output_dir=str(folder),
             generation_engine="fast" if first.generation_engine == "both"
             else first.generation_engine)
-        console.rule(f"[bold]batch {batch}: " + ("the largest the memory plan says fits" if i == 0
-                                                 else "the next smaller one"))
+        console.rule(f"[bold]batch {batch}: " + (
+            "again at ZeRO-0" if again else "the largest the memory plan says fits" if i == 0
+            else "the next smaller one"))
         rc = launch_training("bench", sub, dry_run=False)
-        larger = _read(out / f"batch-{batch}" / "bench.json")
+        larger = _read(folder / "bench.json")
         status = "failed" if rc != 0 or larger is None else larger.get("status", "failed")
-        record["larger_batches_tried"].append({"batch_size": batch, "status": status})
+        record["larger_batches_tried"].append({"batch_size": batch, "status": status,
+                                               "actor_zero_stage": sub.actor_zero_stage})
         if status == "ok":
             record["largest_batch"] = larger
         _write(record, out, cfg.json)
         if status == "failed":
             failed = rc or 1
             error_line(f"dschat bench (batch {batch})", f"the run at the larger batch failed; see "
-                       f"{out / f'batch-{batch}' / 'train.log'} (batch {first.batch}'s figures "
-                       f"are in {out / 'bench.json'})")
+                       f"{folder / 'train.log'} (batch {first.batch}'s figures are in "
+                       f"{out / 'bench.json'})")
         if status != "out_of_memory":
             break
     _print_batches(record)
@@ -117,16 +122,18 @@ def _print_batches(record: dict) -> None:
     what = record["step"] + (f" ({record['advantage_estimator']})" if record["step"] == "ppo"
                              else "")
     t = Table(title=f"{what}: tokens/s by batch per GPU", title_justify="left")
-    for col in ("batch", "tokens/s", "peak GiB", "status"):
+    for col in ("batch", "ZeRO", "tokens/s", "peak GiB", "status"):
         t.add_column(col, justify="right")
-    rows = [(record["batch_size"], record, "ok")]
+    rows = [(record["batch_size"], record.get("actor_zero_stage", record.get("zero_stage")),
+             record, "ok")]
     larger = record["largest_batch"]
-    for tried in record["larger_batches_tried"]:
-        r = larger if larger is not None and tried["batch_size"] == larger["batch_size"] else {}
-        rows.append((tried["batch_size"], r, tried["status"]))
-    for batch, r, status in rows:
+    for tried in record["larger_batches_tried"]:  # only the last one tried can have run
+        r = larger if larger is not None and tried["status"] == "ok" else {}
+        rows.append((tried["batch_size"], tried.get("actor_zero_stage"), r, tried["status"]))
+    for batch, zero, r, status in rows:
         h = _headline(r) if r and status == "ok" else {}
         tps, peak = h.get("tokens_per_s"), h.get("peak_memory_gib")
-        t.add_row(str(batch), f"{tps:,.0f}" if tps is not None else "-",
+        t.add_row(str(batch), "-" if zero is None else str(zero),
+                  f"{tps:,.0f}" if tps is not None else "-",
                   f"{peak:.1f}" if peak is not None else "-", status.replace("_", " "))
     console.print(t)

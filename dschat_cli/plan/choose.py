@@ -4,6 +4,7 @@
     choice.cfg          # cfg with every unset ZeRO stage and --batch-size filled in
     choice.lines        # what was chosen and why, one line each (printed, and kept in bench.json)
     choice.larger       # larger batches to measure next, largest first ([] when none fits)
+    choice.attempts     # the launches after the first: (batch, its ZeRO stages), in order
 
 Users do not tune, so the defaults should be the fastest correct setting that fits:
 - ZeRO: on one GPU there is nothing to partition. In bf16, 1: it is where DeepSpeed accumulates
@@ -29,7 +30,7 @@ from typing import Callable
 from dschat_cli.config.bench import BASE_BATCH, BenchConfig, bench_step_config
 from dschat_cli.config.resolved import resolve_run
 from dschat_cli.plan.arch import PlanUnavailable
-from dschat_cli.plan.memory import GiB, overhead_bytes
+from dschat_cli.plan.memory import CONTEXT_BYTES, GiB, overhead_bytes
 from dschat_cli.plan.planner import MARGIN, Target, estimate_step, verdict
 
 MAX_BATCH_FACTOR = 16  # the search stops at 16 x the base batch
@@ -44,10 +45,17 @@ class BenchChoice:
     # the ZeRO stages (BenchConfig field -> stage) a larger batch runs at instead of cfg's: one
     # GPU's ZeRO-1 keeps an fp32 gradient buffer, so a batch that fits only without it runs at 0
     zero_at: dict[int, dict[str, int]] = field(default_factory=dict)
+    # the launches after the first, in order: (batch, the ZeRO stages it runs at, {} for cfg's).
+    # A batch the plan puts at ZeRO-0 whose ZeRO-1 estimate is still below the GPU's memory (the
+    # plan's allowance for fragmentation is what tips it) is tried at ZeRO-1 first: an out of
+    # memory error there is caught, and the same batch runs again at ZeRO-0.
+    attempts: list[tuple[int, dict[str, int]]] = field(default_factory=list)
 
-    def config_for(self, batch: int) -> BenchConfig:
-        """cfg at --batch-size `batch` (one of `larger`), with that batch's ZeRO stages."""
-        return dataclasses.replace(self.cfg, batch_size=batch, **self.zero_at.get(batch, {}))
+    def config_for(self, batch: int, stages: dict[str, int] | None = None) -> BenchConfig:
+        """cfg at --batch-size `batch` (one of `larger`), with `stages` (default: that batch's
+        ZeRO stages by the plan)."""
+        stages = self.zero_at.get(batch, {}) if stages is None else stages
+        return dataclasses.replace(self.cfg, batch_size=batch, **stages)
 
 
 def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: bool = True
@@ -122,11 +130,21 @@ def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: b
         return choice
     choice.larger = fitting[:LARGER_TRIES]
     choice.zero_at = {b: at(b) for b in choice.larger if at(b) and not at(base)}
+    for b in choice.larger:
+        if b in choice.zero_at and chosen(b) + CONTEXT_BYTES <= target.gpu_bytes:
+            choice.attempts.append((b, {}))
+        choice.attempts.append((b, choice.zero_at.get(b, {})))
     best = fitting[0]
+    tries = [f"{b} at ZeRO-0" if i and choice.attempts[i - 1][0] == b else str(b)
+             for i, (b, _) in enumerate(choice.attempts)][1:]
+    first = (f"; it runs at ZeRO-1 first (its estimate there, {chosen(best) / GiB:.1f} GiB, is "
+             "below the GPU's memory with the CUDA context, before the plan's allowance for "
+             "fragmentation)" if choice.attempts[0] == (best, {}) and best in choice.zero_at
+             else "")
     choice.lines.append(f"--batch-size {base} ({what}), then {best}: the largest batch that fits "
                         f"{where} by the memory plan ({est(best)}; {best + step}: "
-                        f"{peak(best + step) / GiB:.1f} GiB, does not fit); on out of memory the "
-                        "bench tries " + (", ".join(map(str, choice.larger[1:])) or "no other"))
+                        f"{peak(best + step) / GiB:.1f} GiB, does not fit){first}; on out of "
+                        "memory the bench tries " + (", ".join(tries) or "no other"))
     return choice
 
 

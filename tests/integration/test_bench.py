@@ -239,8 +239,9 @@ def test_bench_measures_the_largest_batch_that_fits_and_falls_back_on_out_of_mem
     assert json.loads((out / "bench.json").read_text()) == res
     assert res["batch_size"] == 64 and res["status"] == "ok" and set(res["engines"]) == \
         {"fast", "hf"}
-    assert res["larger_batches_tried"] == [{"batch_size": 128, "status": "out_of_memory"},
-                                           {"batch_size": 96, "status": "ok"}]
+    assert res["larger_batches_tried"] == [
+        {"batch_size": 128, "status": "out_of_memory", "actor_zero_stage": 0},
+        {"batch_size": 96, "status": "ok", "actor_zero_stage": 0}]
     assert json.loads((out / "batch-128" / "bench.json").read_text())["status"] == \
         "out_of_memory"
     big = res["largest_batch"]
@@ -280,12 +281,69 @@ def test_bench_whose_first_batch_runs_out_of_memory_says_so_and_tries_nothing_la
 def test_bench_dry_run_on_a_bf16_h200_chooses_zero_1_and_zero_0_for_the_largest_batch(
         tmp_path, invoke_dschat):
     """The defaults on one 139.8 GiB GPU in bf16, planned from here: ZeRO-1 (fp32 gradients) at
-    batch 64; the largest batch, 128, fits only without the fp32 buffer and runs at ZeRO-0."""
+    batch 64; the largest batch, 128, fits by the plan only without the fp32 buffer, but its
+    ZeRO-1 estimate is below the GPU's memory before the fragmentation allowance: it is tried at
+    ZeRO-1 first, then at ZeRO-0."""
     r = invoke_dschat("bench", "--gpu-memory", "139.8", "--dtype", "bf16", "--dry-run",
                       "--output-dir", tmp_path / "b")
     assert r.code == 0, r.explain()
     text = " ".join(r.output.split())
     assert "chosen: --actor-zero-stage and --critic-zero-stage 1: one CPU rank in bf16" in text
     assert "at ZeRO-0 (with ZeRO-1's fp32 gradient buffer it does not fit)" in text
-    assert "then: batch 128 at ZeRO-0 in" in text
+    assert "it runs at ZeRO-1 first (its estimate there, 131.3 GiB" in text
+    assert "on out of memory the bench tries 128 at ZeRO-0, 96" in text
+    assert "then: batch 128 in" in text
     assert '"grad_accum_dtype": "fp32"' in text  # the actor's and critic's DeepSpeed configs
+
+
+def test_bench_tries_a_larger_batch_at_zero_1_first_then_again_at_zero_0(
+        tmp_path, tiny_opt, invoke_dschat, monkeypatch):
+    """bf16 on one rank (CPU here), no --batch-size: on a --gpu-memory where batch 128 fits by
+    the plan only at ZeRO-0, though its ZeRO-1 estimate is below the memory before the
+    fragmentation allowance, 128 runs at ZeRO-1 first; out of memory there (simulated), the same
+    batch runs again at ZeRO-0, in a folder of its own, and that is the record kept."""
+    import torch
+
+    from dschat_cli.config.bench import BenchConfig
+    from dschat_cli.plan.choose import _peak_fn
+    from dschat_cli.plan.memory import CONTEXT_BYTES, GiB, overhead_bytes
+    from dschat_cli.plan.planner import detect_target
+    from dschat_cli.steps import bench
+
+    shape = dict(actor=str(tiny_opt), critic=str(tiny_opt), max_prompt_seq_len=6,
+                 max_answer_seq_len=5, batch_size=64, dtype="bf16")
+    z1 = _peak_fn(BenchConfig(**shape, actor_zero_stage=1, critic_zero_stage=1), 1,
+                  detect_target(100.0))
+    z0 = _peak_fn(BenchConfig(**shape, actor_zero_stage=0, critic_zero_stage=0), 1,
+                  detect_target(100.0))
+    low = max(z1(128) + CONTEXT_BYTES, z0(128) + overhead_bytes(z0(128), 1))
+    high = min(z1(128) + overhead_bytes(z1(128), 1), z0(160) + overhead_bytes(z0(160), 1))
+    assert low < high, (low, high)  # a GPU size where the case arises
+    gpu_gib = (low + high) / 2 / GiB
+
+    real = bench.bench_ppo
+
+    def oom_at_128_zero_1(cfg, dist, resolved):
+        if cfg.batch == 128 and cfg.actor_zero_stage == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(cfg, dist, resolved)
+
+    monkeypatch.setattr(bench, "bench_ppo", oom_at_128_zero_1)
+    out = tmp_path / "run"
+    r = invoke_dschat("bench", "--actor", tiny_opt, "--critic", tiny_opt, "--dtype", "bf16",
+                      "--max-prompt-seq-len", "6", "--max-answer-seq-len", "5", "--steps", "1",
+                      "--warmup", "1", "--gpu-memory", f"{gpu_gib:.9f}", "--launcher", "none",
+                      "--generation-engine", "fast", "--output-dir", out)
+    assert r.code == 0, r.explain()
+    text = " ".join(r.output.split())
+    assert "it runs at ZeRO-1 first" in text and "tries 128 at ZeRO-0" in text, text
+    res = json.loads((out / "bench.json").read_text())
+    assert res["actor_zero_stage"] == 1 and res["actor_zero"] == "ZeRO-1, fp32 gradients"
+    assert res["larger_batches_tried"] == [
+        {"batch_size": 128, "status": "out_of_memory", "actor_zero_stage": 1},
+        {"batch_size": 128, "status": "ok", "actor_zero_stage": 0}]
+    assert json.loads((out / "batch-128" / "bench.json").read_text())["status"] == \
+        "out_of_memory"
+    big = json.loads((out / "batch-128-zero0" / "bench.json").read_text())
+    assert big == res["largest_batch"] and big["actor_zero"] == "ZeRO-0"
+    assert "batch 128: again at ZeRO-0" in text
