@@ -163,11 +163,12 @@ def launch_estimate(cfg, record, target: Target, *, console, archs=None) -> None
         body = " + ".join(f"{name} {gib(v)}" for name, v in parts if v >= 0.05 * GiB) or "0.0"
         console.print(Text(f"  {m.role} {m.source} ({count(m.params)}, {_zero(m)}): {body} GiB"))
     console.print(Text("  ").append_text(fit_line(est, target)))
-    if step == "ppo" and verdict(est.peak, est.overhead, target.gpu_bytes) == "fits":
+    fits = verdict(est.peak, est.overhead, target.gpu_bytes)
+    if step == "ppo" and fits == "fits":
         _generation_hint(cfg, record, target, console=console, archs=model_archs)
-    if verdict(est.peak, est.overhead, target.gpu_bytes) != "does not fit":
+    if fits != "does not fit":
         _zero1_hint(cfg, record, target, console=console, archs=model_archs)
-    if verdict(est.peak, est.overhead, target.gpu_bytes) == "does not fit":
+    else:
         sp = plan_step(cfg, record, target, archs=model_archs, count_data=False)
         fix = (f"; to fit, try {' '.join(sp.suggestions[0].flags)} (estimated peak "
                f"{gib(sp.suggestions[0].peak)} GiB)" if sp.suggestions else "")

@@ -21,7 +21,7 @@ def print_result(r: dict) -> None:
     if r["step"] == "sft":
         t = Table(title=f"step 1: {r['actor']} ({r['actor_params'] / 1e6:.0f}M), batch "
                         f"{r['batch_size']} x {r['seq_len']} tokens per GPU, "
-                        f"{r.get('zero') or 'ZeRO-%s' % r['zero_stage']}",
+                        f"{r['zero']}",
                   title_justify="left")
         ph = r.get("phases") or {}
         cols = ("s/step", "forward s", "backward s", "optimizer step s", "tokens/s",
@@ -96,7 +96,7 @@ def print_dpo(r: dict) -> None:
     t = Table(title=f"DPO step per phase: policy {r['actor']} ({r['actor_params'] / 1e6:.0f}M), "
                     f"{B} pairs per GPU = {2 * B} sequences of {P} + {A} tokens (chosen and "
                     f"rejected share the prompt: pairs of 2 x {P + A} tokens), "
-                    f"{r.get('zero') or 'ZeRO-%s' % r['zero_stage']}, {ref}", title_justify="left")
+                    f"{r['zero']}, {ref}", title_justify="left")
     for col, just in (("phase", "left"), ("s", "right"), ("share", "right"),
                       ("TFLOP/s", "right"), ("floor s", "right"), ("x floor", "right")):
         t.add_column(col, justify=just)
