@@ -7,7 +7,10 @@
 # and compile-ab: the fast engine alone at --batch-size ${AB_BATCH:-64} with --compile-decode off,
 # auto (the default: compiled on a GPU), then off again (the repeat shows the run-to-run spread);
 # zero-ab: the same batch with ZeRO-0 given, then with the stages the bench chooses (ZeRO-1 with
-# fp32 gradients where they fit), then ZeRO-0 again; sft-zero-ab: the same for step 1.
+# fp32 gradients where they fit), then ZeRO-0 again; sft-zero-ab: the same for step 1;
+# imm-ab: optimizer_step.py's z1 against z1-noimm, then the fast engine at ZeRO-1 and
+# --compile-decode off with bf16.immediate_grad_update (as it ships), off (a copy of dschat_cli
+# without it), then on again.
 # Each part's output and JSON go to OUT_DIR/PART.txt and OUT_DIR/PART.json, wall times to
 # OUT_DIR/walls.txt. The first bench compiles DeepSpeed's FusedAdam (~1 min, cached for the rest).
 # The device tool brings back at most 8 files: write OUT outside $OUT and end the call with
@@ -45,6 +48,17 @@ for part in ${parts//,/ }; do
               ${stage:+--actor-zero-stage $stage} \
               $([ -n "$stage" ] && [ "$part" = zero-ab ] && echo "--critic-zero-stage $stage") \
               --json "$out/$name.json" --output-dir "/tmp/b-$name"
+          done ;;
+    imm-ab)
+          timed imm-probe 200 python3 "$(dirname "$0")/optimizer_step.py" z1,z1-noimm
+          rm -rf /tmp/noimm && mkdir -p /tmp/noimm && cp -r dschat_cli /tmp/noimm/
+          sed -i '/"immediate_grad_update"\] = True/d' /tmp/noimm/dschat_cli/config/ds_config.py
+          for run in imm1:. noimm:/tmp/noimm imm2:.; do
+            name="imm-${run%%:*}"
+            (cd "${run#*:}" && timed "$name" 200 python3 -m dschat_cli bench \
+              --generation-engine fast --compile-decode off --batch-size "${AB_BATCH:-48}" \
+              --actor-zero-stage 1 --critic-zero-stage 1 --json "$out/$name.json" \
+              --output-dir "/tmp/b-$name")
           done ;;
     decode)
           timed decode 300 python3 benchmarks/decode_profile.py opt-1.3b 64 256 256 graph,profile,compile ;;

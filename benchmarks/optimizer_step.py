@@ -6,7 +6,9 @@
 VARIANTS: comma-separated of z0, z1, z2 (dschat's own DeepSpeed config at that ZeRO stage,
 FusedAdam), a -torch suffix (the same with --torch-adam), a -nocheck suffix (bf16
 check_grad_overflow off), a -fp32acc suffix (data_types.grad_accum_dtype fp32: at ZeRO-1 DeepSpeed's
-BF16_Optimizer, flat fp32 gradients and an inf/nan test of the global norm only), plain (no DeepSpeed: fp32 master weights,
+BF16_Optimizer, flat fp32 gradients and an inf/nan test of the global norm only; dschat's z1 in bf16
+has it already), a -noimm suffix (with it, bf16.immediate_grad_update off: the gradients added into
+the fp32 buffer after backward instead of from hooks in it), plain (no DeepSpeed: fp32 master weights,
 torch's fused AdamW, foreach gradient copy, norm and clipping: what the step could cost).
 Each variant: 3 warm-up steps of 4 x 512 tokens, then backward and step timed (synchronised)
 over 5 steps, then one step under torch.profiler: its CPU wall time, the summed kernel time, the
@@ -82,7 +84,7 @@ def profile(label, fn):
     print("\n".join("    " + line for line in table.splitlines()[:16]), flush=True)
 
 
-def run_deepspeed(stage, torch_adam, nocheck, fp32acc=False):
+def run_deepspeed(stage, torch_adam, nocheck, fp32acc=False, noimm=False):
     import deepspeed
 
     model, ids = model_and_batch()
@@ -93,6 +95,8 @@ def run_deepspeed(stage, torch_adam, nocheck, fp32acc=False):
         ds["bf16"]["check_grad_overflow"] = False
     if fp32acc:
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    if noimm:
+        ds["bf16"]["immediate_grad_update"] = False
     engine, *_ = deepspeed.initialize(model=model, config=ds, model_parameters=optimizer_groups(
         model, weight_decay=0.0, lora_lr=0.0))
     back, step = [], []
@@ -104,7 +108,9 @@ def run_deepspeed(stage, torch_adam, nocheck, fp32acc=False):
             back.append(b)
             step.append(s)
     name = f"z{stage}{'-torch' if torch_adam else ''}{'-nocheck' if nocheck else ''}" \
-           f"{'-fp32acc' if fp32acc else ''} ({type(engine.optimizer).__name__})"
+           f"{'-fp32acc' if fp32acc else ''}{'-noimm' if noimm else ''} " \
+           f"({type(engine.optimizer).__name__}, immediate_grad_update " \
+           f"{ds['bf16'].get('immediate_grad_update', False)})"
     print(f"{name}: backward {statistics.mean(back) * 1e3:.1f} "
           f"ms, optimizer step {statistics.mean(step) * 1e3:.1f} ms "
           f"({', '.join(f'{x * 1e3:.1f}' for x in step)})", flush=True)
@@ -154,7 +160,8 @@ for v in variants:
         if v == "plain":
             run_plain()
         else:
-            run_deepspeed(int(v[1]), "-torch" in v, "-nocheck" in v, "-fp32acc" in v)
+            run_deepspeed(int(v[1]), "-torch" in v, "-nocheck" in v, "-fp32acc" in v,
+                          "-noimm" in v)
     except Exception as e:  # noqa: BLE001 - a measurement script: say what failed and go on
         import traceback
 

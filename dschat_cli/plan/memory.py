@@ -115,6 +115,7 @@ class Engine:
     prefetch: int
     grad_accum: int
     fp32_accum: bool = False  # bf16 at ZeRO-1 with grad_accum_dtype fp32: DeepSpeed's BF16_Optimizer
+    immediate: bool = False  # its bf16.immediate_grad_update: each gradient added and freed in backward
 
     @property
     def elem(self) -> int:
@@ -138,7 +139,8 @@ class Engine:
                    double_bucket=bool(z.get("overlap_comm", stage == 3)),
                    prefetch=int(z.get("stage3_prefetch_bucket_size", STAGE3_PREFETCH)),
                    grad_accum=int(ds.get("gradient_accumulation_steps", 1)),
-                   fp32_accum=fp32_accum)
+                   fp32_accum=fp32_accum,
+                   immediate=fp32_accum and bool(ds["bf16"].get("immediate_grad_update")))
 
 
 @dataclass(frozen=True)
@@ -202,8 +204,12 @@ def trained_model(arch: Arch, eng: Engine, *, role: str, source: str, world_size
         # are partitioned. At the end of backward the all-reduce flattens its bucket: a copy of
         # the fp32 buffer when the parameter groups share one bucket, none when the first group
         # alone fills it (torch's flatten of a single tensor is a view).
+        # With immediate_grad_update a hook adds each bf16 gradient into the buffer as backward
+        # makes it (through an fp32 copy of it) and frees it: at most the largest tensor's bf16
+        # gradient and its fp32 copy exist at once, besides the output head's (`head_grad`: a
+        # head tied to the embedding gets its gradient at the head and frees it only at the end).
         buffers = 0.0
-        grads = p * nt
+        grads = (p + 4) * min(nt, arch.largest_tensor) if eng.immediate else p * nt
         hp_grads = 4 * nt
         optimizer = 12 * nt / D
         step_extra = 0.0 if nt > ALLREDUCE_BUCKET else 4 * nt

@@ -60,7 +60,8 @@ def test_sft_in_process(family, zero_stage, lora_dim, extra, sft_run, check_sft_
                      base_model=tiny_model_dir(family), data_dir=pairs_dir)
     ds = json.loads((out / "ds_config.json").read_text())
     if "--dtype" in extra:  # bf16 at ZeRO-1: fp32 accumulation, said in the run's header
-        assert ds["bf16"]["enabled"] and ds["data_types"] == {"grad_accum_dtype": "fp32"}
+        assert ds["bf16"] == {"enabled": True, "immediate_grad_update": True}
+        assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
         assert "bf16, ZeRO-1, fp32 gradients, global batch" in result.output, result.output
         # DeepSpeed's unasked memory report of its BF16_Optimizer stays out of the log
         assert "bf16_optimizer" not in result.output and "CPU Virtual Memory" not in result.output

@@ -66,20 +66,32 @@ def test_zero0_gradient_accumulation_keeps_gradients():
 def test_zero1_bf16_accumulates_in_an_fp32_buffer_kept_for_the_run():
     est = sft(stage=1)
     m = est.models[0]
-    # DeepSpeed's BF16_Optimizer: bf16 grads 2N as at ZeRO-0, an fp32 gradient buffer 4N kept
-    # between steps, master + Adam 12N (one rank: nothing partitioned); no reduce buckets, and
-    # the step copies nothing (1e9 parameters fill the 5e8-element all-reduce bucket alone)
+    # DeepSpeed's BF16_Optimizer with immediate_grad_update: an fp32 gradient buffer 4N kept
+    # between steps, master + Adam 12N (one rank: nothing partitioned); each bf16 gradient is
+    # added into the buffer (through an fp32 copy) and freed as backward makes it: at most the
+    # largest tensor's 2 + 4 bytes x 1e8 at once; no reduce buckets, and the step copies nothing
+    # (1e9 parameters fill the 5e8-element all-reduce bucket alone)
     assert (m.weights, m.grads, m.hp_grads, m.optimizer, m.step_extra, m.buffers) == \
-        (2e9, 2e9, 4e9, 12e9, 0.0, 0.0)
+        (2e9, 0.6e9, 4e9, 12e9, 0.0, 0.0)
     assert m.resident == 18e9  # ZeRO-0's 14N + the fp32 buffer
     # backward as at ZeRO-0 (the head's gradient first, no bucket): activations + logits lead
     assert est.phases["training forward + backward"] == 18e9 + ACT + LOGITS
-    # the step: 18N + the bf16 grads = 20 bytes per parameter, against ZeRO-0's 24
-    assert est.phases["optimizer step"] == 20e9
+    # the step: 18N + at most one tensor's gradient, against ZeRO-0's 24 bytes per parameter
+    assert est.phases["optimizer step"] == 18.6e9
     assert est.peak_phase == "training forward + backward"
     # two ranks partition the master copy and Adam's states, not the fp32 gradient buffer
     m2 = sft(stage=1, world=2).models[0]
     assert (m2.hp_grads, m2.optimizer) == (4e9, 6e9)
+
+
+def test_without_immediate_grad_update_the_bf16_gradients_stay_until_the_step():
+    cfg = ds(1)
+    assert cfg["bf16"]["immediate_grad_update"] is True  # what dschat's configs ask for
+    del cfg["bf16"]["immediate_grad_update"]
+    m = trained_model(ARCH, Engine.from_ds(cfg), role="model", source="m", world_size=1)
+    # bf16 grads 2N as at ZeRO-0, added into the buffer after backward and kept to the step:
+    # 18N + 2N = 20 bytes per parameter at the step
+    assert (m.grads, m.hp_grads, m.resident + m.grads + m.step_extra) == (2e9, 4e9, 20e9)
 
 
 def test_fp32_accumulation_only_where_deepspeed_builds_bf16_optimizer():
