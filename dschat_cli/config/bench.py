@@ -35,6 +35,12 @@ class BenchConfig:
         "batch the memory plan says fits one GPU here (or --gpu-memory), measured in a second "
         "run (on out of memory, the next smaller) and reported beside it; given: that batch "
         "only.", min=1)
+    micro_batch_size: int | None = opt(
+        None, "ppo: answers per training forward + backward (a PPO mini-batch); the batch's "
+        "mini-batches make one optimizer step (gradient accumulation), so the update is the "
+        "batch's as with one mini-batch, in less memory. Must divide --batch-size. Unset: the "
+        "whole batch in one, except a larger batch the bench finds, which is trained in "
+        "mini-batches of the first measured batch.", min=1)
     advantage_estimator: str = opt(
         "gae", "ppo: as `dschat ppo --advantage-estimator`. gae: PPO with a critic; the "
         "critic-free ones (grpo, dr-grpo, rloo, reinforce++, reinforce++-baseline) build, run and "
@@ -121,6 +127,7 @@ class BenchConfig:
         if self.step != "ppo":
             for flag, value, default in (("--advantage-estimator", self.advantage_estimator, "gae"),
                                          ("--samples-per-prompt", self.samples_per_prompt, None),
+                                         ("--micro-batch-size", self.micro_batch_size, None),
                                          ("--compile-decode", self.compile_decode, "auto")):
                 if value != default:
                     raise ConfigError(flag, "applies to --step ppo only")
@@ -139,6 +146,11 @@ class BenchConfig:
             raise ConfigError("--generation-tensor-parallel", "needs --generation-engine fast or "
                               "both")
 
+    @property
+    def micro(self) -> int:
+        """Answers per training forward + backward (ppo): --micro-batch-size or the batch."""
+        return self.batch if self.micro_batch_size is None else self.micro_batch_size
+
     def _check_samples(self) -> None:
         name, n = self.advantage_estimator, self.samples
         if estimator_spec(name).needs_group and n < 2:
@@ -150,12 +162,23 @@ class BenchConfig:
             raise ConfigError("--batch-size", f"{self.batch}{given} counts answers per GPU, so it "
                               f"must be a multiple of --samples-per-prompt {n} (e.g. "
                               f"{max(n, self.batch // n * n)})")
+        if self.batch % self.micro:
+            given = "" if self.batch_size is not None else " (its default)"
+            raise ConfigError("--micro-batch-size", f"{self.micro} must divide --batch-size "
+                              f"{self.batch}{given} (the batch's mini-batches make one "
+                              f"optimizer step); e.g. {_divisor_below(self.batch, self.micro)}")
+
+
+def _divisor_below(n: int, m: int) -> int:
+    """The largest divisor of n that is at most m."""
+    return max(d for d in range(1, min(n, m) + 1) if n % d == 0)
 
 
 def bench_ppo_config(cfg: BenchConfig):
     """The `dschat ppo` config the benchmark's step 3 runs (random-weight models, one PPO epoch
     over one generation batch per step, no warm-up of the learning rate): --batch-size answers,
-    --batch-size / --samples-per-prompt prompts, trained on in one mini-batch. A critic-free
+    --batch-size / --samples-per-prompt prompts, trained on in one optimizer step of
+    --micro-batch-size mini-batches (gradient accumulation; unset: one). A critic-free
     estimator's --critic-model names the reward model only."""
     from dschat_cli.config.ppo import (PPOAlgoOptions, PPOConfig, PPODeepSpeedOptions,
                                        PPOGenerationOptions, PPOTrainOptions, PromptDataOptions)
@@ -170,7 +193,8 @@ def bench_ppo_config(cfg: BenchConfig):
         actor=model(cfg.actor), critic=model(cfg.critic, trained=cfg.has_critic),
         data=PromptDataOptions(max_prompt_seq_len=cfg.max_prompt_seq_len),
         train=PPOTrainOptions(per_device_generation_batch_size=cfg.prompts,
-                              per_device_training_batch_size=cfg.batch,
+                              per_device_training_batch_size=cfg.micro,
+                              gradient_accumulation_steps=cfg.batch // cfg.micro,
                               samples_per_prompt=cfg.samples,
                               num_warmup_steps=0, torch_adam=cfg.torch_adam,
                               test_stop_step=cfg.warmup + cfg.steps),

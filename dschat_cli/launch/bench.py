@@ -44,9 +44,11 @@ def launch_bench(cfg: BenchConfig, *, dry_run: bool) -> int:
     if dry_run:
         if choice.attempts:
             b, stages = choice.attempts[0]
-            zero0 = " at ZeRO-0" if stages else ""
-            console.print(f"then: batch {b}{zero0} in {escape(str(out))}/batch-{b} (fast engine "
-                          "only)", soft_wrap=True)
+            then = choice.config_for(b, stages)
+            minis = (f", mini-batches of {then.micro} (gradient accumulation)"
+                     if then.micro != b else "")
+            console.print(f"then: batch {b} at ZeRO-{then.actor_zero_stage}{minis} in "
+                          f"{escape(str(out))}/batch-{b} (fast engine only)", soft_wrap=True)
         return rc
     result = _read(out / "bench.json")
     if rc != 0 or result is None:
@@ -73,7 +75,8 @@ def launch_bench(cfg: BenchConfig, *, dry_run: bool) -> int:
         larger = _read(folder / "bench.json")
         status = "failed" if rc != 0 or larger is None else larger.get("status", "failed")
         record["larger_batches_tried"].append({"batch_size": batch, "status": status,
-                                               "actor_zero_stage": sub.actor_zero_stage})
+                                               "actor_zero_stage": sub.actor_zero_stage,
+                                               "micro_batch_size": sub.micro_batch_size})
         if status == "ok":
             record["largest_batch"] = larger
         _write(record, out, cfg.json)
@@ -122,18 +125,19 @@ def _print_batches(record: dict) -> None:
     what = record["step"] + (f" ({record['advantage_estimator']})" if record["step"] == "ppo"
                              else "")
     t = Table(title=f"{what}: tokens/s by batch per GPU", title_justify="left")
-    for col in ("batch", "ZeRO", "tokens/s", "peak GiB", "status"):
+    for col in ("batch", "mini-batch", "ZeRO", "tokens/s", "peak GiB", "status"):
         t.add_column(col, justify="right")
-    rows = [(record["batch_size"], record.get("actor_zero_stage", record.get("zero_stage")),
-             record, "ok")]
+    rows = [(record["batch_size"], record.get("micro_batch_size"),
+             record.get("actor_zero_stage", record.get("zero_stage")), record, "ok")]
     larger = record["largest_batch"]
     for tried in record["larger_batches_tried"]:  # only the last one tried can have run
         r = larger if larger is not None and tried["status"] == "ok" else {}
-        rows.append((tried["batch_size"], tried.get("actor_zero_stage"), r, tried["status"]))
-    for batch, zero, r, status in rows:
+        rows.append((tried["batch_size"], tried.get("micro_batch_size"),
+                     tried.get("actor_zero_stage"), r, tried["status"]))
+    for batch, micro, zero, r, status in rows:
         h = _headline(r) if r and status == "ok" else {}
         tps, peak = h.get("tokens_per_s"), h.get("peak_memory_gib")
-        t.add_row(str(batch), "-" if zero is None else str(zero),
+        t.add_row(str(batch), str(micro or batch), "-" if zero is None else str(zero),
                   f"{tps:,.0f}" if tps is not None else "-",
                   f"{peak:.1f}" if peak is not None else "-", status.replace("_", " "))
     console.print(t)

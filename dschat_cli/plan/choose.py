@@ -42,20 +42,25 @@ class BenchChoice:
     cfg: BenchConfig
     lines: list[str] = field(default_factory=list)
     larger: list[int] = field(default_factory=list)
-    # the ZeRO stages (BenchConfig field -> stage) a larger batch runs at instead of cfg's: one
-    # GPU's ZeRO-1 keeps an fp32 gradient buffer, so a batch that fits only without it runs at 0
+    # the ZeRO stages (BenchConfig field -> stage) a larger batch runs at where they are not
+    # cfg's: one GPU's ZeRO-1 keeps an fp32 gradient buffer, so a batch that fits only without it
+    # runs at 0 (and step 3's larger batch, trained in smaller mini-batches, can fit at 1 when
+    # the first did not)
     zero_at: dict[int, dict[str, int]] = field(default_factory=dict)
-    # the launches after the first, in order: (batch, the ZeRO stages it runs at, {} for cfg's).
+    # the launches after the first, in order: (batch, the ZeRO stages it runs at; {}: cfg's).
     # A batch the plan puts at ZeRO-0 whose ZeRO-1 estimate is still below the GPU's memory (the
     # plan's allowance for fragmentation is what tips it) is tried at ZeRO-1 first: an out of
     # memory error there is caught, and the same batch runs again at ZeRO-0.
     attempts: list[tuple[int, dict[str, int]]] = field(default_factory=list)
+    # step 3: the larger batches' training mini-batch (--micro-batch-size), None: one mini-batch
+    micro: int | None = None
 
     def config_for(self, batch: int, stages: dict[str, int] | None = None) -> BenchConfig:
         """cfg at --batch-size `batch` (one of `larger`), with `stages` (default: that batch's
         ZeRO stages by the plan)."""
         stages = self.zero_at.get(batch, {}) if stages is None else stages
-        return dataclasses.replace(self.cfg, batch_size=batch, **stages)
+        micro = {"micro_batch_size": self.micro} if self.micro else {}
+        return dataclasses.replace(self.cfg, batch_size=batch, **stages, **micro)
 
 
 def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: bool = True
@@ -70,82 +75,134 @@ def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: b
     if cfg.batch_size is not None:  # given: measured as it is, nothing to search
         return choice
     choice.cfg = dataclasses.replace(choice.cfg, batch_size=BASE_BATCH)
-    chosen = _peak_fn(choice.cfg, world_size, target)
-    lean = _peak_fn(dataclasses.replace(choice.cfg, **fallback), world_size, target) \
-        if fallback and chosen is not None else None
+    staged = choice.cfg  # the chosen ZeRO stages, before a batch falls back from them
     base = BASE_BATCH
     what = "the reference's largest" if cfg.step == "ppo" else "the default"
-    if target.gpu_bytes is None or chosen is None:
+    sizes = _Sizes(staged, fallback, world_size, target)
+    if target.gpu_bytes is None or not sizes.planned:
         why = ("no GPU here and no --gpu-memory" if target.gpu_bytes is None else
                "the memory plan has no estimate for these models")
         choice.lines.append(f"--batch-size {base} ({what}); the largest batch that fits was not "
                             f"searched: {why}")
         return choice
-    allowed = ("fits", "tight") if world_size == 1 else ("fits",)
-
-    def at(b: int) -> dict[str, int]:
-        """The ZeRO stages batch b runs at: the chosen ones where they fit, else the fallback's
-        where those do."""
-        if lean is None or _verdict(chosen(b), world_size, target) in allowed or \
-                _verdict(lean(b), world_size, target) not in allowed:
-            return {}
-        return fallback
-
-    def peak(b: int) -> float:
-        return (lean if at(b) else chosen)(b)
-
-    def fits(b: int) -> bool:
-        return _verdict(peak(b), world_size, target) != "does not fit"
-
-    def est(b: int) -> str:  # "estimated peak 118.0 GiB, fits, but not with the plan's 15% ..."
-        return (f"estimated peak {peak(b) / GiB:.1f} GiB{_at_zero0(at(b))}, "
-                f"{_words(_verdict(peak(b), world_size, target))}")
-
     where = f"one GPU ({target.source})"
     k = choice.cfg.samples  # a batch counts answers: a whole number of prompts x k
-    if not fits(base):  # a smaller GPU (or a bigger step): the largest that fits below
+    first = base
+    if not sizes.fits(base):  # a smaller GPU (or a bigger step): the largest that fits below
         down = _round_up(max(base // 8, 1), k)
-        smaller = next((b for b in range(base - down, 0, -down) if fits(b)), None)
+        smaller = next((b for b in range(base - down, 0, -down) if sizes.fits(b)), None)
         if smaller is None:
             choice.lines.append(f"--batch-size {base} ({what}), though it does not fit {where} by "
-                                f"the memory plan (estimated peak {peak(base) / GiB:.1f} GiB) and "
-                                "no smaller batch does either; measuring it anyway")
+                                f"the memory plan (estimated peak {sizes.peak(base) / GiB:.1f} "
+                                "GiB) and no smaller batch does either; measuring it anyway")
             return choice
-        choice.cfg = dataclasses.replace(choice.cfg, batch_size=smaller, **at(smaller))
+        first = smaller
+        choice.cfg = dataclasses.replace(choice.cfg, batch_size=smaller, **sizes.at(smaller))
         choice.lines.append(f"--batch-size {smaller}: the largest that fits {where} by the memory "
-                            f"plan ({est(smaller)}; {base}, {what}: {peak(base) / GiB:.1f} GiB, "
-                            "does not fit)")
-        return choice
-    if at(base):
-        choice.cfg = dataclasses.replace(choice.cfg, **at(base))
-        choice.lines.append(f"--batch-size {base} fits {where} only at ZeRO-0 ({est(base)}; "
-                            f"ZeRO-1's fp32 gradients: {chosen(base) / GiB:.1f} GiB)")
-    step = _round_up(base // 2, k)
-    fitting = fitting_batches(peak, target.gpu_bytes, world_size, start=base, step=step,
+                            f"plan ({sizes.est(smaller)}; {base}, {what}: "
+                            f"{sizes.peak(base) / GiB:.1f} GiB, does not fit)")
+        if cfg.step != "ppo":  # a larger batch only helps step 3's generation
+            return choice
+    elif sizes.at(base):
+        choice.cfg = dataclasses.replace(choice.cfg, **sizes.at(base))
+        choice.lines.append(f"--batch-size {base} fits {where} only at ZeRO-0 ({sizes.est(base)}; "
+                            f"ZeRO-1's fp32 gradients: {sizes.chosen(base) / GiB:.1f} GiB)")
+    chosen_stages = {name: getattr(staged, name) for name in fallback}  # ZeRO-1's, by name
+    first_stages = {name: getattr(choice.cfg, name) for name in fallback}
+    if cfg.step == "ppo":
+        # Step 3's larger batch trains in mini-batches, one optimizer step per batch (gradient
+        # accumulation): generation, which reads the weights once per decode step for the whole
+        # batch, is what gains from a larger batch, while training runs as fast in mini-batches
+        # of half the first batch (thousands of tokens per matmul) in less memory, which leaves
+        # the room to the generation batch and its KV cache. The larger batches run at the
+        # chosen ZeRO stages (ZeRO-1: gradients summed over the mini-batches in fp32) whenever
+        # one fits there, at the fallback's (ZeRO-0) only when none does.
+        choice.micro = cfg.micro_batch_size or _round_up(max(first // 2, 1), k)
+        step, start = choice.micro, first - first % choice.micro
+        for stages in ([chosen_stages, fallback] if fallback else [chosen_stages]):
+            sizes = _Sizes(dataclasses.replace(staged, batch_size=choice.micro,
+                                               micro_batch_size=choice.micro, **stages),
+                           {}, world_size, target)
+            if stages is chosen_stages:
+                z1_peak = sizes.chosen
+            if not sizes.planned or fitting_batches(sizes.peak, target.gpu_bytes, world_size,
+                                                    start=start, step=step, limit=start + step):
+                break
+        stages_of = lambda b: stages  # noqa: E731
+    else:
+        # one mini-batch; a first batch that fell back to ZeRO-0 takes the larger ones along
+        # (they need more memory)
+        step, start = _round_up(base // 2, k), base
+        stages_of = lambda b: first_stages if first_stages != chosen_stages \
+            else sizes.at(b) or chosen_stages  # noqa: E731
+        z1_peak = sizes.chosen
+    fitting = fitting_batches(sizes.peak, target.gpu_bytes, world_size, start=start, step=step,
                               limit=MAX_BATCH_FACTOR * base)
+    lead = f"--batch-size {base} ({what}), then" if first == base else "then"
+    minis = (f" (trained in mini-batches of {choice.micro}, one optimizer step per batch"
+             + (", at ZeRO-0: with ZeRO-1's fp32 gradient buffer none fits" if fallback and
+                stages_of(start) == fallback else "") + ")" if choice.micro else "")
     if not fitting:
-        choice.lines.append(f"--batch-size {base} ({what}); no larger batch fits {where} by the "
-                            f"memory plan ({base}: {est(base)}; {base + step}: "
-                            f"{peak(base + step) / GiB:.1f} GiB, does not fit)")
+        nxt = start + step
+        choice.lines.append(f"{lead} no larger batch{minis} fits {where} by the memory plan "
+                            f"({nxt}: {sizes.peak(nxt) / GiB:.1f} GiB, does not fit)")
         return choice
     choice.larger = fitting[:LARGER_TRIES]
-    choice.zero_at = {b: at(b) for b in choice.larger if at(b) and not at(base)}
+    choice.zero_at = {b: stages_of(b) for b in choice.larger if stages_of(b) != first_stages}
     for b in choice.larger:
-        if b in choice.zero_at and chosen(b) + CONTEXT_BYTES <= target.gpu_bytes:
-            choice.attempts.append((b, {}))
-        choice.attempts.append((b, choice.zero_at.get(b, {})))
+        # a batch the plan puts at ZeRO-0 whose ZeRO-1 estimate is still below the GPU's memory
+        # (the plan's allowance for fragmentation is what tips it) is tried at ZeRO-1 first
+        if stages_of(b) != chosen_stages and z1_peak(b) + CONTEXT_BYTES <= target.gpu_bytes:
+            choice.attempts.append((b, chosen_stages))
+        choice.attempts.append((b, stages_of(b)))
     best = fitting[0]
     tries = [f"{b} at ZeRO-0" if i and choice.attempts[i - 1][0] == b else str(b)
              for i, (b, _) in enumerate(choice.attempts)][1:]
-    first = (f"; it runs at ZeRO-1 first (its estimate there, {chosen(best) / GiB:.1f} GiB, is "
-             "below the GPU's memory with the CUDA context, before the plan's allowance for "
-             "fragmentation)" if choice.attempts[0] == (best, {}) and best in choice.zero_at
-             else "")
-    choice.lines.append(f"--batch-size {base} ({what}), then {best}: the largest batch that fits "
-                        f"{where} by the memory plan ({est(best)}; {best + step}: "
-                        f"{peak(best + step) / GiB:.1f} GiB, does not fit){first}; on out of "
-                        "memory the bench tries " + (", ".join(tries) or "no other"))
+    zero1_first = (f"; it runs at ZeRO-1 first (its estimate there, "
+                   f"{z1_peak(best) / GiB:.1f} GiB, is below the GPU's memory with the CUDA "
+                   "context, before the plan's allowance for fragmentation)"
+                   if len(choice.attempts) > 1 and choice.attempts[1][0] == best else "")
+    choice.lines.append(f"{lead} {best}{minis}: the largest batch that fits {where} by the memory "
+                        f"plan ({sizes.est(best)}; {best + step}: "
+                        f"{sizes.peak(best + step) / GiB:.1f} GiB, does not fit){zero1_first}; "
+                        "on out of memory the bench tries " + (", ".join(tries) or "no other"))
     return choice
+
+
+class _Sizes:
+    """The memory plan of a bench config by batch: the peak at the chosen ZeRO stages, at the
+    fallback's (one GPU's ZeRO-0 for a batch that fits only without ZeRO-1's fp32 gradient
+    buffer), and which of the two a batch runs at."""
+
+    def __init__(self, cfg: BenchConfig, fallback: dict[str, int], world_size: int,
+                 target: Target):
+        self.world_size, self.target, self.fallback = world_size, target, fallback
+        self.allowed = ("fits", "tight") if world_size == 1 else ("fits",)
+        self.chosen = _peak_fn(cfg, world_size, target)
+        self.planned = self.chosen is not None
+        self.lean = _peak_fn(dataclasses.replace(cfg, **fallback), world_size, target) \
+            if fallback and self.planned else None
+
+    def at(self, b: int) -> dict[str, int]:
+        """The ZeRO stages batch b runs at: {} for the chosen ones where they fit, else the
+        fallback's where those do."""
+        if self.lean is None or self._verdict(self.chosen(b)) in self.allowed or \
+                self._verdict(self.lean(b)) not in self.allowed:
+            return {}
+        return self.fallback
+
+    def peak(self, b: int) -> float:
+        return (self.lean if self.at(b) else self.chosen)(b)
+
+    def fits(self, b: int) -> bool:
+        return self._verdict(self.peak(b)) != "does not fit"
+
+    def est(self, b: int) -> str:  # "estimated peak 118.0 GiB, fits, but not with the plan's ..."
+        return (f"estimated peak {self.peak(b) / GiB:.1f} GiB{_at_zero0(self.at(b))}, "
+                f"{_words(self._verdict(self.peak(b)))}")
+
+    def _verdict(self, peak: float) -> str:
+        return _verdict(peak, self.world_size, self.target)
 
 
 def _at_zero0(stages: dict[str, int]) -> str:

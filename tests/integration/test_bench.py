@@ -4,6 +4,7 @@ SFT step run, every phase is timed, and the report's arithmetic holds."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -200,8 +201,9 @@ def test_bench_tensor_parallel_bad_input(tmp_path, tiny_opt, tiny_gpt2, invoke_d
 def test_bench_measures_the_largest_batch_that_fits_and_falls_back_on_out_of_memory(
         tmp_path, tiny_opt, invoke_dschat, monkeypatch):
     """No --batch-size: batch 64, then the largest the memory plan allows on --gpu-memory (here
-    128, with 96 next), each a launch of its own; 128 runs out of memory (simulated: CPU has
-    no GPU memory to run out of), so 96 is measured; bench.json keeps all of it."""
+    128, with 96 next), trained in mini-batches of 32 (one optimizer step per batch), each a
+    launch of its own; 128 runs out of memory (simulated: CPU has no GPU memory to run out of),
+    so 96 is measured; bench.json keeps all of it."""
     import torch
 
     from dschat_cli.config.bench import BenchConfig
@@ -211,7 +213,8 @@ def test_bench_measures_the_largest_batch_that_fits_and_falls_back_on_out_of_mem
     from dschat_cli.steps import bench
 
     shape = dict(actor=str(tiny_opt), critic=str(tiny_opt), max_prompt_seq_len=6,
-                 max_answer_seq_len=5, actor_zero_stage=0, critic_zero_stage=0, batch_size=64)
+                 max_answer_seq_len=5, actor_zero_stage=0, critic_zero_stage=0, batch_size=32,
+                 micro_batch_size=32)
     peak = _peak_fn(BenchConfig(**shape), 1, detect_target(100.0))
     need = {b: peak(b) + overhead_bytes(peak(b), 1) for b in (128, 160)}  # without the margin
     gpu_gib = (need[128] + need[160]) / 2 / GiB  # 128 fits (tight at most), 160 does not
@@ -232,20 +235,28 @@ def test_bench_measures_the_largest_batch_that_fits_and_falls_back_on_out_of_mem
     assert r.code == 0, r.explain()
     text = " ".join(r.output.split())
     assert "chosen: --actor-zero-stage and --critic-zero-stage 0: one CPU rank" in text
-    assert "--batch-size 64 (the reference's largest), then 128: the largest batch that fits" \
-        in text and "on out of memory the bench tries 96" in text
+    assert "--batch-size 64 (the reference's largest), then 128 (trained in mini-batches of 32, " \
+        "one optimizer step per batch): the largest batch that fits" in text
+    assert "on out of memory the bench tries 96" in text
     assert "batch 128: out of GPU memory" in text and "ppo (gae): tokens/s by batch" in text
     res = json.loads(out_json.read_text())
     assert json.loads((out / "bench.json").read_text()) == res
     assert res["batch_size"] == 64 and res["status"] == "ok" and set(res["engines"]) == \
         {"fast", "hf"}
     assert res["larger_batches_tried"] == [
-        {"batch_size": 128, "status": "out_of_memory", "actor_zero_stage": 0},
-        {"batch_size": 96, "status": "ok", "actor_zero_stage": 0}]
+        {"batch_size": 128, "status": "out_of_memory", "actor_zero_stage": 0,
+         "micro_batch_size": 32},
+        {"batch_size": 96, "status": "ok", "actor_zero_stage": 0, "micro_batch_size": 32}]
+    assert res["micro_batch_size"] == 64  # the first batch: one mini-batch
     assert json.loads((out / "batch-128" / "bench.json").read_text())["status"] == \
         "out_of_memory"
     big = res["largest_batch"]
     assert big["batch_size"] == 96 and set(big["engines"]) == {"fast"}  # no hf at the big batch
+    # three mini-batches of 32, one optimizer step: what the actor's DeepSpeed engine was given
+    assert big["micro_batch_size"] == 32
+    ds = json.loads((out / "batch-96" / "ds_config_actor.json").read_text())
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 3)
+    assert "trained in 3 mini-batches of 32 (one optimizer step)" in text
     e = big["engines"]["fast"]
     assert e["tokens_per_s"] == pytest.approx(96 * 11 / e["step_seconds"])
     assert res["choices"][0].startswith("--actor-zero-stage and --critic-zero-stage 0")
@@ -278,27 +289,28 @@ def test_bench_whose_first_batch_runs_out_of_memory_says_so_and_tries_nothing_la
     assert not any(p.name.startswith("batch-") for p in out.iterdir())
 
 
-def test_bench_dry_run_on_a_bf16_h200_chooses_zero_1_and_zero_0_for_the_largest_batch(
+def test_bench_dry_run_on_a_bf16_h200_chooses_zero_1_and_a_larger_batch_in_mini_batches(
         tmp_path, invoke_dschat):
     """The defaults on one 139.8 GiB GPU in bf16, planned from here: ZeRO-1 (fp32 gradients) at
-    batch 64; the largest batch, 128, fits by the plan only without the fp32 buffer, but its
-    ZeRO-1 estimate is below the GPU's memory before the fragmentation allowance: it is tried at
-    ZeRO-1 first, then at ZeRO-0."""
+    batch 64; then the largest generation batch that fits, trained at ZeRO-1 in mini-batches of
+    32 (one optimizer step per batch), its KV cache what bounds it."""
     r = invoke_dschat("bench", "--gpu-memory", "139.8", "--dtype", "bf16", "--dry-run",
                       "--output-dir", tmp_path / "b")
     assert r.code == 0, r.explain()
     text = " ".join(r.output.split())
     assert "chosen: --actor-zero-stage and --critic-zero-stage 1: one CPU rank in bf16" in text
-    assert "at ZeRO-0 (with ZeRO-1's fp32 gradient buffer it does not fit)" in text
-    assert "it runs at ZeRO-1 first (its estimate there, 131.3 GiB" in text
-    assert "on out of memory the bench tries 128 at ZeRO-0, 96" in text
-    assert "then: batch 128 in" in text
+    assert "(trained in mini-batches of 32, one optimizer step per batch): the largest batch " \
+        "that fits one GPU (--gpu-memory 139.8)" in text
+    then = re.search(r"then: batch (\d+) at ZeRO-1, mini-batches of 32 \(gradient "
+                     r"accumulation\) in \S+/batch-(\d+) \(fast engine only\)", text)
+    assert then and then[1] == then[2] and int(then[1]) % 32 == 0 and int(then[1]) > 128, text
     assert '"grad_accum_dtype": "fp32"' in text  # the actor's and critic's DeepSpeed configs
 
 
 def test_bench_tries_a_larger_batch_at_zero_1_first_then_again_at_zero_0(
         tmp_path, tiny_opt, invoke_dschat, monkeypatch):
-    """bf16 on one rank (CPU here), no --batch-size: on a --gpu-memory where batch 128 fits by
+    """bf16 on one rank (CPU here), `--step sft` (one mini-batch per step, so a larger batch
+    needs more memory for its training), no --batch-size: on a --gpu-memory where batch 128 fits by
     the plan only at ZeRO-0, though its ZeRO-1 estimate is below the memory before the
     fragmentation allowance, 128 runs at ZeRO-1 first; out of memory there (simulated), the same
     batch runs again at ZeRO-0, in a folder of its own, and that is the record kept."""
@@ -310,8 +322,8 @@ def test_bench_tries_a_larger_batch_at_zero_1_first_then_again_at_zero_0(
     from dschat_cli.plan.planner import detect_target
     from dschat_cli.steps import bench
 
-    shape = dict(actor=str(tiny_opt), critic=str(tiny_opt), max_prompt_seq_len=6,
-                 max_answer_seq_len=5, batch_size=64, dtype="bf16")
+    shape = dict(step="sft", actor=str(tiny_opt), max_prompt_seq_len=6, max_answer_seq_len=5,
+                 batch_size=64, dtype="bf16")
     z1 = _peak_fn(BenchConfig(**shape, actor_zero_stage=1, critic_zero_stage=1), 1,
                   detect_target(100.0))
     z0 = _peak_fn(BenchConfig(**shape, actor_zero_stage=0, critic_zero_stage=0), 1,
@@ -321,29 +333,30 @@ def test_bench_tries_a_larger_batch_at_zero_1_first_then_again_at_zero_0(
     assert low < high, (low, high)  # a GPU size where the case arises
     gpu_gib = (low + high) / 2 / GiB
 
-    real = bench.bench_ppo
+    real = bench.bench_sft
 
     def oom_at_128_zero_1(cfg, dist, resolved):
         if cfg.batch == 128 and cfg.actor_zero_stage == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(cfg, dist, resolved)
 
-    monkeypatch.setattr(bench, "bench_ppo", oom_at_128_zero_1)
+    monkeypatch.setattr(bench, "bench_sft", oom_at_128_zero_1)
     out = tmp_path / "run"
-    r = invoke_dschat("bench", "--actor", tiny_opt, "--critic", tiny_opt, "--dtype", "bf16",
+    r = invoke_dschat("bench", "--step", "sft", "--actor", tiny_opt, "--dtype", "bf16",
                       "--max-prompt-seq-len", "6", "--max-answer-seq-len", "5", "--steps", "1",
                       "--warmup", "1", "--gpu-memory", f"{gpu_gib:.9f}", "--launcher", "none",
-                      "--generation-engine", "fast", "--output-dir", out)
+                      "--output-dir", out)
     assert r.code == 0, r.explain()
     text = " ".join(r.output.split())
     assert "it runs at ZeRO-1 first" in text and "tries 128 at ZeRO-0" in text, text
     res = json.loads((out / "bench.json").read_text())
-    assert res["actor_zero_stage"] == 1 and res["actor_zero"] == "ZeRO-1, fp32 gradients"
+    assert res["zero_stage"] == 1 and res["zero"] == "ZeRO-1, fp32 gradients"
     assert res["larger_batches_tried"] == [
-        {"batch_size": 128, "status": "out_of_memory", "actor_zero_stage": 1},
-        {"batch_size": 128, "status": "ok", "actor_zero_stage": 0}]
+        {"batch_size": 128, "status": "out_of_memory", "actor_zero_stage": 1,
+         "micro_batch_size": None},
+        {"batch_size": 128, "status": "ok", "actor_zero_stage": 0, "micro_batch_size": None}]
     assert json.loads((out / "batch-128" / "bench.json").read_text())["status"] == \
         "out_of_memory"
     big = json.loads((out / "batch-128-zero0" / "bench.json").read_text())
-    assert big == res["largest_batch"] and big["actor_zero"] == "ZeRO-0"
+    assert big == res["largest_batch"] and big["zero"] == "ZeRO-0"
     assert "batch 128: again at ZeRO-0" in text

@@ -42,6 +42,10 @@ def print_result(r: dict) -> None:
               f"reward {r.get('reward')}, no critic ({est})")
     batch = f"{r['batch_size']} answers per GPU ({r['prompts_per_gpu']} prompts x {k})" \
         if k > 1 else f"batch {r['batch_size']} per GPU"
+    micro = r.get("micro_batch_size") or r["batch_size"]
+    if micro != r["batch_size"]:
+        batch += (f" trained in {r['batch_size'] // micro} mini-batches of {micro} (one "
+                  "optimizer step)")
     t = Table(title=f"step 3 per phase (seconds per PPO step): actor {r['actor']}"
                     f"{zero['actor']}, {models}, "
                     f"{batch}, {r['max_prompt_seq_len']} + {r['max_answer_seq_len']} tokens",

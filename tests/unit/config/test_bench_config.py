@@ -40,6 +40,23 @@ def test_group_estimator_defaults_to_8_answers_per_prompt_out_of_the_batch():
     assert BenchConfig(advantage_estimator="rloo", samples_per_prompt=4, batch_size=8).prompts == 2
 
 
+def test_mini_batches_make_one_optimizer_step_per_batch():
+    cfg = bench(batch_size=256, micro_batch_size=64)
+    cfg.check()
+    t = bench_ppo_config(cfg).train
+    # 256 answers generated per step, trained in 4 mini-batches of 64, one optimizer step
+    assert (t.per_device_generation_batch_size, t.per_device_training_batch_size,
+            t.gradient_accumulation_steps, t.ppo_epochs) == (256, 64, 4, 1)
+    ds = bench_ds_configs(cfg, world_size=1, dtype="bf16", torch_adam=False,
+                          tensorboard_dir=None, job_name="bench")
+    for role in ("actor", "critic"):
+        assert (ds[role]["train_micro_batch_size_per_gpu"], ds[role]["train_batch_size"],
+                ds[role]["gradient_accumulation_steps"]) == (64, 256, 4)
+    with pytest.raises(ConfigError) as e:
+        bench(batch_size=64, micro_batch_size=48).check()
+    assert "e.g. 32" in str(e.value)
+
+
 def test_critic_free_bench_does_not_checkpoint_a_critic_it_does_not_build():
     ppo = bench_ppo_config(bench(advantage_estimator="grpo", gradient_checkpointing=True))
     assert ppo.actor.gradient_checkpointing and not ppo.critic.gradient_checkpointing
@@ -51,6 +68,9 @@ def test_critic_free_bench_does_not_checkpoint_a_critic_it_does_not_build():
     (dict(samples_per_prompt=3, batch_size=64), "--batch-size"),
     (dict(step="sft", advantage_estimator="rloo"), "--advantage-estimator"),
     (dict(step="sft", samples_per_prompt=2), "--samples-per-prompt"),
+    (dict(step="dpo", micro_batch_size=8), "--micro-batch-size"),
+    (dict(batch_size=64, micro_batch_size=48), "--micro-batch-size"),  # 48 does not divide 64
+    (dict(micro_batch_size=128), "--micro-batch-size"),  # larger than the default batch
 ])
 def test_bad_input_names_the_flag(kw, flag):
     with pytest.raises(ConfigError) as e:

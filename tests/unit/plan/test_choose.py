@@ -46,26 +46,43 @@ def _fits(peak: float, target=H200) -> bool:
     return verdict(peak, overhead_bytes(peak, 1), target.gpu_bytes) != "does not fit"
 
 
-def test_one_h200_defaults_zero_1_and_searches_a_larger_batch_at_zero_0_where_needed():
+def test_one_h200_defaults_zero_1_and_searches_a_larger_batch_in_mini_batches():
     c = choose_bench(BenchConfig(), world_size=1, target=H200)
     assert (c.cfg.actor_zero_stage, c.cfg.critic_zero_stage, c.cfg.batch_size) == (1, 1, 64)
+    assert c.cfg.micro_batch_size is None  # the first batch: one mini-batch, as the reference
     assert c.lines[0].startswith("--actor-zero-stage and --critic-zero-stage 1: one GPU in bf16")
     assert "fp32" in c.lines[0]
     assert c.larger, c.lines
     best = c.larger[0]
-    assert best > 64 and best % 32 == 0 and c.larger == sorted(c.larger, reverse=True)
-    zero0 = dataclasses.replace(c.cfg, actor_zero_stage=0, critic_zero_stage=0)
-    # the largest batch fits by the plan only without ZeRO-1's fp32 gradient buffer: it runs at
-    # ZeRO-0; 32 more fits neither way
-    assert not _fits(_peak(c.cfg, best)) and _fits(_peak(zero0, best))
-    assert not _fits(_peak(zero0, best + 32))
-    assert c.config_for(best) == dataclasses.replace(zero0, batch_size=best)
-    assert f"then {best}: the largest batch that fits one GPU (--gpu-memory 139.8)" in c.lines[1]
-    assert "GiB at ZeRO-0 (with ZeRO-1's fp32 gradient buffer it does not fit), fits" in c.lines[1]
-    # a batch that fits at ZeRO-1 stays there
-    for b in c.larger[1:]:
-        if _fits(_peak(c.cfg, b)):
-            assert c.config_for(b) == dataclasses.replace(c.cfg, batch_size=b)
+    # the larger batches train in mini-batches of half the first batch, one optimizer step per
+    # batch, at ZeRO-1 (the fp32 buffer sums the mini-batches' gradients): whole multiples of 32
+    assert c.micro == 32 and best > 64 and best % 32 == 0
+    assert c.larger == [best, best - 32, best - 64]
+    big = c.config_for(best)
+    assert big == dataclasses.replace(c.cfg, batch_size=best, micro_batch_size=32)
+    assert (big.actor_zero_stage, big.critic_zero_stage, big.micro) == (1, 1, 32)
+    assert _fits(_peak(big, best)) and not _fits(_peak(big, best + 32))
+    # it is the KV cache of the generation batch that bounds it: one mini-batch of the same
+    # batch would need far more than the GPU
+    assert not _fits(_peak(dataclasses.replace(big, micro_batch_size=None), best))
+    assert c.attempts == [(b, {"actor_zero_stage": 1, "critic_zero_stage": 1})
+                          for b in c.larger]
+    assert (f"then {best} (trained in mini-batches of 32, one optimizer step per batch): the "
+            "largest batch that fits one GPU (--gpu-memory 139.8)") in c.lines[1]
+
+
+def test_an_80gb_gpu_runs_56_at_zero_0_then_a_larger_batch_at_zero_1_in_mini_batches():
+    c = choose_bench(BenchConfig(), world_size=1, target=detect_target(79.2))
+    # 56 fits only without ZeRO-1's fp32 buffer; in mini-batches of 28 the buffer fits again
+    assert (c.cfg.batch_size, c.cfg.actor_zero_stage, c.micro) == (56, 0, 28)
+    assert c.larger and all(b % 28 == 0 and b > 56 for b in c.larger)
+    for b in c.larger:
+        assert c.config_for(b) == dataclasses.replace(c.cfg, batch_size=b, micro_batch_size=28,
+                                                      actor_zero_stage=1, critic_zero_stage=1)
+    assert "then " in c.lines[2] and "mini-batches of 28" in c.lines[2]
+    # a mini-batch given is the one the larger batches use
+    c = choose_bench(BenchConfig(micro_batch_size=8), world_size=1, target=detect_target(79.2))
+    assert c.micro == 8 and c.config_for(c.larger[0]).micro_batch_size == 8
 
 
 def test_one_gpu_without_bf16_or_with_fp32_accumulation_off_stays_at_zero_0():
@@ -88,7 +105,7 @@ def test_a_base_batch_that_fits_only_at_zero_0_runs_there():
     assert _fits(_peak(c.cfg, b), gpu)
     assert not _fits(_peak(dataclasses.replace(c.cfg, actor_zero_stage=1, critic_zero_stage=1),
                            b), gpu)
-    assert "at ZeRO-0 (with ZeRO-1's fp32 gradient buffer it does not fit)" in c.lines[-1]
+    assert "at ZeRO-0 (with ZeRO-1's fp32 gradient buffer it does not fit)" in c.lines[1]
 
 
 def test_several_gpus_default_zero_2():
@@ -129,10 +146,14 @@ def test_sft_and_dpo_search_their_own_batch(step):
 def test_a_smaller_gpu_gets_the_largest_batch_below_64():
     c = choose_bench(BenchConfig(), world_size=1, target=detect_target(80.0))
     # walked down in steps of 64 / 8 = 8 to the first that fits
-    assert c.cfg.batch_size < 64 and c.cfg.batch_size % 8 == 0 and c.larger == []
-    assert c.lines[-1].startswith(f"--batch-size {c.cfg.batch_size}: the largest that fits one "
-                                  "GPU (--gpu-memory 80)")
-    assert "64, the reference's largest: " in c.lines[-1] and "does not fit" in c.lines[-1]
+    assert c.cfg.batch_size < 64 and c.cfg.batch_size % 8 == 0
+    assert c.lines[1].startswith(f"--batch-size {c.cfg.batch_size}: the largest that fits one "
+                                 "GPU (--gpu-memory 80)")
+    assert "64, the reference's largest: " in c.lines[1] and "does not fit" in c.lines[1]
+    # step 3 then searches larger batches in mini-batches of half of it; sft does not
+    assert c.larger and c.micro == c.cfg.batch_size // 2
+    c = choose_bench(BenchConfig(step="sft"), world_size=1, target=detect_target(80.0))
+    assert c.cfg.batch_size < 64 and c.larger == [] and c.micro is None
     # nothing fits at all: the base batch, measured anyway, and said
     c = choose_bench(BenchConfig(), world_size=1, target=detect_target(20.0))
     assert c.cfg.batch_size == 64 and "measuring it anyway" in c.lines[-1]
