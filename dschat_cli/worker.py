@@ -31,8 +31,8 @@ def _quiet_libraries(rank: int) -> None:
     warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", message=".*embeddings are no longer tied after merging.*")
     # Inductor's note on how it compiles the sampling softmax (--compile-decode): three lines per
-    # run about its code generation, nothing for the user to do
-    warnings.filterwarnings("ignore", message="Online softmax is disabled on the fly")
+    # run about its code generation, nothing for the user to do (its text starts with a newline)
+    warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled on the fly")
     if rank != 0:
         warnings.filterwarnings("ignore")
 
