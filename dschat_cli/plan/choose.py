@@ -15,7 +15,10 @@ Users do not tune, so the defaults should be the fastest correct setting that fi
   benchmark setting (ZeRO-0 across GPUs has not been measured against it).
 - Batch: --batch-size 64 (the reference's largest, the figure compared with it), then the largest
   batch the plan says fits one GPU (with or without its margin: the bench's own out-of-memory
-  fallback is the final word), in steps of half the base batch.
+  fallback is the final word). Step 3 generates that batch at once and trains it in mini-batches
+  of half the first batch, one optimizer step per batch (gradient accumulation), walking up in
+  steps of the mini-batch: generation is what gains from a larger batch, and training keeps the
+  first batch's memory. Steps 1 and DPO train one mini-batch, in steps of half the base batch.
 An explicit flag always wins: nothing here changes a value the user gave.
 
 No torch import: the plan reads model configs only.
@@ -90,6 +93,8 @@ def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: b
     first = base
     if not sizes.fits(base):  # a smaller GPU (or a bigger step): the largest that fits below
         down = _round_up(max(base // 8, 1), k)
+        if cfg.micro_batch_size:  # whole mini-batches only (--micro-batch-size divides 64)
+            down = _round_up(down, cfg.micro_batch_size)
         smaller = next((b for b in range(base - down, 0, -down) if sizes.fits(b)), None)
         if smaller is None:
             choice.lines.append(f"--batch-size {base} ({what}), though it does not fit {where} by "
@@ -110,25 +115,11 @@ def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: b
     chosen_stages = {name: getattr(staged, name) for name in fallback}  # ZeRO-1's, by name
     first_stages = {name: getattr(choice.cfg, name) for name in fallback}
     if cfg.step == "ppo":
-        # Step 3's larger batch trains in mini-batches, one optimizer step per batch (gradient
-        # accumulation): generation, which reads the weights once per decode step for the whole
-        # batch, is what gains from a larger batch, while training runs as fast in mini-batches
-        # of half the first batch (thousands of tokens per matmul) in less memory, which leaves
-        # the room to the generation batch and its KV cache. The larger batches run at the
-        # chosen ZeRO stages (ZeRO-1: gradients summed over the mini-batches in fp32) whenever
-        # one fits there, at the fallback's (ZeRO-0) only when none does.
         choice.micro = cfg.micro_batch_size or _round_up(max(first // 2, 1), k)
         step, start = choice.micro, first - first % choice.micro
-        for stages in ([chosen_stages, fallback] if fallback else [chosen_stages]):
-            sizes = _Sizes(dataclasses.replace(staged, batch_size=choice.micro,
-                                               micro_batch_size=choice.micro, **stages),
-                           {}, world_size, target)
-            if stages is chosen_stages:
-                z1_peak = sizes.chosen
-            if not sizes.planned or fitting_batches(sizes.peak, target.gpu_bytes, world_size,
-                                                    start=start, step=step, limit=start + step):
-                break
-        stages_of = lambda b: stages  # noqa: E731
+        sizes, z1_peak, stages = _mini_batch_sizes(staged, choice.micro, chosen_stages, fallback,
+                                                   world_size, target, start=start, step=step)
+        stages_of = lambda b: stages  # noqa: E731 - every larger batch at the same stages
     else:
         # one mini-batch; a first batch that fell back to ZeRO-0 takes the larger ones along
         # (they need more memory)
@@ -167,6 +158,26 @@ def choose_bench(cfg: BenchConfig, *, world_size: int, target: Target, on_gpu: b
                         f"{sizes.peak(best + step) / GiB:.1f} GiB, does not fit){zero1_first}; "
                         "on out of memory the bench tries " + (", ".join(tries) or "no other"))
     return choice
+
+
+def _mini_batch_sizes(staged: BenchConfig, micro: int, chosen_stages: dict[str, int],
+                      fallback: dict[str, int], world_size: int, target: Target, *, start: int,
+                      step: int):
+    """Step 3's larger batches, trained in mini-batches of `micro`: their plan (`_Sizes`), the
+    peak at the chosen stages (for a ZeRO-1-first attempt) and the stages they run at. Training
+    runs as fast in mini-batches of half the first batch (thousands of tokens per matmul) in
+    less memory, which leaves the room to the generation batch and its KV cache. The chosen
+    stages (ZeRO-1: the mini-batches' gradients summed in fp32) whenever a larger batch fits
+    there, the fallback's (ZeRO-0) only when none does."""
+    z1_peak = None
+    for stages in ([chosen_stages, fallback] if fallback else [chosen_stages]):
+        sizes = _Sizes(dataclasses.replace(staged, batch_size=micro, micro_batch_size=micro,
+                                           **stages), {}, world_size, target)
+        z1_peak = z1_peak or sizes.chosen
+        if not sizes.planned or fitting_batches(sizes.peak, target.gpu_bytes, world_size,
+                                                start=start, step=step, limit=start + step):
+            break
+    return sizes, z1_peak, stages
 
 
 class _Sizes:

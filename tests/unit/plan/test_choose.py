@@ -291,3 +291,34 @@ def test_sft_hints_zero_1_and_fp32_runs_get_no_hint():
     assert "hint: --zero-stage 1 also fits" in _estimate_text(*sft())
     assert zero1_hint(*sft(dtype="fp16"), H200) is None
     assert "hint: --zero-stage" not in _estimate_text(*sft(zero_stage=2))
+
+
+def test_larger_mini_batched_batches_fall_back_to_zero_0_only_when_none_fits_at_zero_1():
+    """--micro-batch-size 64: the larger batches train in mini-batches as large as the first
+    batch. On a GPU where no larger batch fits at ZeRO-1 but one does at ZeRO-0, they run there,
+    each tried at ZeRO-1 first when its ZeRO-1 estimate is below the GPU's memory."""
+    found = None
+    for quarter in range(320, 400):  # 80 to 100 GiB
+        c = choose_bench(BenchConfig(micro_batch_size=64), world_size=1,
+                         target=detect_target(quarter / 4))
+        if c.larger and c.config_for(c.larger[0]).actor_zero_stage == 0:
+            found = c
+            break
+    assert found is not None
+    c = found
+    assert c.cfg.actor_zero_stage == 1 and c.micro == 64
+    zero0 = {"actor_zero_stage": 0, "critic_zero_stage": 0}
+    assert all(c.config_for(b) == dataclasses.replace(c.cfg, batch_size=b, micro_batch_size=64,
+                                                      **zero0) for b in c.larger)
+    assert c.attempts[-1] == (c.larger[-1], zero0)
+    assert "at ZeRO-0: with ZeRO-1's fp32 gradient buffer none fits" in c.lines[-1]
+
+
+def test_a_given_mini_batch_keeps_every_batch_a_whole_number_of_mini_batches():
+    for gib in (30.0, 45.0, 60.0, 80.0, 139.8):
+        for micro in (16, 32, 64):
+            c = choose_bench(BenchConfig(micro_batch_size=micro), world_size=1,
+                             target=detect_target(gib))
+            for b in [c.cfg.batch_size, *c.larger]:
+                assert b % micro == 0, (gib, micro, b)
+                c.config_for(b).check()
