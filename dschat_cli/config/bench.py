@@ -39,8 +39,8 @@ class BenchConfig:
         None, "ppo: answers per training forward + backward (a PPO mini-batch); the batch's "
         "mini-batches make one optimizer step (gradient accumulation), so the update is the "
         "batch's as with one mini-batch, in less memory. Must divide --batch-size. Unset: the "
-        "whole batch in one, except a larger batch the bench finds, which is trained in "
-        "mini-batches of the first measured batch.", min=1)
+        "whole batch in one, except the larger batch the bench finds (no --batch-size), which "
+        "is trained in mini-batches of half the first measured batch (32 after 64).", min=1)
     advantage_estimator: str = opt(
         "gae", "ppo: as `dschat ppo --advantage-estimator`. gae: PPO with a critic; the "
         "critic-free ones (grpo, dr-grpo, rloo, reinforce++, reinforce++-baseline) build, run and "

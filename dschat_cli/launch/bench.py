@@ -8,7 +8,8 @@ of its own (a fresh process: the second run's memory is not the first's leftover
 OUT, the larger batch in OUT/batch-N (OUT/batch-N-zero0 when it runs again at ZeRO-0 after running
 out of memory at ZeRO-1: plan/choose.py's `attempts`). OUT/bench.json (and --json) is the first
 run's record plus `choices` (the lines printed), `largest_batch` (the larger run's record, or null)
-and `larger_batches_tried` ([{batch_size, status, actor_zero_stage}]: ok, out_of_memory, failed).
+and `larger_batches_tried` ([{batch_size, status, actor_zero_stage, micro_batch_size}]: ok,
+out_of_memory, failed). Step 3's larger batch is trained in mini-batches (plan/choose.py says why).
 A larger batch that runs out of memory is not an error: the next attempt the plan allows runs.
 """
 

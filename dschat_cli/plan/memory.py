@@ -208,6 +208,7 @@ def trained_model(arch: Arch, eng: Engine, *, role: str, source: str, world_size
         # makes it (through an fp32 copy of it) and frees it: at most the largest tensor's bf16
         # gradient and its fp32 copy exist at once, besides the output head's (`head_grad`: a
         # head tied to the embedding gets its gradient at the head and frees it only at the end).
+        # The optimizer step counts that transient too, where none is left: a slight overestimate.
         buffers = 0.0
         grads = (p + 4) * min(nt, arch.largest_tensor) if eng.immediate else p * nt
         hp_grads = 4 * nt
