@@ -6,7 +6,7 @@ strings or dicts such as a resume's lr_change).
     metrics = MetricsLog(out / "metrics.jsonl", tensorboard_dir=record.tensorboard_dir,
                          wandb={**record.wandb, "config": to_dict(cfg)})
     metrics.log(step, loss=2.31, lr=9.6e-6)
-    metrics.close()                                  # also wandb.finish()
+    metrics.close()                  # also wandb.finish(), and W&B's files complete on disk
 """
 
 from __future__ import annotations
@@ -72,8 +72,16 @@ class MetricsLog:
             self._tb.close()
             self._tb = None
         if self._wandb is not None:
+            import wandb
             self._wandb.finish()
             self._wandb = None
+            # finish() returns before W&B's service has written the run out (it closes the
+            # run's stream in the background): an offline run's OUT/wandb/.../run-ID.wandb may
+            # still hold only its header. teardown waits for the service to stop, so the whole
+            # run is on disk when the step returns (a Python caller can read or `wandb sync` it
+            # at once). The next wandb.init starts a fresh service, as checks.py's login check
+            # already does before every step.
+            wandb.teardown()
 
 
 def _start_wandb(init: dict, *, resume: bool):

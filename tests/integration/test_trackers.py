@@ -52,16 +52,56 @@ def wandb_records(path):
             yield record
 
 
-def test_sft_reports_the_same_metrics_to_wandb_offline_and_tensorboard(
-        tmp_path, monkeypatch, tiny_llama, pairs_dir, invoke_dschat, sft_args):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def history_items(record):
+    """A history record's {name: value} (wandb 0.31 puts a name in key or in nested_key)."""
+    return {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+            for i in record.history.item}
 
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    """W&B offline, its files only under the test's temp folders (never under $HOME)."""
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
         (tmp_path / var).mkdir()
         monkeypatch.setenv(var, str(tmp_path / var))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)  # offline needs no login
+
+
+def test_the_offline_run_is_whole_on_disk_when_the_log_closes(tmp_path, wandb_offline,
+                                                              monkeypatch):
+    """wandb's run.finish() only asks its service to close the run's stream (a message it does
+    not wait on) and returns; until the service gets to it the file may hold only its 7-byte
+    header (what a loaded CI machine once read). Here the service never gets that message, the
+    slowest case: MetricsLog.close() must still leave the whole run on disk."""
+    from wandb.sdk.lib.service.service_connection import ServiceConnection
+
+    from dschat_cli.ui.metrics import WANDB_RUN_ID, MetricsLog
+
+    monkeypatch.setattr(ServiceConnection, "inform_finish", lambda self, run_id: None)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    log = MetricsLog(out / "metrics.jsonl", wandb={"project": "dschat", "name": "out",
+                                                   "job_type": "sft", "dir": str(out)})
+    log.log(1, loss=2.0)
+    log.log(2, loss=1.5, eval_loss=1.75)
+    log.close()
+    run_id = (out / WANDB_RUN_ID).read_text().strip()
+    [path] = (out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    records = list(wandb_records(path))
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert kinds and kinds[-1] == "exit", kinds  # [] without the wait: the header alone
+    history = [{k: v for k, v in history_items(r).items() if not k.startswith("_")}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    assert history == [{"loss": 2.0}, {"loss": 1.5, "eval_loss": 1.75}]
+
+
+def test_sft_reports_the_same_metrics_to_wandb_offline_and_tensorboard(
+        tmp_path, wandb_offline, tiny_llama, pairs_dir, invoke_dschat, sft_args):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = tmp_path / "out"
     r = invoke_dschat(*sft_args(tiny_llama, out, tmp_path / "cache", pairs_dir, zero_stage=0,
                                 extra=("--launcher", "none", "--max-steps", "2",
@@ -90,8 +130,7 @@ def test_sft_reports_the_same_metrics_to_wandb_offline_and_tensorboard(
     for rec in wandb_records(runs[0]):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
-            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                     for i in rec.history.item}
+            items = history_items(rec)
             for k, v in items.items():
                 if not k.startswith("_"):
                     logged.setdefault(k, {})[items["_step"]] = v

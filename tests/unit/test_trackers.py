@@ -238,7 +238,11 @@ class FakeRun:
 def fake_wandb(monkeypatch):
     """wandb.init recorded (what MetricsLog asks of W&B); its run a FakeRun."""
     calls = []
-    module = types.SimpleNamespace(Settings=lambda **kw: kw)
+    module = types.SimpleNamespace(Settings=lambda **kw: kw, torn_down=0)
+
+    def teardown():
+        module.torn_down += 1
+    module.teardown = teardown
 
     def init(**kw):
         calls.append(kw)
@@ -263,7 +267,7 @@ def test_numbers_go_to_wandb_under_their_names_and_the_id_is_kept_for_resume(tmp
     run_id = (tmp_path / WANDB_RUN_ID).read_text().strip()
     assert call["id"] == run_id and len(run_id) == 8
     assert run.logged == [(0, {"eval_loss": 2.5}), (1, {"loss": 2.0, "lr": 1e-3, "epoch": 1})]
-    assert run.finished
+    assert run.finished and fake_wandb.torn_down == 1  # finished, and W&B's service stopped
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["skipped"] is True  # metrics.jsonl keeps everything
 
