@@ -486,7 +486,7 @@ def _heldout_probe(cfg: DPOConfig, tokenizer, dist: Dist):
         return None
     return HeldoutProbe(cfg.heldout, tokenizer, loader, dist,
                         zero3=cfg.deepspeed.zero_stage == 3,
-                        max_prompt_seq_len=cfg.data.max_seq_len)
+                        max_prompt_seq_len=cfg.data.max_seq_len, seed=cfg.seed)
 
 
 def _measure(probe, engine, label: str) -> dict | None:

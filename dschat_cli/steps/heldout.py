@@ -1,13 +1,14 @@
 """What a policy trained without generating (DPO) says to held-out prompts, before and after.
 
     probe = HeldoutProbe(cfg.heldout, tokenizer, heldout_prompt_loader(...), dist, zero3=False,
-                         max_prompt_seq_len=cfg.data.max_seq_len)
+                         max_prompt_seq_len=cfg.data.max_seq_len, seed=cfg.seed)
     start = probe.measure(engine.module)   # HeldoutAnswers
     start.summary("start")                 # true_reward_heldout_start(_stderr), heldout_start_n,
                                            # greedy_*_start, samples_start (train_summary.json)
 
 One sampled answer per held-out prompt is judged by the known --true-reward (mean, standard error
-and n over all ranks; answers of <= 1 token do not count, as in step 3), and the greedy answers to
+and n over all ranks; answers of <= 1 token do not count, as in step 3; the sampling noise is the
+same before and after, steps/common.same_draws), and the greedy answers to
 the first --greedy-check-prompts prompts (what `dschat chat` would say) give the quality figures
 (repeated trigrams, distinct-2, eos share, true reward) and the texts the summary shows. Step 3's
 pieces without its models: the rollout generator (generation/rollout.py), the judges and
@@ -82,7 +83,7 @@ def heldout_prompt_loader(data, tokenizer, dist: Dist, *, phase: int, seed: int,
 
 class HeldoutProbe:
     def __init__(self, opts, tokenizer, loader, dist: Dist, *, zero3: bool,
-                 max_prompt_seq_len: int):
+                 max_prompt_seq_len: int, seed: int):
         from dschat_cli.config.ppo import PPOGenerationOptions
         from dschat_cli.steps.rl.experience import true_reward_judge
 
@@ -98,6 +99,7 @@ class HeldoutProbe:
                                              generation_engine=opts.generation_engine)
         self.zero3 = zero3
         self.max_prompt_seq_len = max_prompt_seq_len
+        self.seed = seed  # of the sampling noise (steps/common.same_draws)
 
     def _generator(self, do_sample: bool):
         from dschat_cli.generation.rollout import RolloutGenerator
@@ -112,14 +114,16 @@ class HeldoutProbe:
         """Answer every held-out prompt once (sampled) and the first ones greedily; every rank
         takes part (under ZeRO-3 all must). The generators are built here and dropped after, so
         no KV cache stays allocated while the policy trains."""
+        from dschat_cli.steps.common import same_draws
         from dschat_cli.steps.rl.experience import _mean_stderr, answer_quality
 
         was_training = module.training
         total = squares = 0.0
         count = 0
         sampled = self._generator(do_sample=True)
-        for batch in self.loader:
-            a = self._answer(sampled, module, batch)
+        for i, batch in enumerate(self.loader):
+            with same_draws(self.seed, self.dist.rank, i):  # the same noise before and after
+                a = self._answer(sampled, module, batch)
             kept = a.action_mask.sum(1) > 0
             x = a.true_scores[kept].double()
             count += int(kept.sum())

@@ -29,7 +29,7 @@ from dschat_cli.rlhf.logprobs import answer_logits_kwargs
 from dschat_cli.rlhf.ppo import Rollout, answer_logprobs, answer_positions
 from dschat_cli.rlhf.quality import distinct_ngrams, ended_with_eos, repeated_ngram_fraction
 from dschat_cli.rlhf.reward import sequence_scores
-from dschat_cli.steps.common import PhaseTimer
+from dschat_cli.steps.common import PhaseTimer, same_draws
 from dschat_cli.ui.console import console
 
 
@@ -230,8 +230,9 @@ class ExperienceMaker:
         chat` would say: their quality figures (all ranks) and texts (rank 0's)."""
         sums = {"reward": [0.0, 0.0], "true": [0.0, 0.0]}  # [sum, sum of squares]
         count = 0
-        for batch in loader:
-            r = self.make(batch, samples=1)
+        for i, batch in enumerate(loader):
+            with same_draws(self.cfg.seed, self.dist.rank, i):  # the same noise before and after
+                r = self.make(batch, samples=1)
             kept = r.action_mask.sum(1) > 0
             count += int(kept.sum())
             for key, x in (("reward", r.scores), ("true", r.true_scores)):
