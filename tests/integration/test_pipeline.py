@@ -89,7 +89,7 @@ def test_demo_learns_every_step(demo):
     # near chance (0.5 measured on 128 pairs), so the actor's on-topic tips come from SFT
     assert m[2]["accuracy_end"] >= 0.75, m[2]
     # PPO raises the held-out reward-model score, by several standard errors (the scale of the
-    # scores differs between reward models): measured +0.36 .. +0.74, 2.9 .. 11 standard errors
+    # scores differs between reward models)
     gain = m[3]["reward_heldout_end"] - m[3]["reward_heldout_start"]
     assert gain >= 2 * m[3]["reward_heldout_end_stderr"] > 0, m[3]
     assert abs(m[3]["kl_last"]) < 5.0, m[3]  # ... without running away from the reference
@@ -99,18 +99,17 @@ def test_demo_learns_every_step(demo):
     assert "step3-models/demo-base/report.html" in page and "data:image/png;base64," in page
     assert seconds < 300, f"the demo took {seconds:.0f} s"
     # judged by the known true reward, not only the learned one. Sampled answers to the held-out
-    # questions get better (measured +0.040 .. +0.079, 0.73-0.76 -> 0.77-0.82; one standard
+    # questions get better (measured +0.055 .. +0.087, 0.73-0.76 -> 0.79-0.85; one standard
     # error ~0.017 each side, less for the paired difference).
-    assert m[3]["true_reward_heldout_end"] >= m[3]["true_reward_heldout_start"] + 0.025, m[3]
-    # The greedy answers (what `dschat chat` says) are good, on topic and not stuck; they are not
-    # always better than SFT's: on 32 questions SFT 0.88-0.91 -> PPO 0.92, 0.96, 0.84, 0.89 (on
-    # topic 0.81-0.97, none stuck; on step 3's own 8 questions 0.81-1.00). GRPO's and DPO's
-    # greedy answers beat SFT's on every seed (the tests below).
+    assert m[3]["true_reward_heldout_end"] >= m[3]["true_reward_heldout_start"] + 0.03, m[3]
+    # The greedy answers (what `dschat chat` says) are better than SFT's, on topic and not stuck:
+    # on 32 questions SFT 0.88-0.91 -> PPO 0.93-0.95 (+0.030 .. +0.060, on topic 0.81-0.97, none
+    # stuck); on step 3's own 8 questions 0.91-0.98.
     sft, ppo = (_greedy_true_reward(out / d, out / "demo-data" / "eval.json")
                 for d in ("actor-models/demo-base", "step3-models/demo-base/actor"))
-    assert ppo["true_reward"] >= 0.8 and ppo["true_reward"] >= sft["true_reward"] - 0.1, (sft, ppo)
+    assert ppo["true_reward"] >= max(0.85, sft["true_reward"] + 0.01), (sft, ppo)
     assert ppo["stuck"] <= 1 / 32 and ppo["on_topic"] >= 0.75, ppo
-    assert m[3]["greedy_true_reward_end"] >= 0.75, m[3]
+    assert m[3]["greedy_true_reward_end"] >= 0.85, m[3]
     # the chat command it prints answers
     actor = out / "step3-models" / "demo-base" / "actor"
     rc, answer = dschat("chat", "--path", actor, "--prompt", "Can you help me with cooking?",
