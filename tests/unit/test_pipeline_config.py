@@ -18,7 +18,7 @@ DEMO = {
     "reward": {("optim", "num_train_epochs"): 2, ("optim", "learning_rate"): 1e-3,
                ("optim", "per_device_train_batch_size"): 16, ("data", "max_seq_len"): 96,
                ("deepspeed", "dtype"): "fp32", ("optim", "gradient_accumulation_steps"): 1},
-    "ppo": {("train", "actor_learning_rate"): 1e-4, ("train", "critic_learning_rate"): 5e-4,
+    "ppo": {("train", "actor_learning_rate"): 5e-5, ("train", "critic_learning_rate"): 5e-4,
             ("train", "num_warmup_steps"): 0, ("train", "per_device_generation_batch_size"): 16,
             ("train", "per_device_training_batch_size"): 16, ("train", "num_train_epochs"): 2,
             ("generation", "max_answer_seq_len"): 48, ("data", "max_prompt_seq_len"): 32,
