@@ -31,10 +31,10 @@ def seed_everything(seed: int) -> None:
 @contextlib.contextmanager
 def same_draws(seed: int, rank: int, batch: int):
     """Held-out answers sampled from random numbers fixed by (seed, rank, batch): the answers
-    before and after training are drawn with the same noise (and in every run of this seed, so
-    PPO, GRPO and DPO from one SFT model report the same "before"), so the change between the two
-    measures the policy rather than the luck of the draw. The training's own random streams (CPU
-    and the current GPU) go on afterwards as if nothing had been drawn."""
+    before and after training are drawn with the same noise (as are those of another run with
+    this seed and the same held-out batches), so the change between the two measures the policy
+    rather than the luck of the draw. The training's own random streams (CPU and the current
+    GPU) go on afterwards as if nothing had been drawn."""
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed((seed * 1_000_003 + rank * 10_007 + batch) % 2 ** 63)
