@@ -107,7 +107,8 @@ def _zero_head_critic(sft: Path, out: Path) -> Path:
     return out
 
 
-def _ppo(recipe: dict, name: str, invoke_dschat, seed: int = 1234) -> tuple[dict, list[dict]]:
+def _ppo(recipe: dict, name: str, invoke_dschat, seed: int = 1234, actor_lr: str = "3e-4",
+         steps: int = STEPS) -> tuple[dict, list[dict]]:
     out = recipe["root"] / name
     r = invoke_dschat("ppo", "--actor-model", recipe["actor"], "--critic-model", recipe["critic"],
                       "--reward-model", recipe["reward"],
@@ -116,8 +117,8 @@ def _ppo(recipe: dict, name: str, invoke_dschat, seed: int = 1234) -> tuple[dict
                       "--data-cache-dir", recipe["root"] / "cache", "--launcher", "none",
                       "--seed", str(seed), "--per-device-generation-batch-size", "16",
                       "--per-device-training-batch-size", "8", "--max-answer-seq-len", "16",
-                      "--actor-learning-rate", "3e-4", "--critic-learning-rate", "1e-3",
-                      "--num-warmup-steps", "0", "--test-stop-step", str(STEPS),
+                      "--actor-learning-rate", actor_lr, "--critic-learning-rate", "1e-3",
+                      "--num-warmup-steps", "0", "--test-stop-step", str(steps),
                       "--max-eval-samples", "256")
     assert r.code == 0, r.explain()
     summary = json.loads((out / "train_summary.json").read_text())
@@ -154,6 +155,17 @@ def test_ppo_raises_heldout_reward_with_bounded_kl(recipe, invoke_dschat):
     again, rows_again = _ppo(recipe, "ppo_again", invoke_dschat)
     assert [_no_timing(r) for r in rows_again] == [_no_timing(r) for r in rows]
     assert again["reward_heldout_start"] == start and again["reward_heldout_end"] == end
+
+
+@pytest.mark.slow
+def test_a_policy_that_does_not_move_keeps_its_heldout_figures(recipe, invoke_dschat):
+    """The held-out answers before and after training are drawn with the same noise
+    (steps/common.same_draws): with the actor frozen (learning rate 0; the critic still trains
+    and the run draws its rollouts as usual) the end figures equal the start ones exactly, where
+    two independent draws differ by the sampling noise (~0.3 here)."""
+    summary, rows = _ppo(recipe, "frozen", invoke_dschat, actor_lr="0", steps=2)
+    assert len(rows) == 2 and summary["heldout_end_n"] >= 200, summary
+    assert summary["reward_heldout_end"] == summary["reward_heldout_start"], summary
 
 
 @pytest.mark.slow
